@@ -1,0 +1,94 @@
+"""Print a training run in the reference's format while the engine runs."""
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+
+from tqdm import tqdm
+
+from core.config import TrainConfig
+from core.engine import BatchProgress, EpochEnded, RunEnded, RunStarted, train
+
+
+def print_training(cfg: TrainConfig, print_model: bool = False) -> int:
+    stop = threading.Event()
+    # First Ctrl-C: finish cleanly between batches (completed epochs stay saved); second: abort.
+    previous = signal.signal(signal.SIGINT, lambda *_: _request_stop(stop, previous))
+    bar = None
+    try:
+        for ev in train(cfg, stop):
+            if isinstance(ev, RunStarted):
+                print_start(ev, print_model)
+            elif isinstance(ev, BatchProgress):
+                bar = update_bar(bar, ev)
+            elif isinstance(ev, EpochEnded):
+                bar = close_bar(bar)
+                print(ev.line(), flush=True)
+            elif isinstance(ev, RunEnded):
+                bar = close_bar(bar)
+                return print_end(ev)
+    finally:
+        close_bar(bar)
+        signal.signal(signal.SIGINT, previous)
+    return 0
+
+
+def _request_stop(stop: threading.Event, previous) -> None:
+    if stop.is_set():
+        raise KeyboardInterrupt
+    print("\nstopping after the current batch (Ctrl-C again to abort)...", file=sys.stderr, flush=True)
+    stop.set()
+
+
+def print_start(ev: RunStarted, print_model: bool) -> None:
+    cfg, info = ev.config, ev.dataset
+    print(f"RUN_DIR: {ev.run_dir}")
+    print("DATASET:")
+    print(f"  root: {info.root}")
+    print(f"  {info.train.summary_line()}")
+    print(f"  {info.val.summary_line()}" + (f" (held out {info.val_from_split:.0%} of train)" if info.val_from_split else ""))
+    print(f"MODEL: arch={cfg.arch} weights={cfg.weights} policy={cfg.policy} dropout={cfg.dropout} "
+          f"augment={cfg.effective_augment} device={ev.device}")
+    print(f"PARAMS: trainable={ev.trainable_params:,} total={ev.total_params:,}")
+    if print_model:
+        from core.models import build_model
+        from core.summary import print_model_report
+        model = build_model(cfg.arch, len(info.classes), cfg.dropout, "none")
+        print("\n".join(print_model_report(cfg.arch, model, len(info.classes), cfg.dropout)))
+    if ev.start_epoch > 1:
+        print(f"RESUME: continuing at epoch {ev.start_epoch}/{cfg.epochs}")
+    for w in info.warnings:
+        print(f"WARNING: {w}", file=sys.stderr)
+    for n in ev.notes:
+        print(f"NOTE: {n}")
+    sys.stdout.flush()
+
+
+def update_bar(bar, ev: BatchProgress):
+    desc = "cache" if ev.phase == "cache" else f"epoch {ev.epoch} {ev.phase}"
+    if bar is None or bar.tl_key != (desc, ev.total):
+        close_bar(bar)
+        # disable=None: no bar when stderr is not a terminal (logs stay clean)
+        bar = tqdm(total=ev.total, desc=desc, unit="img" if ev.phase == "cache" else "batch",
+                   leave=False, file=sys.stderr, dynamic_ncols=True, disable=None)
+        bar.tl_key = (desc, ev.total)
+    bar.n = ev.step
+    bar.refresh()
+    return bar
+
+
+def close_bar(bar):
+    if bar is not None:
+        bar.close()
+    return None
+
+
+def print_end(ev: RunEnded) -> int:
+    if ev.status != "completed":
+        print(f"{ev.status.upper()}: {ev.message}", file=sys.stderr)
+    print("\n".join(ev.best_lines()))
+    for path in ev.exports:
+        print(f"EXPORTED: {path}")
+    sys.stdout.flush()
+    return {"completed": 0, "stopped": 130, "diverged": 3}[ev.status]

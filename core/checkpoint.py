@@ -1,0 +1,235 @@
+"""Checkpoint I/O. Every file is written atomically (temp file + os.replace) and
+read with weights_only=True; the full-model pickle is the one exception and
+needs an explicit opt-in, because unpickling can run arbitrary code."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import pickle
+import tempfile
+import zipfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import CheckpointError
+from .models import build_model
+
+FORMAT_VERSION = 1
+REFERENCE_KEYS = ("epoch", "model_state", "optimizer_state", "best_val_acc", "best_val_loss",
+                  "class_names", "weights", "args", "history", "best_epoch")
+
+
+# ---------------------------------------------------------------- atomic writes
+
+def atomic_write_bytes(path, data: bytes) -> Path:
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        _unlink_quietly(tmp)
+        raise
+    return path
+
+
+def atomic_torch_save(obj, path) -> Path:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return atomic_write_bytes(path, buf.getvalue())
+
+
+def atomic_write_text(path, text: str) -> Path:
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path, obj) -> Path:
+    return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def atomic_write_csv(path, rows: list[dict]) -> Path:
+    buf = io.StringIO()
+    if rows:
+        w = csv.DictWriter(buf, fieldnames=list(rows[0].keys()), lineterminator="\n")
+        w.writeheader()
+        w.writerows(rows)
+    return atomic_write_text(path, buf.getvalue())
+
+
+def atomic_link_or_copy(src, dst) -> Path:
+    """Make `dst` the same content as the just-written `src` without writing the
+    bytes again: a hard link (atomic via os.replace), or a copy where links fail.
+    Later os.replace of `src` gives src a new inode, so dst keeps its content."""
+    src, dst = Path(src), Path(dst)
+    tmp = dst.with_name(f".{dst.name}.link.tmp")
+    _unlink_quietly(tmp)
+    try:
+        os.link(src, tmp)
+        os.replace(tmp, dst)
+    except OSError:
+        _unlink_quietly(tmp)
+        atomic_write_bytes(dst, src.read_bytes())
+    return dst
+
+
+def _unlink_quietly(p) -> None:
+    try:
+        os.unlink(p)
+    except OSError:
+        pass
+
+
+# ---------------------------------------------------------------- reading
+
+def load_file(path, trust_pickle: bool = False):
+    """torch.load with weights_only=True; clear errors for missing, truncated,
+    random or pickled-code files. With trust_pickle, a full-model pickle loads."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise CheckpointError(f"checkpoint {p} does not exist" + (" (it is a folder)" if p.is_dir() else ""))
+    if p.stat().st_size == 0:
+        raise CheckpointError(f"{p} is empty (0 bytes); the file is damaged or was never written")
+    try:
+        return torch.load(p, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if not looks_like_code_pickle(e):
+            raise CheckpointError(f"{p} is not a valid PyTorch file ({_first_line(e)})") from None
+        if not trust_pickle:
+            raise CheckpointError(
+                f"{p} contains pickled Python objects (e.g. a full-model save), not just tensors. "
+                f"Loading it could run arbitrary code, so it was refused. Only if you trust where it came from, "
+                f"pass --trust-pickle 1 (in the app: tick 'trust pickle'). Prefer checkpoint dicts or state_dicts.") from None
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, KeyError, AttributeError) as e:
+        raise CheckpointError(f"{p} is not a readable PyTorch checkpoint (truncated or not a .pt file: {_first_line(e)})") from None
+    try:
+        return torch.load(p, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise CheckpointError(f"{p} could not be unpickled even with --trust-pickle: {_first_line(e)}") from None
+
+
+def looks_like_code_pickle(e: Exception) -> bool:
+    """weights_only refused a global (a class or function): a real pickle of
+    Python objects, as opposed to random bytes or a truncated file."""
+    msg = str(e)
+    return "Unsupported global" in msg or "Weights only load failed" in msg and "GLOBAL" in msg
+
+
+def _first_line(e: Exception) -> str:
+    s = str(e).strip()
+    return (s.splitlines()[0] if s else type(e).__name__)[:200]
+
+
+# ---------------------------------------------------------------- checkpoint dicts
+
+def make_checkpoint(*, model: nn.Module, optimizer, epoch: int, best: dict, class_names: list[str],
+                    weights: str, args: dict, history: list[dict], arch: str, dropout: float, policy: str,
+                    resize_size: int, image_size: int) -> dict:
+    """A plain-type dict: the reference's keys plus what is needed to rebuild the model."""
+    return {
+        "format_version": FORMAT_VERSION,
+        "epoch": int(epoch),
+        "model_state": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "optimizer_state": optimizer.state_dict() if optimizer is not None else None,
+        "best_val_acc": float(best["acc"]),
+        "best_val_loss": float(best["loss"]),
+        "best_epoch": int(best["acc_epoch"]),
+        "best_loss_epoch": int(best["loss_epoch"]),
+        "class_names": list(class_names),
+        "weights": str(weights),
+        "args": args,
+        "history": [dict(h) for h in history],
+        "arch": arch,
+        "policy": policy,
+        "head": {"dropout": float(dropout), "num_classes": len(class_names)},
+        "preprocess": {"resize": int(resize_size), "crop": int(image_size),
+                       "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]},
+    }
+
+
+def read_checkpoint(path, trust_pickle: bool = False) -> dict:
+    """Load a checkpoint dict (ours or the reference's) and normalise its fields."""
+    obj = load_file(path, trust_pickle=trust_pickle)
+    if not isinstance(obj, dict) or "model_state" not in obj:
+        raise CheckpointError(f"{path} is not a checkpoint dict (no 'model_state' key)")
+    return normalise_checkpoint(obj, path)
+
+
+def normalise_checkpoint(ckpt: dict, path="<checkpoint>") -> dict:
+    """Fill in fields a reference checkpoint lacks (arch, head settings) from its keys and args."""
+    version = ckpt.get("format_version", 0)
+    if version > FORMAT_VERSION:
+        raise CheckpointError(f"{path} has format_version {version}; this tool reads up to {FORMAT_VERSION}. Update the tool.")
+    state = ckpt["model_state"]
+    args = ckpt.get("args") or {}
+    if not isinstance(args, dict):
+        args = {}
+    ckpt = dict(ckpt)
+    ckpt.setdefault("arch", args.get("arch") or infer_arch(state))
+    if "head" not in ckpt:
+        has_dropout = any(k.startswith("fc.1.") for k in state)
+        ckpt["head"] = {"dropout": float(args.get("dropout", 0.5 if has_dropout else 0.0) or (0.5 if has_dropout else 0.0)),
+                        "num_classes": head_out_features(state)}
+    names = ckpt.get("class_names") or [f"class_{i}" for i in range(ckpt["head"]["num_classes"])]
+    if len(names) != ckpt["head"]["num_classes"]:
+        raise CheckpointError(f"{path}: {len(names)} class_names but the head has {ckpt['head']['num_classes']} outputs")
+    ckpt["class_names"] = list(names)
+    ckpt.setdefault("preprocess", {"resize": 256, "crop": 224})
+    ckpt.setdefault("history", [])
+    return ckpt
+
+
+def infer_arch(state: dict) -> str:
+    if "conv1.weight" in state and "layer4.0.conv1.weight" in state:
+        return "resnet18"
+    if "features.0.0.weight" in state:
+        return "mobilenet_v2"
+    raise CheckpointError("cannot tell the architecture from the state_dict keys; pass --arch")
+
+
+def head_out_features(state: dict) -> int:
+    for key in ("fc.weight", "fc.1.weight", "classifier.1.weight"):
+        if key in state:
+            return int(state[key].shape[0])
+    raise CheckpointError("no classification head (fc.weight / fc.1.weight / classifier.1.weight) in the state_dict")
+
+
+def model_from_checkpoint(ckpt: dict) -> nn.Module:
+    model = build_model(ckpt["arch"], ckpt["head"]["num_classes"], ckpt["head"]["dropout"], "none")
+    try:
+        model.load_state_dict(ckpt["model_state"])
+    except RuntimeError as e:
+        raise CheckpointError(f"model_state does not fit {ckpt['arch']}: {_first_line(e)}") from None
+    return model.eval()
+
+
+def model_from_state_dict(state: dict, arch: str | None, class_names: list[str] | None, path="<file>"):
+    """A bare state_dict: the arch comes from --arch (or the keys), class names from --classes."""
+    arch = arch or infer_arch(state)
+    n = head_out_features(state)
+    if class_names and len(class_names) != n:
+        raise CheckpointError(f"--classes lists {len(class_names)} names but {path} has {n} outputs")
+    dropout = 0.5 if any(k.startswith("fc.1.") for k in state) else 0.0
+    ckpt = {"arch": arch, "head": {"dropout": dropout, "num_classes": n}, "model_state": state}
+    return model_from_checkpoint(ckpt), list(class_names or [f"class_{i}" for i in range(n)])
+
+
+# ---------------------------------------------------------------- exports (the other formats the reference teaches)
+
+def export_state_dict(model: nn.Module, path) -> Path:
+    """Weights only. To load you must rebuild the same architecture yourself."""
+    return atomic_torch_save({k: v.detach().cpu() for k, v in model.state_dict().items()}, path)
+
+
+def export_full_model(model: nn.Module, class_names: list[str], path) -> Path:
+    """The whole pickled module: brittle (tied to this code and torch version) and
+    unsafe to load from strangers. Kept because the reference teaches it."""
+    model = model.cpu().eval()
+    model.class_names = list(class_names)
+    return atomic_torch_save(model, path)

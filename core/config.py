@@ -1,0 +1,113 @@
+"""Typed, validated configuration shared by the CLI and the app.
+
+Both front ends turn their inputs into a TrainConfig and call `validate()`;
+the engine never sees an unchecked value."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import ConfigError
+
+ARCHS = ("resnet18", "mobilenet_v2")
+POLICIES = ("head", "last", "full")
+AUGMENTS = ("auto", "none", "light", "standard")
+DEVICES = ("auto", "cpu", "cuda", "mps")
+CACHE_MODES = ("auto", "off")
+
+POLICY_HELP = {
+    "head": "Head only: the pretrained backbone is frozen, only the new fc layer learns. Fast, best for small datasets.",
+    "last": "Last stage + head: layer4 (ResNet) and fc learn, earlier layers stay frozen. More capacity, still fast.",
+    "full": "Full fine-tune: every layer learns. Slowest; needs more data and a smaller learning rate.",
+}
+
+# Default augmentation per policy. Head/last use flip-only ("light"), which is
+# deterministic per view, so the frozen part runs once per image and view
+# (see core/engine.py). Full fine-tune uses the reference's random crops.
+AUTO_AUGMENT = {"head": "light", "last": "light", "full": "standard"}
+
+
+def policy_from_flags(freeze_backbone: int, unfreeze_last: int, unfreeze_all: int) -> str:
+    """Map the reference's three 0/1 flags onto a policy name."""
+    if unfreeze_all or not freeze_backbone:
+        return "full"
+    if unfreeze_last:
+        return "last"
+    return "head"
+
+
+@dataclass
+class TrainConfig:
+    data_dir: str = "data"
+    arch: str = "resnet18"
+    weights: str = "imagenet"  # "imagenet", "none" or a path to a state_dict
+    policy: str = "head"
+    epochs: int = 10
+    batch_size: int = 16
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    dropout: float = 0.0
+    augment: str = "auto"
+    seed: int = 1337
+    device: str = "auto"
+    num_workers: int = 0
+    amp: bool = False
+    val_split: float | None = None  # used only when DIR/val/ is missing
+    output_dir: str = "checkpoints"
+    run_name: str = "resnet18"
+    resume: str | None = None
+    export_state_dict: bool = False
+    export_full_model: bool = False
+    cache: str = "auto"  # frozen-prefix feature cache: "auto" uses it when exact
+    cache_budget_mb: int = 1024
+    image_size: int = 224
+    resize_size: int = 256
+    extra: dict = field(default_factory=dict)  # free-form notes (e.g. the UI that started it)
+
+    def validate(self) -> "TrainConfig":
+        def need(cond, msg):
+            if not cond:
+                raise ConfigError(msg)
+
+        need(self.arch in ARCHS, f"--arch {self.arch!r} is not supported; choose one of {', '.join(ARCHS)}")
+        need(self.policy in POLICIES, f"--policy {self.policy!r} is not valid; choose head, last or full")
+        need(self.augment in AUGMENTS, f"--augment {self.augment!r} is not valid; choose {', '.join(AUGMENTS)}")
+        need(self.device in DEVICES, f"--device {self.device!r} is not valid; choose {', '.join(DEVICES)}")
+        need(self.cache in CACHE_MODES, f"--cache {self.cache!r} is not valid; choose auto or off")
+        need(isinstance(self.epochs, int) and 1 <= self.epochs <= 10000, f"--epochs must be an integer from 1 to 10000 (got {self.epochs})")
+        need(isinstance(self.batch_size, int) and 1 <= self.batch_size <= 4096, f"--batch-size must be an integer from 1 to 4096 (got {self.batch_size})")
+        need(_finite(self.lr) and 0 < self.lr <= 100, f"--lr must be a number > 0 and <= 100 (got {self.lr})")
+        need(_finite(self.weight_decay) and 0 <= self.weight_decay <= 10, f"--weight-decay must be between 0 and 10 (got {self.weight_decay})")
+        need(_finite(self.dropout) and 0 <= self.dropout < 1, f"--dropout must be in [0, 1) (got {self.dropout})")
+        need(isinstance(self.num_workers, int) and 0 <= self.num_workers <= 64, f"--num-workers must be 0..64 (got {self.num_workers})")
+        need(self.val_split is None or (_finite(self.val_split) and 0 < self.val_split < 1),
+             f"--val-split must be a fraction between 0 and 1, e.g. 0.2 (got {self.val_split})")
+        need(isinstance(self.cache_budget_mb, int) and self.cache_budget_mb >= 0, "--cache-budget-mb must be >= 0")
+        need(self.image_size >= 32 and self.resize_size >= self.image_size, "--image-size must be >= 32 and <= resize size")
+        need(bool(self.run_name) and all(c.isalnum() or c in "-_." for c in self.run_name),
+             f"--run-name {self.run_name!r} may only contain letters, digits, '-', '_' and '.'")
+        need(bool(str(self.data_dir).strip()), "--data-dir must not be empty")
+        return self
+
+    @property
+    def effective_augment(self) -> str:
+        return AUTO_AUGMENT[self.policy] if self.augment == "auto" else self.augment
+
+    def to_dict(self) -> dict:
+        """Plain types only, so it can live inside a weights_only checkpoint."""
+        d = dataclasses.asdict(self)
+        d["data_dir"] = str(Path(self.data_dir))
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def _finite(x) -> bool:
+    try:
+        return float(x) == float(x) and abs(float(x)) != float("inf")
+    except (TypeError, ValueError):
+        return False

@@ -1,0 +1,228 @@
+"""Dataset discovery (ImageFolder layout), validation, decoding and tensors.
+
+Layout: DIR/train/<class>/*.jpg and DIR/val/<class>/*.jpg. Images are decoded
+once, resized to the shorter side `resize_size` (the first step of the
+reference's val transform) and kept as uint8 tensors, so epochs never decode
+JPEGs again and a corrupt file is found before training starts, not mid-epoch."""
+from __future__ import annotations
+
+import random
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torchvision.transforms.v2.functional as TF
+from PIL import Image
+
+from .errors import DatasetError, ImageLoadError
+from .images import is_image_name, load_rgb
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class Split:
+    name: str
+    classes: list[str]
+    samples: list[tuple[str, int]]  # (path, class index)
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+
+    def counts(self) -> dict[str, int]:
+        c = {name: 0 for name in self.classes}
+        for _, y in self.samples:
+            c[self.classes[y]] += 1
+        return c
+
+    def summary_line(self) -> str:
+        """The reference's `dataset_counts.py` line."""
+        return f"{self.name}: {len(self.samples)} images | classes={self.classes} | per_class={self.counts()}"
+
+
+@dataclass
+class DatasetInfo:
+    root: str
+    classes: list[str]
+    train: Split
+    val: Split
+    val_from_split: float | None = None  # fraction, when val/ was carved out of train/
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def skipped(self) -> list[tuple[str, str]]:
+        return self.train.skipped + self.val.skipped
+
+
+def list_classes(split_dir: Path) -> list[str]:
+    return sorted(p.name for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def scan_split(split_dir: Path, name: str, classes: list[str] | None = None) -> Split:
+    """List image files per class folder. Files that are not images by name are
+    reported as skipped; hidden files (.DS_Store) are ignored."""
+    classes = classes if classes is not None else list_classes(split_dir)
+    samples, skipped = [], []
+    for idx, cls in enumerate(classes):
+        for p in sorted((split_dir / cls).rglob("*")):
+            if p.name.startswith(".") or not p.is_file():
+                continue
+            if is_image_name(p):
+                samples.append((str(p), idx))
+            else:
+                skipped.append((str(p), "not an image file type"))
+    return Split(name, classes, samples, skipped)
+
+
+def scan_dataset(data_dir, val_split: float | None = None, seed: int = 0) -> DatasetInfo:
+    """Find and check the dataset layout; raise DatasetError naming the folder at fault."""
+    root = Path(data_dir).expanduser()
+    if not root.is_dir():
+        raise DatasetError(f"dataset folder {root} does not exist; expected {root}/train/<class>/ and {root}/val/<class>/")
+    train_dir, val_dir = root / "train", root / "val"
+    if not train_dir.is_dir():
+        raise DatasetError(f"{train_dir} is missing: the dataset needs {root}/train/<class>/ folders with images")
+    train = scan_split(train_dir, "train")
+    if len(train.classes) < 2:
+        raise DatasetError(f"{train_dir} has {len(train.classes)} class folder(s) {train.classes}; at least 2 are needed "
+                           f"(one sub-folder per class, e.g. train/cat and train/fish)")
+    if val_dir.is_dir():
+        val_classes = list_classes(val_dir)
+        if val_classes != train.classes:
+            only_train = sorted(set(train.classes) - set(val_classes))
+            only_val = sorted(set(val_classes) - set(train.classes))
+            raise DatasetError(f"class folders differ between {train_dir} and {val_dir}: "
+                               f"only in train: {only_train or 'none'}; only in val: {only_val or 'none'}")
+        val = scan_split(val_dir, "val", train.classes)
+        fraction = None
+    elif val_split:
+        train, val = stratified_split(train, val_split, seed)
+        fraction = val_split
+    else:
+        raise DatasetError(f"{val_dir} is missing: add {root}/val/<class>/ folders, "
+                           f"or pass --val-split 0.2 to hold out 20% of train/ for validation")
+    info = DatasetInfo(str(root), train.classes, train, val, fraction)
+    check_not_empty(info)
+    info.warnings = dataset_warnings(info)
+    return info
+
+
+def check_not_empty(info: DatasetInfo) -> None:
+    for split in (info.train, info.val):
+        empty = [c for c, n in split.counts().items() if n == 0]
+        if empty:
+            where = Path(info.root) / ("train" if split.name == "train" or info.val_from_split else split.name)
+            raise DatasetError(f"class folder(s) {empty} in {where} contain no usable images "
+                               f"(allowed: {', '.join(('jpg', 'jpeg', 'png', 'gif', 'bmp', 'tif', 'webp'))})")
+
+
+def stratified_split(train: Split, fraction: float, seed: int) -> tuple[Split, Split]:
+    """Seeded per-class hold-out, so both splits keep every class."""
+    rng = random.Random(seed)
+    keep, held = [], []
+    for idx in range(len(train.classes)):
+        items = [s for s in train.samples if s[1] == idx]
+        rng.shuffle(items)
+        n_val = max(1, round(len(items) * fraction)) if len(items) >= 2 else 0
+        held += items[:n_val]
+        keep += items[n_val:]
+    return (Split("train", train.classes, sorted(keep), train.skipped),
+            Split("val", train.classes, sorted(held), []))
+
+
+def dataset_warnings(info: DatasetInfo) -> list[str]:
+    out = []
+    counts = info.train.counts()
+    lo, hi = min(counts.values()), max(counts.values())
+    if lo and hi / lo >= 1.5:
+        out.append(f"class imbalance in train: {counts} (largest/smallest = {hi / lo:.1f}x); accuracy can hide a weak class")
+    tiny = [c for c, n in counts.items() if n < 10]
+    if tiny:
+        out.append(f"very few training images for {tiny} (< 10 each); expect noisy results")
+    if info.skipped:
+        out.append(skipped_warning(info.skipped))
+    return out
+
+
+def skipped_warning(skipped: list[tuple[str, str]], limit: int = 20) -> str:
+    lines = [f"  {p}: {r}" for p, r in skipped[:limit]]
+    if len(skipped) > limit:
+        lines.append(f"  ... and {len(skipped) - limit} more")
+    return f"skipped {len(skipped)} unreadable or non-image file(s):\n" + "\n".join(lines)
+
+
+def decode_resized(path: str, resize_size: int) -> torch.Tensor:
+    """File -> uint8 CHW tensor with the shorter side = resize_size (Resize(256))."""
+    img = load_rgb(path)
+    img = TF.resize(img, resize_size, interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
+    return TF.pil_to_tensor(img)
+
+
+def decode_split(split: Split, resize_size: int, keep: bool, threads: int = 2):
+    """Decode every image once (checks it fully). Unreadable files are moved to
+    `split.skipped`. Returns the decoded tensors when `keep`, else None."""
+    def work(path):
+        try:
+            t = decode_resized(path, resize_size)
+            return t if keep else True
+        except ImageLoadError as e:
+            return e
+    with ThreadPoolExecutor(max(1, threads)) as pool:  # Pillow decodes without the GIL
+        results = list(pool.map(work, [p for p, _ in split.samples]))
+    good, images = [], []
+    for (path, y), r in zip(split.samples, results):
+        if isinstance(r, ImageLoadError):
+            split.skipped.append((path, r.reason))
+        else:
+            good.append((path, y))
+            images.append(r)
+    split.samples = good
+    return images if keep else None
+
+
+def estimate_decoded_bytes(split: Split, resize_size: int) -> int:
+    """Rough size of the decoded cache (short side resize_size, 4:3 photos)."""
+    return len(split.samples) * 3 * resize_size * int(resize_size * 4 / 3)
+
+
+def normalize(batch_uint8: torch.Tensor) -> torch.Tensor:
+    """uint8 NCHW -> float normalised with ImageNet statistics (ToTensor + Normalize)."""
+    x = batch_uint8.float().div_(255)
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    return x.sub_(mean).div_(std)
+
+
+def center_crop(img: torch.Tensor, size: int) -> torch.Tensor:
+    return TF.center_crop(img, [size, size])
+
+
+def random_resized_crop(img: torch.Tensor, size: int, gen: torch.Generator) -> torch.Tensor:
+    """RandomResizedCrop(size) with torchvision's defaults, drawn from `gen` so
+    runs are reproducible. Crops come from the decoded (short side 256) image."""
+    _, h, w = img.shape
+    area = h * w
+    log_ratio = torch.log(torch.tensor((3 / 4, 4 / 3)))
+    for _ in range(10):
+        target = area * torch.empty(1).uniform_(0.08, 1.0, generator=gen).item()
+        ratio = torch.exp(torch.empty(1).uniform_(log_ratio[0].item(), log_ratio[1].item(), generator=gen)).item()
+        cw = int(round((target * ratio) ** 0.5))
+        ch = int(round((target / ratio) ** 0.5))
+        if 0 < cw <= w and 0 < ch <= h:
+            top = int(torch.randint(0, h - ch + 1, (1,), generator=gen))
+            left = int(torch.randint(0, w - cw + 1, (1,), generator=gen))
+            break
+    else:  # fallback: central crop at a clamped ratio, as torchvision does
+        ch, cw = h, w
+        if w / h < 3 / 4:
+            ch = int(round(w / (3 / 4)))
+        elif w / h > 4 / 3:
+            cw = int(round(h * 4 / 3))
+        top, left = (h - ch) // 2, (w - cw) // 2
+    return TF.resized_crop(img, top, left, ch, cw, [size, size], antialias=True)
+
+
+def pil_to_input(img: Image.Image, resize_size: int = 256, image_size: int = 224) -> torch.Tensor:
+    """Eval transform for one PIL image -> normalised 1x3xHxW tensor."""
+    img = TF.resize(load_rgb(img), resize_size, antialias=True)
+    return normalize(center_crop(TF.pil_to_tensor(img), image_size).unsqueeze(0))

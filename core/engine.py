@@ -1,0 +1,511 @@
+"""The training engine: one generator that both the CLI and the app consume.
+
+    for event in train(config, stop_event):
+        RunStarted   -> once, after setup (run folder, dataset, notes)
+        BatchProgress-> per batch, phase "cache" | "train" | "val"
+        EpochEnded   -> per epoch, metrics and checkpoint paths
+        RunEnded     -> once: "completed", "stopped" or "diverged"
+
+Speed: when a prefix of the network is frozen and the training input is
+deterministic (augment none, or light = flip-only kept as two views), the
+prefix runs once per image and view and the trainable suffix trains on the
+cached activations. Numerically the same as running the whole model."""
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import shutil
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from . import checkpoint as ck
+from .config import TrainConfig
+from .data import (DatasetInfo, Split, center_crop, decode_resized, decode_split, estimate_decoded_bytes,
+                   normalize, random_resized_crop, scan_dataset, skipped_warning)
+from .device import amp_note, resolve_device
+from .errors import CheckpointError, ConfigError, UserError
+from .models import apply_policy, build_model, param_counts, set_train_mode, split_model
+
+
+# ---------------------------------------------------------------- events
+
+@dataclass
+class RunStarted:
+    run_dir: str
+    dataset: DatasetInfo
+    config: TrainConfig
+    device: str
+    trainable_params: int
+    total_params: int
+    start_epoch: int
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class BatchProgress:
+    phase: str  # "cache" | "train" | "val"
+    epoch: int
+    step: int
+    total: int
+
+
+@dataclass
+class EpochEnded:
+    epoch: int
+    epochs: int
+    train_loss: float
+    train_acc: float
+    val_loss: float
+    val_acc: float
+    lr: float
+    seconds: float
+    best_acc: bool
+    best_loss: bool
+    latest_path: str
+
+    def line(self) -> str:
+        """The reference's EPOCH line, byte for byte."""
+        return (f"EPOCH {self.epoch}/{self.epochs}  train_loss={self.train_loss:.4f} train_acc={self.train_acc:.4f}  "
+                f"val_loss={self.val_loss:.4f} val_acc={self.val_acc:.4f}  lr={self.lr:g}")
+
+    def as_row(self) -> dict:
+        return {"epoch": self.epoch, "train_loss": self.train_loss, "train_acc": self.train_acc,
+                "val_loss": self.val_loss, "val_acc": self.val_acc, "lr": self.lr, "seconds": round(self.seconds, 3)}
+
+
+@dataclass
+class RunEnded:
+    status: str  # "completed" | "stopped" | "diverged"
+    message: str
+    run_dir: str
+    epochs_done: int
+    best: dict
+    best_acc_path: str | None
+    best_loss_path: str | None
+    history: list[dict]
+    exports: list[str] = field(default_factory=list)
+
+    def best_lines(self) -> list[str]:
+        return [
+            "BEST:",
+            f"  best_acc={self.best['acc']:.4f} (epoch {self.best['acc_epoch']}) -> {self.best_acc_path or 'none'}",
+            f"  best_loss={self.best['loss']:.4f} (epoch {self.best['loss_epoch']}) -> {self.best_loss_path or 'none'}",
+        ]
+
+
+# ---------------------------------------------------------------- run folders
+
+def new_run_dir(output_dir, run_name: str) -> Path:
+    """checkpoints/<run_name>_<YYYYmmdd_HHMMSS>, suffixed _2, _3 if taken."""
+    root = Path(output_dir)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"cannot create output folder {root}: {e.strerror}; pass a writable --output-dir") from None
+    if not os.access(root, os.W_OK):
+        raise ConfigError(f"output folder {root} is not writable; pass a writable --output-dir")
+    stamp = datetime.now().strftime("%Y%m%d_%H%M%S")
+    for i in range(1, 1000):
+        path = root / (f"{run_name}_{stamp}" + (f"_{i}" if i > 1 else ""))
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
+    raise ConfigError(f"could not create a new run folder under {root}")
+
+
+# ---------------------------------------------------------------- best-model rules
+
+def is_better_acc(acc: float, loss: float, best: dict) -> bool:
+    """Higher val_acc wins; equal acc with lower loss wins (accuracy saturates on
+    small sets). NaN is never best."""
+    if math.isnan(acc) or math.isnan(loss):
+        return False
+    if best["acc_epoch"] == 0:
+        return True
+    return acc > best["acc"] or (acc == best["acc"] and loss < best["loss"])
+
+
+def is_better_loss(loss: float, best: dict) -> bool:
+    if math.isnan(loss):
+        return False
+    return best["loss_epoch"] == 0 or loss < best["loss"]
+
+
+def empty_best() -> dict:
+    return {"acc": 0.0, "acc_epoch": 0, "loss": float("inf"), "loss_epoch": 0}
+
+
+# ---------------------------------------------------------------- in-process caches (the app trains many runs)
+
+_CACHE_LOCK = threading.Lock()
+_DECODED: dict = {}   # one dataset's decoded images
+_FEATURES: dict = {}  # one set of frozen-prefix activations
+
+
+def _remember(store: dict, key, value):
+    with _CACHE_LOCK:
+        store.clear()  # one entry: bounded memory
+        store[key] = value
+
+
+def split_key(split: Split, resize: int):
+    stats = tuple((p, os.stat(p).st_mtime_ns, os.stat(p).st_size) for p, _ in split.samples)
+    return (split.name, resize, stats)
+
+
+def decoded_images(split: Split, resize: int, keep: bool) -> list[torch.Tensor] | None:
+    """Decode (and verify) every image once; reuse across runs while files are unchanged."""
+    key = split_key(split, resize)
+    with _CACHE_LOCK:
+        hit = _DECODED.get(key)
+    if hit is not None:
+        split.samples, skipped = hit[0][:], hit[1]
+        split.skipped.extend(s for s in skipped if s not in split.skipped)
+        return hit[2]
+    before = len(split.skipped)
+    images = decode_split(split, resize, keep)
+    if keep:
+        _remember(_DECODED, key, (split.samples[:], split.skipped[before:], images))
+    return images
+
+
+def module_fingerprint(module: nn.Module) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    for k, v in module.state_dict().items():
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------- the engine
+
+class _Stopped(Exception):
+    pass
+
+
+class _Diverged(Exception):
+    pass
+
+
+def train(cfg: TrainConfig, stop: threading.Event | None = None) -> Iterator:
+    """Run (or resume) a training run, yielding events. Setup errors raise
+    UserError before the first event; later problems end with a RunEnded."""
+    cfg.validate()
+    stop = stop or threading.Event()
+    device = resolve_device(cfg.device)
+    notes = [n for n in [amp_note(device, cfg.amp)] if n]
+
+    resume = read_resume(cfg) if cfg.resume else None
+    info = scan_dataset(cfg.data_dir, cfg.val_split, cfg.seed)
+    if resume and resume["class_names"] != info.classes:
+        raise ConfigError(f"--resume checkpoint classes {resume['class_names']} differ from the dataset's {info.classes}")
+
+    torch.manual_seed(cfg.seed)
+    if resume:
+        model = ck.model_from_checkpoint(resume)
+    else:
+        model = build_model(cfg.arch, len(info.classes), cfg.dropout, cfg.weights)
+    apply_policy(model, cfg.arch, cfg.policy)
+    prefix, suffix = split_model(model, cfg.arch, cfg.policy)
+    use_cl = device.type != "mps"
+    model.to(device, memory_format=torch.channels_last if use_cl else torch.contiguous_format)
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if resume and resume.get("optimizer_state"):
+        try:
+            optimizer.load_state_dict(resume["optimizer_state"])
+        except (ValueError, KeyError) as e:
+            raise CheckpointError(f"optimizer state in {cfg.resume} does not fit this model/policy: {e}") from None
+        for g in optimizer.param_groups:
+            g["lr"], g["weight_decay"] = cfg.lr, cfg.weight_decay
+
+    run_dir = Path(cfg.resume).resolve().parent if resume else new_run_dir(cfg.output_dir, cfg.run_name)
+    history = list(resume["history"]) if resume else []
+    best = resume_best(resume) if resume else empty_best()
+    start_epoch = int(resume["epoch"]) + 1 if resume else 1
+    if not resume:
+        ck.atomic_write_json(run_dir / "args.json", cfg.to_dict())
+    trainable, total = param_counts(model)
+    started = RunStarted(str(run_dir), info, cfg, str(device), trainable, total, start_epoch, notes)
+
+    status, message, epochs_done = "completed", "", start_epoch - 1
+    try:
+        aug = cfg.effective_augment
+        views = 2 if aug == "light" else 1
+        cache_ok, cache_note = plan_feature_cache(cfg, info, prefix, device, views)
+        started.notes.append(cache_note)
+        yield started
+        keep_decoded = estimate_decoded_bytes(info.train, cfg.resize_size) + estimate_decoded_bytes(info.val, cfg.resize_size) \
+            <= cfg.cache_budget_mb * 2**20
+        train_imgs = decoded_images(info.train, cfg.resize_size, keep_decoded)
+        val_imgs = decoded_images(info.val, cfg.resize_size, keep_decoded)
+        if info.skipped and not any(w.startswith("skipped") for w in info.warnings):
+            info.warnings.append(skipped_warning(info.skipped))
+        for split in (info.train, info.val):
+            if not split.samples or len({y for _, y in split.samples}) < len(info.classes):
+                raise _Stopped(f"after skipping unreadable files, {split.name} no longer has images for every class")
+        train_src = InputSource(info.train, train_imgs, cfg)
+        val_src = InputSource(info.val, val_imgs, cfg)
+        if cache_ok:
+            key = (module_fingerprint(prefix), cfg.image_size, split_key(info.train, cfg.resize_size),
+                   split_key(info.val, cfg.resize_size), views)
+            with _CACHE_LOCK:
+                feats = _FEATURES.get(key)
+            if feats is None:
+                feats = yield from compute_features(prefix, [(train_src, views), (val_src, 1)], cfg, device, stop)
+                _remember(_FEATURES, key, feats)
+            train_src.features, val_src.features = feats[0], feats[1]
+        del train_imgs, val_imgs
+
+        loss_fn = nn.CrossEntropyLoss()
+        scaler = torch.amp.GradScaler("cuda") if cfg.amp and device.type == "cuda" else None
+        for epoch in range(start_epoch, cfg.epochs + 1):
+            t0 = time.perf_counter()
+            tr = yield from train_one_epoch(model, prefix, suffix, optimizer, loss_fn, train_src, cfg, device,
+                                            epoch, aug, stop, scaler)
+            va = yield from evaluate(model, prefix, suffix, loss_fn, val_src, cfg, device, epoch, stop)
+            improved_acc = is_better_acc(va[1], va[0], best)
+            improved_loss = is_better_loss(va[0], best)
+            if improved_acc:
+                best.update(acc=va[1], acc_epoch=epoch)
+            if improved_loss:
+                best.update(loss=va[0], loss_epoch=epoch)
+            ended = EpochEnded(epoch, cfg.epochs, tr[0], tr[1], va[0], va[1], optimizer.param_groups[0]["lr"],
+                               time.perf_counter() - t0, improved_acc, improved_loss, str(run_dir / "latest.pt"))
+            history.append(ended.as_row())
+            save_epoch(run_dir, model, optimizer, epoch, best, info.classes, cfg, history, improved_acc, improved_loss)
+            epochs_done = epoch
+            yield ended
+            if stop.is_set():
+                raise _Stopped("stopped by request after epoch %d" % epoch)
+    except _Stopped as e:
+        status, message = "stopped", str(e)
+    except _Diverged as e:
+        status, message = "diverged", str(e)
+    finally:
+        stop.clear()
+        if epochs_done == 0 and not resume:
+            remove_empty_run(run_dir)
+    exports = export_formats(run_dir, cfg, info.classes) if epochs_done and status != "diverged" or \
+        (status == "diverged" and best["acc_epoch"]) else []
+    if status == "completed":
+        message = f"finished {epochs_done} epoch(s)"
+    yield RunEnded(status, message, str(run_dir), epochs_done, dict(best),
+                   str(run_dir / "best_acc.pt") if (run_dir / "best_acc.pt").exists() else None,
+                   str(run_dir / "best_loss.pt") if (run_dir / "best_loss.pt").exists() else None,
+                   history, exports)
+
+
+def read_resume(cfg: TrainConfig) -> dict:
+    ckpt = ck.read_checkpoint(cfg.resume)
+    for name in ("arch", "policy"):
+        if name in ckpt and ckpt.get(name) and getattr(cfg, name) != ckpt[name]:
+            setattr(cfg, name, ckpt[name])  # must match to restore optimizer state
+    cfg.dropout = float(ckpt["head"]["dropout"])
+    return ckpt
+
+
+def resume_best(ckpt: dict) -> dict:
+    return {"acc": float(ckpt.get("best_val_acc", 0.0)), "acc_epoch": int(ckpt.get("best_epoch", 0)),
+            "loss": float(ckpt.get("best_val_loss", float("inf"))),
+            "loss_epoch": int(ckpt.get("best_loss_epoch", ckpt.get("best_epoch", 0)))}
+
+
+def remove_empty_run(run_dir: Path) -> None:
+    """A run stopped before its first epoch leaves nothing behind."""
+    try:
+        if run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= {"args.json"}:
+            shutil.rmtree(run_dir)
+    except OSError:
+        pass
+
+
+def plan_feature_cache(cfg, info, prefix, device, views) -> tuple[bool, str]:
+    if cfg.cache == "off":
+        return False, "feature cache: off (--cache off)"
+    if len(prefix) == 0:
+        return False, "feature cache: not used (full fine-tune trains every layer)"
+    if cfg.effective_augment == "standard":
+        return False, "feature cache: not used (random-crop augmentation changes the input every epoch)"
+    with torch.inference_mode():
+        probe = prefix.eval()(torch.zeros(1, 3, cfg.image_size, cfg.image_size, device=device))
+    need = (len(info.train.samples) * views + len(info.val.samples)) * probe.numel() * 4
+    budget = cfg.cache_budget_mb * 2**20
+    if need > budget:
+        return False, (f"feature cache: would need {need / 2**20:.0f} MB > budget {cfg.cache_budget_mb} MB "
+                       f"(--cache-budget-mb); using the uncached path")
+    return True, f"feature cache: frozen layers run once per image ({views} view(s)), {need / 2**20:.1f} MB"
+
+
+class InputSource:
+    """Yields model inputs for a list of sample indices: cached activations,
+    or images (decoded cache or disk) with the configured transform."""
+
+    def __init__(self, split: Split, images, cfg: TrainConfig):
+        self.split, self.images, self.cfg = split, images, cfg
+        self.labels = torch.tensor([y for _, y in split.samples], dtype=torch.long)
+        self.features = None  # list per view of tensors (N, ...)
+
+    def __len__(self):
+        return len(self.split.samples)
+
+    def image(self, i: int) -> torch.Tensor:
+        if self.images is not None:
+            return self.images[i]
+        return decode_resized(self.split.samples[i][0], self.cfg.resize_size)
+
+    def batch(self, idx: torch.Tensor, flips: torch.Tensor | None, aug: str, gen: torch.Generator | None):
+        if self.features is not None:
+            if flips is None:
+                return self.features[0][idx]
+            return torch.where(flips[idx].view(-1, *[1] * (self.features[0].dim() - 1)),
+                               self.features[1][idx], self.features[0][idx])
+        size = self.cfg.image_size
+        crops = []
+        for i in idx.tolist():
+            img = self.image(i)
+            crop = random_resized_crop(img, size, gen) if aug == "standard" else center_crop(img, size)
+            if flips is not None and bool(flips[i]):
+                crop = crop.flip(-1)
+            crops.append(crop)
+        return normalize(torch.stack(crops))
+
+
+def compute_features(prefix, sources, cfg, device, stop) -> Iterator:
+    """Run the frozen prefix once per image and view. Returns [train views, val views]."""
+    out = []
+    total = sum(len(src) * views for src, views in sources)
+    done = 0
+    prefix.eval()
+    for src, views in sources:
+        per_view = []
+        for view in range(views):
+            chunks = []
+            for idx in torch.arange(len(src)).split(max(cfg.batch_size, 32)):
+                if stop.is_set():
+                    raise _Stopped("stopped by request before the first epoch")
+                flips = torch.full((len(src),), bool(view))
+                x = src.batch(idx, flips if view else None, "none", None)
+                with torch.inference_mode():
+                    chunks.append(prefix(to_device(x, device)).float().cpu())
+                done += len(idx)
+                yield BatchProgress("cache", 0, done, total)
+            per_view.append(torch.cat(chunks))
+        out.append(per_view)
+    return out
+
+
+def to_device(x: torch.Tensor, device) -> torch.Tensor:
+    x = x.to(device, non_blocking=True)
+    if x.dim() == 4 and device.type != "mps":
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
+def autocast(cfg, device):
+    return torch.autocast("cuda", dtype=torch.float16, enabled=bool(cfg.amp and device.type == "cuda"))
+
+
+def forward(prefix, suffix, x, cached: bool):
+    if cached or len(prefix) == 0:
+        return suffix(x)
+    with torch.no_grad():  # the frozen prefix needs no autograd graph
+        feats = prefix(x)
+    return suffix(feats)
+
+
+def train_one_epoch(model, prefix, suffix, optimizer, loss_fn, src: InputSource, cfg, device, epoch, aug, stop, scaler):
+    # Seeded per epoch so a resumed run draws the same batches and flips as an uninterrupted one.
+    gen = torch.Generator().manual_seed(cfg.seed * 100003 + epoch)
+    torch.manual_seed(cfg.seed + epoch)  # dropout
+    perm = torch.randperm(len(src), generator=gen)
+    flips = torch.rand(len(src), generator=gen) < 0.5 if aug in ("light", "standard") else None
+    set_train_mode(model, prefix)
+    cached = src.features is not None
+    batches = perm.split(cfg.batch_size)
+    loss_sum, correct, seen = 0.0, 0, 0
+    for step, idx in enumerate(batches, 1):
+        if stop.is_set():
+            raise _Stopped(f"stopped by request during epoch {epoch}; checkpoints of completed epochs are kept")
+        x = to_device(src.batch(idx, flips, aug, gen), device)
+        y = src.labels[idx].to(device)
+        with autocast(cfg, device):
+            logits = forward(prefix, suffix, x, cached)
+            loss = loss_fn(logits.float(), y)
+        if not torch.isfinite(loss):
+            raise _Diverged(f"training diverged: loss became {loss.item()} at epoch {epoch}, batch {step} "
+                            f"(lr={cfg.lr:g} is probably too high; try 0.001). Checkpoints of earlier epochs are kept.")
+        optimizer.zero_grad(set_to_none=True)
+        if scaler:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+        loss_sum += loss.item() * len(idx)
+        correct += (logits.argmax(1) == y).sum().item()
+        seen += len(idx)
+        yield BatchProgress("train", epoch, step, len(batches))
+    return loss_sum / seen, correct / seen
+
+
+def evaluate(model, prefix, suffix, loss_fn, src: InputSource, cfg, device, epoch, stop):
+    model.eval()
+    cached = src.features is not None
+    batches = torch.arange(len(src)).split(max(cfg.batch_size, 32))
+    loss_sum, correct = 0.0, 0
+    for step, idx in enumerate(batches, 1):
+        if stop.is_set():
+            raise _Stopped(f"stopped by request during validation of epoch {epoch}; checkpoints of completed epochs are kept")
+        x = to_device(src.batch(idx, None, "none", None), device)
+        y = src.labels[idx].to(device)
+        with torch.inference_mode(), autocast(cfg, device):
+            logits = forward(prefix, suffix, x, cached).float()
+            loss_sum += nn.functional.cross_entropy(logits, y, reduction="sum").item()
+        correct += (logits.argmax(1) == y).sum().item()
+        yield BatchProgress("val", epoch, step, len(batches))
+    n = len(src)
+    return loss_sum / n, correct / n
+
+
+def save_epoch(run_dir: Path, model, optimizer, epoch, best, classes, cfg, history, improved_acc, improved_loss):
+    """latest.pt every epoch; best files are hard links to it (no second 45 MB write)."""
+    ckpt = ck.make_checkpoint(model=model, optimizer=optimizer, epoch=epoch, best=best, class_names=classes,
+                              weights=cfg.weights, args=cfg.to_dict(), history=history, arch=cfg.arch,
+                              dropout=cfg.dropout, policy=cfg.policy, resize_size=cfg.resize_size,
+                              image_size=cfg.image_size)
+    try:
+        latest = ck.atomic_torch_save(ckpt, run_dir / "latest.pt")
+        if improved_acc:
+            ck.atomic_link_or_copy(latest, run_dir / "best_acc.pt")
+        if improved_loss:
+            ck.atomic_link_or_copy(latest, run_dir / "best_loss.pt")
+        ck.atomic_write_csv(run_dir / "metrics.csv", history)
+    except OSError as e:
+        raise UserError(f"could not write checkpoints to {run_dir}: {e.strerror or e} "
+                        f"(disk full or not writable?). Files from earlier epochs are intact.") from None
+
+
+def export_formats(run_dir: Path, cfg: TrainConfig, classes) -> list[str]:
+    """The reference's other save formats, made from the best-accuracy checkpoint."""
+    if not (cfg.export_state_dict or cfg.export_full_model) or not (run_dir / "best_acc.pt").exists():
+        return []
+    model = ck.model_from_checkpoint(ck.read_checkpoint(run_dir / "best_acc.pt"))
+    out = []
+    if cfg.export_state_dict:
+        out.append(str(ck.export_state_dict(model, run_dir / "state_dict.pt")))
+    if cfg.export_full_model:
+        out.append(str(ck.export_full_model(model, classes, run_dir / "full_model.pt")))
+    return out

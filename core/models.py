@@ -1,0 +1,189 @@
+"""Model building, pretrained weights, freeze policies and the frozen/trainable split.
+
+The torchvision structure is kept as is (ResNet-18: conv1, bn1, relu, maxpool,
+layer1-4, avgpool, fc); only the classification head is replaced."""
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+from urllib.parse import urlparse
+
+import torch
+import torchvision
+from torch import nn
+
+from .errors import WeightsError
+
+HEAD_NAME = {"resnet18": "fc", "mobilenet_v2": "classifier"}
+# Keys of the head in a state_dict; never taken from a weights file (the head is always new).
+HEAD_PREFIXES = {"resnet18": ("fc.",), "mobilenet_v2": ("classifier.",)}
+# First module of the trainable "last stage" per arch (the last resolution stage).
+LAST_STAGE = {"resnet18": "layer4", "mobilenet_v2": "features.14"}
+
+
+def torchvision_weights_enum(arch: str):
+    return {"resnet18": torchvision.models.ResNet18_Weights.IMAGENET1K_V1,
+            "mobilenet_v2": torchvision.models.MobileNet_V2_Weights.IMAGENET1K_V1}[arch]
+
+
+def build_base_model(arch: str) -> nn.Module:
+    """The torchvision model with its 1000-class ImageNet head, random init."""
+    return getattr(torchvision.models, arch)(weights=None)
+
+
+def replace_head(model: nn.Module, arch: str, num_classes: int, dropout: float) -> nn.Module:
+    """New head for `num_classes`. ResNet: Linear(512, n), or Dropout+Linear when
+    dropout > 0. MobileNetV2 keeps its Sequential(Dropout, Linear) head shape."""
+    if arch == "resnet18":
+        in_f = model.fc.in_features
+        model.fc = nn.Sequential(nn.Dropout(dropout), nn.Linear(in_f, num_classes)) if dropout > 0 else nn.Linear(in_f, num_classes)
+    else:
+        in_f = model.classifier[1].in_features
+        model.classifier = nn.Sequential(nn.Dropout(dropout), nn.Linear(in_f, num_classes))
+    return model
+
+
+def build_model(arch: str, num_classes: int, dropout: float = 0.0, weights: str = "none") -> nn.Module:
+    """Base model with `weights` loaded into the backbone, then a new head."""
+    model = build_base_model(arch)
+    load_backbone_weights(model, arch, weights)
+    return replace_head(model, arch, num_classes, dropout)
+
+
+# ---------------------------------------------------------------- weights
+
+def imagenet_cache_path(arch: str) -> Path:
+    url = torchvision_weights_enum(arch).url
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(url).path)
+
+
+def imagenet_state_dict(arch: str) -> dict:
+    """torchvision's IMAGENET1K_V1 weights through the usual TORCH_HOME cache.
+    Fails within seconds, with instructions, when the file is missing and the
+    download host cannot be reached (offline machines)."""
+    enum = torchvision_weights_enum(arch)
+    cached = imagenet_cache_path(arch)
+    if not cached.is_file():
+        host = urlparse(enum.url).hostname
+        if os.environ.get("TL_OFFLINE") == "1" or not host_reachable(host, 443):
+            raise WeightsError(
+                f"ImageNet weights for {arch} are not cached and cannot be downloaded (no connection to {host}).\n"
+                f"  Fix: on a machine with internet, download {enum.url}\n"
+                f"  and place it at {cached} (TORCH_HOME={os.environ.get('TORCH_HOME', '<default ~/.cache/torch>')}),\n"
+                f"  or train without pretrained weights: --weights none, or a local file: --weights PATH.pth")
+    try:
+        return enum.get_state_dict(progress=True, check_hash=False)
+    except Exception as e:  # network errors mid-download, a corrupt cache file
+        raise WeightsError(f"could not load ImageNet weights for {arch} from {cached}: {e}. "
+                           f"Delete the file and retry, or use --weights none") from None
+
+
+def host_reachable(host: str | None, port: int, timeout: float = 3.0) -> bool:
+    if not host:
+        return False
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def load_backbone_weights(model: nn.Module, arch: str, weights: str) -> str:
+    """Load 'imagenet', 'none' or a local state_dict PATH into everything but
+    the head. Returns a short description of what was loaded."""
+    if weights == "none":
+        return "random init"
+    if weights == "imagenet":
+        state = imagenet_state_dict(arch)
+        source = f"torchvision {arch} IMAGENET1K_V1"
+    else:
+        state = read_weights_file(weights)
+        source = f"local file {weights}"
+    backbone = {k: v for k, v in state.items() if not k.startswith(HEAD_PREFIXES[arch])}
+    expected = {k: v for k, v in model.state_dict().items() if not k.startswith(HEAD_PREFIXES[arch])}
+    missing = sorted(set(expected) - set(backbone))
+    unexpected = sorted(set(backbone) - set(expected))
+    wrong_shape = sorted(k for k in set(expected) & set(backbone) if tuple(expected[k].shape) != tuple(backbone[k].shape))
+    if missing or unexpected or wrong_shape:
+        raise WeightsError(f"weights from {source} do not fit {arch}: "
+                           f"missing keys {_few(missing)}; unexpected keys {_few(unexpected)}; wrong shapes {_few(wrong_shape)}. "
+                           f"Is the file for a different --arch?")
+    model.load_state_dict(backbone, strict=False)
+    return source
+
+
+def read_weights_file(path: str) -> dict:
+    from .checkpoint import load_file  # local import: checkpoint imports models
+    obj = load_file(path)
+    if isinstance(obj, dict) and "model_state" in obj:
+        obj = obj["model_state"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise WeightsError(f"{path} is not a state_dict (a dict of tensors) or a checkpoint with 'model_state'")
+    return obj
+
+
+def _few(keys: list[str], n: int = 5) -> str:
+    if not keys:
+        return "none"
+    return "[" + ", ".join(keys[:n]) + (f", ... {len(keys) - n} more" if len(keys) > n else "") + "]"
+
+
+# ---------------------------------------------------------------- freezing
+
+def trainable_names(arch: str, policy: str) -> tuple[str, ...]:
+    """Top-level parameter-name prefixes that train under `policy`."""
+    head = HEAD_NAME[arch] + "."
+    if policy == "head":
+        return (head,)
+    if policy == "last":
+        if arch == "resnet18":
+            return ("layer4.", head)
+        return tuple(f"features.{i}." for i in range(14, 19)) + (head,)
+    return ("",)
+
+
+def apply_policy(model: nn.Module, arch: str, policy: str) -> nn.Module:
+    """Set requires_grad by policy."""
+    prefixes = trainable_names(arch, policy)
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.startswith(prefixes))
+    return model
+
+
+def param_counts(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    total = sum(p.numel() for p in model.parameters())
+    return sum(p.numel() for p in model.parameters() if p.requires_grad), total
+
+
+def policy_param_counts(arch: str, num_classes: int, dropout: float = 0.0) -> dict[str, tuple[int, int]]:
+    model = build_model(arch, num_classes, dropout, "none")
+    return {pol: param_counts(apply_policy(model, arch, pol)) for pol in ("head", "last", "full")}
+
+
+def split_model(model: nn.Module, arch: str, policy: str) -> tuple[nn.Module, nn.Module]:
+    """(frozen prefix, trainable suffix) sharing the model's modules, such that
+    suffix(prefix(x)) == model(x). Under 'full' the prefix is empty."""
+    if arch == "resnet18":
+        stem = [model.conv1, model.bn1, model.relu, model.maxpool, model.layer1, model.layer2, model.layer3]
+        pooled = [model.avgpool, nn.Flatten(1)]
+        if policy == "head":
+            return nn.Sequential(*stem, model.layer4, *pooled), nn.Sequential(model.fc)
+        if policy == "last":
+            return nn.Sequential(*stem), nn.Sequential(model.layer4, *pooled, model.fc)
+    else:
+        pooled = [nn.AdaptiveAvgPool2d(1), nn.Flatten(1)]
+        if policy == "head":
+            return nn.Sequential(model.features, *pooled), nn.Sequential(model.classifier)
+        if policy == "last":
+            return nn.Sequential(*model.features[:14]), nn.Sequential(*model.features[14:], *pooled, model.classifier)
+    return nn.Sequential(), model
+
+
+def set_train_mode(model: nn.Module, prefix: nn.Module) -> None:
+    """model.train(), then put the frozen prefix back in eval mode so its
+    BatchNorm running statistics never change. (Calling model.train() after
+    freezing BN, as the reference does, silently undoes the freeze.)"""
+    model.train()
+    prefix.eval()

@@ -1,0 +1,102 @@
+"""Tests for scripts/make_demo_data.py (the procedural cat/fish demo dataset)."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "make_demo_data.py"
+
+
+@pytest.fixture(scope="module")
+def gen():
+    # scripts/ is not a package, so load the module from its file.
+    spec = importlib.util.spec_from_file_location("make_demo_data", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def small_args(out, *extra):
+    return ["--out", str(out), "--seed", "3", "--train-per-class", "3",
+            "--val-per-class", "2", *extra]
+
+
+def snapshot(root):
+    return {p.relative_to(root).as_posix(): p.read_bytes()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_same_seed_gives_identical_bytes(gen, tmp_path):
+    assert gen.main(small_args(tmp_path / "a")) == 0
+    assert gen.main(small_args(tmp_path / "b")) == 0
+    a, b = snapshot(tmp_path / "a"), snapshot(tmp_path / "b")
+    assert a.keys() == b.keys() and a == b
+
+
+def test_rerun_into_same_folder_is_allowed_and_identical(gen, tmp_path):
+    assert gen.main(small_args(tmp_path)) == 0
+    first = snapshot(tmp_path)
+    assert gen.main(small_args(tmp_path)) == 0
+    assert snapshot(tmp_path) == first
+
+
+def test_different_seed_gives_different_images(gen, tmp_path):
+    gen.main(small_args(tmp_path / "a"))
+    gen.main(small_args(tmp_path / "b", "--seed", "4"))
+    name = "train/cat/cat_000.jpg"
+    assert (tmp_path / "a" / name).read_bytes() != (tmp_path / "b" / name).read_bytes()
+
+
+def test_counts_per_class_match_flags(gen, tmp_path):
+    assert gen.main(small_args(tmp_path)) == 0
+    for split, n in (("train", 3), ("val", 2)):
+        assert sorted(d.name for d in (tmp_path / split).iterdir()) == ["cat", "fish"]
+        for cls in ("cat", "fish"):
+            names = sorted(p.name for p in (tmp_path / split / cls).iterdir())
+            assert names == [f"{cls}_{i:03d}.jpg" for i in range(n)]
+    assert (tmp_path / "README.md").read_text().startswith(gen.README_MARKER)
+
+
+def test_smaller_rerun_removes_stale_generated_files(gen, tmp_path):
+    gen.main(small_args(tmp_path))
+    gen.main(["--out", str(tmp_path), "--train-per-class", "1", "--val-per-class", "1"])
+    assert len(list((tmp_path / "train" / "cat").iterdir())) == 1
+
+
+def test_every_file_is_rgb_256_jpeg(gen, tmp_path):
+    assert gen.main(small_args(tmp_path)) == 0
+    files = list(tmp_path.rglob("*.jpg"))
+    assert len(files) == 2 * (3 + 2)
+    for f in files:
+        with Image.open(f) as im:
+            assert im.format == "JPEG" and im.mode == "RGB" and im.size == (256, 256)
+
+
+def test_refuses_folder_with_foreign_file(gen, tmp_path, capsys):
+    foreign = tmp_path / "train" / "cat" / "my_photo.jpg"
+    foreign.parent.mkdir(parents=True)
+    foreign.write_bytes(b"user data")
+    assert gen.main(small_args(tmp_path)) != 0
+    assert "my_photo.jpg" in capsys.readouterr().err
+    assert foreign.read_bytes() == b"user data"
+    assert not (tmp_path / "train" / "cat" / "cat_000.jpg").exists()
+
+
+def test_refuses_foreign_readme_and_force_keeps_it(gen, tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text("my notes\n")
+    assert gen.main(small_args(tmp_path)) != 0
+    assert gen.main(small_args(tmp_path, "--force")) == 0
+    assert readme.read_text() == "my notes\n"
+    assert (tmp_path / "val" / "fish" / "fish_001.jpg").exists()
+
+
+def test_force_writes_but_keeps_foreign_file(gen, tmp_path):
+    foreign = tmp_path / "val" / "fish" / "nemo.png"
+    foreign.parent.mkdir(parents=True)
+    foreign.write_bytes(b"user data")
+    assert gen.main(small_args(tmp_path, "--force")) == 0
+    assert foreign.read_bytes() == b"user data"
+    assert (tmp_path / "val" / "fish" / "fish_000.jpg").exists()

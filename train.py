@@ -1,0 +1,74 @@
+"""Train a transfer-learning classifier (ResNet-18 by default).
+
+    python train.py --data-dir data --device cpu --epochs 10 --batch-size 16 --lr 0.001 \
+        --weight-decay 0.0001 --freeze-backbone 1 --unfreeze-last 0 --unfreeze-all 0 \
+        --seed 1337 --num-workers 0 --amp 0
+
+Flags and output lines match the reference chapter's train.py; the extra flags
+(--policy, --arch, --weights, --augment, --resume, ...) are documented in README."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from cli.common import bool01, run_cli
+from core.config import TrainConfig, policy_from_flags
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Transfer learning with ResNet-18: train, validate, checkpoint.")
+    a = p.add_argument
+    a("--data-dir", default="data", help="ImageFolder root with train/<class>/ and val/<class>/ (default: data)")
+    a("--device", default="auto", help="auto | cpu | cuda | mps (default: auto)")
+    a("--epochs", type=int, default=10)
+    a("--batch-size", type=int, default=16)
+    a("--lr", type=float, default=1e-3)
+    a("--weight-decay", type=float, default=1e-4)
+    a("--freeze-backbone", type=bool01, default=1, help="1: freeze the pretrained backbone (reference flag)")
+    a("--unfreeze-last", type=bool01, default=0, help="1: also train the last stage (layer4)")
+    a("--unfreeze-all", type=bool01, default=0, help="1: train every layer")
+    a("--policy", choices=["head", "last", "full"], default=None,
+      help="freeze policy; overrides the three 0/1 flags (head = fc only, last = layer4 + fc, full = all)")
+    a("--seed", type=int, default=1337)
+    a("--num-workers", type=int, default=0, help="image-decoding threads (0 = one per CPU core)")
+    a("--amp", type=bool01, default=0, help="1: mixed precision on CUDA (no-op elsewhere)")
+    a("--dropout", type=float, default=0.0, help="dropout before the new fc layer (0 = plain Linear)")
+    a("--run-name", default=None, help="run folder prefix (default: the --arch name)")
+    a("--print-model", type=bool01, default=0, help="1: print the base and transfer models and parameter counts")
+    a("--arch", default="resnet18", help="resnet18 | mobilenet_v2")
+    a("--weights", default="imagenet", help="imagenet (torchvision cache) | none | PATH to a state_dict")
+    a("--augment", default="auto", help="auto | none | light | standard (auto: light for head/last, standard for full)")
+    a("--val-split", type=float, default=None, help="hold out this fraction of train/ when there is no val/ folder")
+    a("--output-dir", default="checkpoints")
+    a("--resume", default=None, help="continue a run from its latest.pt")
+    a("--export-state-dict", type=bool01, default=0, help="1: also write state_dict.pt (weights only)")
+    a("--export-full-model", type=bool01, default=0, help="1: also write full_model.pt (pickled module; brittle)")
+    a("--cache", default="auto", help="auto | off: run frozen layers once per image (default auto)")
+    a("--cache-budget-mb", type=int, default=1024, help="memory limit for cached images/activations")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    policy = args.policy or policy_from_flags(args.freeze_backbone, args.unfreeze_last, args.unfreeze_all)
+    return TrainConfig(
+        data_dir=args.data_dir, arch=args.arch, weights=args.weights, policy=policy, epochs=args.epochs,
+        batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay, dropout=args.dropout,
+        augment=args.augment, seed=args.seed, device=args.device, num_workers=args.num_workers, amp=bool(args.amp),
+        val_split=args.val_split, output_dir=args.output_dir, run_name=args.run_name or args.arch, resume=args.resume,
+        export_state_dict=bool(args.export_state_dict), export_full_model=bool(args.export_full_model),
+        cache=args.cache, cache_budget_mb=args.cache_budget_mb,
+    ).validate()
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    return run_cli(lambda: _train(args))
+
+
+def _train(args) -> int:
+    from cli.train_output import print_training  # torch imports only after flags parsed (fast --help)
+    return print_training(config_from_args(args), print_model=bool(args.print_model))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
