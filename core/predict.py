@@ -1,0 +1,155 @@
+"""Prediction: load any supported model file once, then classify images in batches."""
+from __future__ import annotations
+
+import os
+import random
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torchvision.transforms.v2.functional as TF
+from PIL import Image
+
+from . import checkpoint as ck
+from .data import center_crop, normalize
+from .device import resolve_device
+from .errors import CheckpointError, ImageLoadError, UserError
+from .images import is_image_name, load_rgb
+
+
+@dataclass
+class Prediction:
+    path: str
+    topk: list[tuple[str, float]]  # best first
+    error: str | None = None
+
+    @property
+    def label(self) -> str | None:
+        return self.topk[0][0] if self.topk else None
+
+    @property
+    def p(self) -> float | None:
+        return self.topk[0][1] if self.topk else None
+
+
+class Predictor:
+    """A model in eval mode plus its class names and preprocessing."""
+
+    def __init__(self, model, class_names, device="cpu", info: dict | None = None, resize=256, crop=224):
+        self.device = resolve_device(device) if isinstance(device, str) else device
+        self.model = model.eval().to(self.device, memory_format=torch.channels_last)
+        self.class_names = list(class_names)
+        self.info = info or {}
+        self.resize, self.crop = resize, crop
+        self._lock = threading.Lock()  # one forward at a time per model: torch threads are already busy
+
+    @classmethod
+    def load(cls, path, device="cpu", trust_pickle=False, arch=None, classes=None) -> "Predictor":
+        """Checkpoint dict (ours or the reference's), bare state_dict (with arch/classes),
+        or a full pickled model (only with trust_pickle)."""
+        obj = ck.load_file(path, trust_pickle=trust_pickle)
+        if isinstance(obj, torch.nn.Module):
+            names = classes or getattr(obj, "class_names", None)
+            n = _out_features(obj)
+            if not names or len(names) != n:
+                names = [f"class_{i}" for i in range(n)]
+            return cls(obj, names, device, {"format": "full model (pickle)", "path": str(path)})
+        if isinstance(obj, dict) and "model_state" in obj:
+            c = ck.normalise_checkpoint(obj, path)
+            info = {"format": "checkpoint dict", "path": str(path), "epoch": c.get("epoch"),
+                    "best_epoch": c.get("best_epoch"), "best_val_acc": c.get("best_val_acc"),
+                    "arch": c["arch"], "weights": c.get("weights")}
+            pre = c.get("preprocess") or {}
+            return cls(ck.model_from_checkpoint(c), c["class_names"], device, info,
+                       int(pre.get("resize", 256)), int(pre.get("crop", 224)))
+        if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+            model, names = ck.model_from_state_dict(obj, arch, classes, path)
+            return cls(model, names, device, {"format": "state_dict", "path": str(path)})
+        raise CheckpointError(f"{path} is not a checkpoint dict, a state_dict or a model")
+
+    def preprocess(self, img: Image.Image) -> torch.Tensor:
+        img = TF.resize(load_rgb(img), self.resize, antialias=True)
+        return center_crop(TF.pil_to_tensor(img), self.crop)
+
+    def probabilities(self, images: list[Image.Image]) -> torch.Tensor:
+        """(N, C) softmax probabilities for PIL images, in one batch."""
+        x = normalize(torch.stack([self.preprocess(im) for im in images]))
+        x = x.to(self.device).contiguous(memory_format=torch.channels_last)
+        with self._lock, torch.inference_mode():
+            return torch.softmax(self.model(x).float(), dim=1).cpu()
+
+    def topk(self, probs: torch.Tensor, k: int) -> list[tuple[str, float]]:
+        k = max(1, min(int(k), len(self.class_names)))
+        p, i = probs.topk(k)
+        return [(self.class_names[j], float(v)) for v, j in zip(p.tolist(), i.tolist())]
+
+    def predict_image(self, image, k: int = 5) -> list[tuple[str, float]]:
+        """One PIL image or path -> top-k (label, probability)."""
+        img = image if isinstance(image, Image.Image) else load_rgb(image)
+        return self.topk(self.probabilities([img])[0], k)
+
+    def predict_paths(self, paths, k: int = 5, batch_size: int = 32):
+        """Yield a Prediction per path, batching the forward pass; unreadable files
+        give a Prediction with `error` instead of stopping the loop."""
+        paths = [str(p) for p in paths]
+        for start in range(0, len(paths), batch_size):
+            chunk = paths[start:start + batch_size]
+            good, images, errors = [], [], {}
+            for p in chunk:
+                try:
+                    images.append(load_rgb(p))
+                    good.append(p)
+                except ImageLoadError as e:
+                    errors[p] = e.reason
+            probs = self.probabilities(images) if images else None
+            row = {p: self.topk(probs[i], k) for i, p in enumerate(good)}
+            for p in chunk:
+                yield Prediction(p, row.get(p, []), errors.get(p))
+
+
+def _out_features(model) -> int:
+    last = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    if not last:
+        raise CheckpointError("the pickled model has no Linear head")
+    return last[-1].out_features
+
+
+def list_images(folder, recursive: bool = True) -> list[str]:
+    root = Path(folder)
+    it = root.rglob("*") if recursive else root.iterdir()
+    return sorted(str(p) for p in it if p.is_file() and is_image_name(p) and not p.name.startswith("."))
+
+
+def choose_images(target, random_pick: bool = False, n: int = 5, all_images: bool = False, seed: int | None = None) -> list[str]:
+    """The reference's rules: a file -> itself; a folder -> its first image, or
+    `n` random ones (seedable), or every image with all_images."""
+    p = Path(target).expanduser()
+    if p.is_file():
+        return [str(p)]
+    if not p.is_dir():
+        raise UserError(f"--image {p} does not exist (give an image file or a folder of images)")
+    images = list_images(p)
+    if not images:
+        raise UserError(f"no images (jpg, png, gif, bmp, tif, webp) found under {p}")
+    if all_images:
+        return images
+    if random_pick:
+        return random.Random(seed).sample(images, min(n, len(images)))
+    return images[:1]
+
+
+_PREDICTORS: dict = {}
+_PRED_LOCK = threading.Lock()
+
+
+def cached_predictor(path, device="cpu", trust_pickle=False) -> Predictor:
+    """Load once per (file, mtime); the app asks for the same checkpoint every request."""
+    st = os.stat(path)
+    key = (str(Path(path).resolve()), st.st_mtime_ns, st.st_size, device, trust_pickle)
+    with _PRED_LOCK:
+        if key not in _PREDICTORS:
+            if len(_PREDICTORS) >= 4:
+                _PREDICTORS.pop(next(iter(_PREDICTORS)))
+            _PREDICTORS[key] = Predictor.load(path, device, trust_pickle)
+        return _PREDICTORS[key]

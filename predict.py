@@ -1,0 +1,77 @@
+"""Predict with a trained model.
+
+    python predict.py --image FILE_OR_DIR --checkpoint PATH --device cpu --topk 2
+    python predict.py --image DIR --checkpoint PATH --random 1 --n 5
+    python predict.py --image DIR --checkpoint PATH --all 1 --csv predictions.csv"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from cli.common import bool01, run_cli
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Classify an image, a random sample of a folder, or a whole folder.")
+    a = p.add_argument
+    a("--image", required=True, help="an image file, or a folder (first image; see --random/--all)")
+    a("--checkpoint", required=True, help="checkpoint dict (.pt), bare state_dict, or full model (with --trust-pickle 1)")
+    a("--device", default="auto", help="auto | cpu | cuda | mps")
+    a("--topk", type=int, default=2)
+    a("--random", type=bool01, default=0, help="1: pick --n random images from the folder")
+    a("--n", type=int, default=5)
+    a("--seed", type=int, default=None, help="seed for --random (default: different each run)")
+    a("--all", type=bool01, default=0, help="1: every image in the folder tree, in batches")
+    a("--csv", default=None, help="write file,label,p,topk rows to this CSV")
+    a("--batch-size", type=int, default=32)
+    a("--arch", default=None, help="architecture of a bare state_dict (resnet18 | mobilenet_v2); guessed if omitted")
+    a("--classes", default=None, help="comma-separated class names for a bare state_dict or full model")
+    a("--trust-pickle", type=bool01, default=0, help="1: allow loading a full pickled model (runs code from the file!)")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    return run_cli(lambda: _predict(args))
+
+
+def _predict(args) -> int:
+    from core.errors import UserError
+    from core.predict import Predictor, choose_images
+
+    if args.topk < 1 or args.n < 1 or args.batch_size < 1:
+        raise UserError("--topk, --n and --batch-size must be >= 1")
+    if args.arch not in (None, "resnet18", "mobilenet_v2"):
+        raise UserError(f"--arch {args.arch!r} is not supported; choose resnet18 or mobilenet_v2")
+    classes = [c.strip() for c in args.classes.split(",")] if args.classes else None
+    images = choose_images(args.image, bool(args.random), args.n, bool(args.all), args.seed)
+    pred = Predictor.load(args.checkpoint, args.device, bool(args.trust_pickle), args.arch, classes)
+    print(f"CHECKPOINT: {args.checkpoint}")
+    print(f"format: {pred.info.get('format')}")
+    if "best_epoch" in pred.info:
+        print(f"best_epoch: {pred.info['best_epoch']}")
+        print(f"best_val_acc: {pred.info['best_val_acc']:.4f}" if pred.info.get("best_val_acc") is not None else "best_val_acc: n/a")
+    print(f"class_names: {pred.class_names}")
+    rows, failed = [], 0
+    for r in pred.predict_paths(images, args.topk, args.batch_size):
+        print(f"IMAGE: {r.path}")
+        if r.error:
+            failed += 1
+            print(f"ERROR: {r.error}")
+            continue
+        print("TOPK:")
+        for i, (label, p) in enumerate(r.topk, 1):
+            print(f"  {i}) {label}  p={p:.4f}")
+        rows.append({"file": r.path, "label": r.label, "p": f"{r.p:.4f}",
+                     "topk": ";".join(f"{lab}:{p:.4f}" for lab, p in r.topk)})
+    if args.csv:
+        from core.checkpoint import atomic_write_csv
+        atomic_write_csv(args.csv, rows)
+        print(f"CSV: {args.csv} ({len(rows)} rows)")
+    if failed:
+        print(f"{failed} of {len(images)} image(s) could not be read", file=sys.stderr)
+    return 2 if failed == len(images) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,41 @@
+"""Print image counts per split and class, as the reference does:
+    train: N images | classes=[...] | per_class={...}     (or `val: MISSING`)"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from core.data import scan_split  # noqa: E402
+
+
+def count_lines(data_dir) -> list[str]:
+    root = Path(data_dir)
+    lines = []
+    for name in ("train", "val", "test"):
+        d = root / name
+        if d.is_dir():
+            split = scan_split(d, name)
+            lines.append(split.summary_line())
+            if split.skipped:
+                lines.append(f"  ({len(split.skipped)} non-image file(s) ignored in {name}/)")
+        elif name != "test":
+            lines.append(f"{name}: MISSING")
+    return lines
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data-dir", default="data")
+    args = p.parse_args(argv)
+    if not Path(args.data_dir).is_dir():
+        print(f"error: {args.data_dir} is not a folder", file=sys.stderr)
+        return 2
+    print("\n".join(count_lines(args.data_dir)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
