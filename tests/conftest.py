@@ -1,0 +1,73 @@
+"""Shared fixtures. Tests never touch the network: TORCH_HOME points at a temp
+dir and TL_OFFLINE=1 makes a missing ImageNet file fail at once."""
+from __future__ import annotations
+
+import os
+import random
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED = ROOT.parent / "shared"
+sys.path.insert(0, str(ROOT))
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+os.environ["NO_PROXY"] = "127.0.0.1,localhost"
+
+
+@pytest.fixture(autouse=True)
+def offline_torch_home(tmp_path_factory, monkeypatch):
+    home = tmp_path_factory.mktemp("torch_home")
+    monkeypatch.setenv("TORCH_HOME", str(home))
+    monkeypatch.setenv("TL_OFFLINE", "1")
+    return home
+
+
+def _need_shared(rel: str) -> Path:
+    p = SHARED / rel
+    if not p.exists():
+        pytest.skip(f"../shared/{rel} is absent (real photos and weights live outside the repo); test skipped")
+    return p
+
+
+@pytest.fixture
+def catfish_mini() -> Path:
+    return _need_shared("data/catfish-mini")
+
+
+@pytest.fixture
+def catfish() -> Path:
+    return _need_shared("data/catfish")
+
+
+@pytest.fixture
+def mobilenet_weights() -> Path:
+    return _need_shared("weights/mobilenet_v2_imagenet_features.pth")
+
+
+@pytest.fixture
+def demo_data() -> Path:
+    return ROOT / "data"
+
+
+def make_image_dataset(root: Path, classes=("cat", "fish"), n_train=4, n_val=2, size=(48, 40), seed=0, val=True) -> Path:
+    """A tiny real ImageFolder of JPEGs whose classes differ in colour."""
+    from PIL import Image
+    rng = random.Random(seed)
+    splits = [("train", n_train)] + ([("val", n_val)] if val else [])
+    for split, n in splits:
+        for ci, cls in enumerate(classes):
+            d = root / split / cls
+            d.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                base = (200, 60, 60) if ci == 0 else (60, 60, 200)
+                color = tuple(max(0, min(255, c + rng.randint(-40, 40))) for c in base)
+                Image.new("RGB", size, color).save(d / f"{cls}_{i}.jpg", quality=90)
+    return root
+
+
+@pytest.fixture
+def tiny_dataset(tmp_path) -> Path:
+    return make_image_dataset(tmp_path / "ds")
