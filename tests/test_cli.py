@@ -1,0 +1,187 @@
+"""The command-line tools end to end, as a user types them."""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import ROOT
+
+EPOCH_RE = re.compile(r"^EPOCH (\d+)/(\d+)  train_loss=(\d+\.\d{4}) train_acc=(\d\.\d{4})  "
+                      r"val_loss=(\d+\.\d{4}) val_acc=(\d\.\d{4})  lr=([\d.e-]+)$")
+
+
+def cli(*args, timeout=600, env=None) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout, env=full_env)
+
+
+def run_dir_of(out: str) -> Path:
+    return Path(re.search(r"^RUN_DIR: (.+)$", out, re.M).group(1))
+
+
+@pytest.mark.slow
+def test_train_mobilenet_imagenet_features_on_real_photos(catfish_mini, mobilenet_weights, tmp_path):
+    """Real ImageNet features + head-only training on real photos must reach >= 0.95 val acc in 5 epochs."""
+    r = cli("train.py", "--data-dir", str(catfish_mini), "--device", "cpu", "--epochs", "5", "--batch-size", "16",
+            "--lr", "0.001", "--weight-decay", "0.0001", "--freeze-backbone", "1", "--unfreeze-last", "0",
+            "--unfreeze-all", "0", "--seed", "1337", "--num-workers", "0", "--amp", "0",
+            "--arch", "mobilenet_v2", "--weights", str(mobilenet_weights), "--output-dir", str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    out = r.stdout
+    assert "DATASET:" in out and "train: 40 images | classes=['cat', 'fish'] | per_class={'cat': 20, 'fish': 20}" in out
+    epochs = [EPOCH_RE.match(line) for line in out.splitlines() if line.startswith("EPOCH")]
+    assert len(epochs) == 5 and all(epochs), out
+    accs = [float(m.group(6)) for m in epochs]
+    assert max(accs) >= 0.95, accs
+    assert "BEST:" in out and re.search(r"best_acc=(\d\.\d{4}) \(epoch (\d+)\) -> .*best_acc\.pt", out)
+    run_dir = run_dir_of(out)
+    assert {p.name for p in run_dir.iterdir()} >= {"latest.pt", "best_acc.pt", "best_loss.pt", "args.json", "metrics.csv"}
+
+    # predict with the best checkpoint: the reference's header and TOPK lines
+    img = sorted((catfish_mini / "val" / "fish").iterdir())[0]
+    p = cli("predict.py", "--image", str(img), "--checkpoint", str(run_dir / "best_acc.pt"), "--device", "cpu", "--topk", "2")
+    assert p.returncode == 0, p.stderr
+    lines = p.stdout.splitlines()
+    assert lines[0] == f"CHECKPOINT: {run_dir / 'best_acc.pt'}"
+    assert any(line.startswith("best_epoch: ") for line in lines) and "class_names: ['cat', 'fish']" in lines
+    probs = re.findall(r"^  [12]\) (cat|fish)  p=(\d\.\d{4})$", p.stdout, re.M)
+    assert len(probs) == 2 and abs(sum(float(x) for _, x in probs) - 1) < 2e-3
+    assert probs[0][0] == "fish"
+
+
+def test_print_model_and_policy_flags(tiny_dataset, tmp_path):
+    r = cli("train.py", "--data-dir", str(tiny_dataset), "--device", "cpu", "--epochs", "1", "--weights", "none",
+            "--unfreeze-last", "1", "--print-model", "1", "--output-dir", str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    out = r.stdout
+    assert "BASE MODEL (resnet18, ImageNet head with 1000 outputs)" in out
+    assert "(fc): Linear(in_features=512, out_features=1000, bias=True)" in out
+    assert "(fc): Linear(in_features=512, out_features=2, bias=True)" in out
+    for name in ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4", "avgpool", "fc"):
+        assert f"\n  {name}: " in out
+    assert "policy=last" in out
+    assert re.search(r"head  trainable=1,026 / total=11,177,538", out)
+    assert re.search(r"last  trainable=8,394,754 / total=11,177,538", out)
+    assert re.search(r"full  trainable=11,177,538 / total=11,177,538", out)
+
+
+def test_exports_and_every_load_path(tiny_dataset, tmp_path):
+    r = cli("train.py", "--data-dir", str(tiny_dataset), "--device", "cpu", "--epochs", "2", "--weights", "none",
+            "--export-state-dict", "1", "--export-full-model", "1", "--output-dir", str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    run_dir = run_dir_of(r.stdout)
+    img = str(tiny_dataset / "val" / "fish" / "fish_0.jpg")
+
+    def top(args):
+        p = cli("predict.py", "--image", img, "--device", "cpu", "--topk", "2", *args)
+        return p, re.findall(r"^  1\) (\w+)  p=(\d\.\d{4})$", p.stdout, re.M)
+
+    _, ref = top(["--checkpoint", str(run_dir / "best_acc.pt")])
+    p, sd = top(["--checkpoint", str(run_dir / "state_dict.pt"), "--arch", "resnet18", "--classes", "cat,fish"])
+    assert p.returncode == 0 and sd == ref, p.stderr
+    p, refused = top(["--checkpoint", str(run_dir / "full_model.pt")])
+    assert p.returncode == 2 and "--trust-pickle 1" in p.stderr and "Traceback" not in p.stderr
+    p, full = top(["--checkpoint", str(run_dir / "full_model.pt"), "--trust-pickle", "1"])
+    assert p.returncode == 0 and full == ref, p.stderr
+
+
+def test_reference_written_checkpoint_loads_and_predicts(tmp_path, tiny_dataset):
+    """A checkpoint shaped like the reference's own (no arch, no version, history as lists)."""
+    torch.manual_seed(0)
+    import torchvision
+    from torch import nn
+    model = torchvision.models.resnet18(weights=None)
+    model.fc = nn.Sequential(nn.Dropout(0.2), nn.Linear(512, 2))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    ckpt = {"epoch": 3, "model_state": model.state_dict(), "optimizer_state": opt.state_dict(),
+            "best_val_acc": 0.8125, "best_val_loss": 0.41, "class_names": ["cat", "fish"],
+            "weights": "IMAGENET1K_V1", "args": {"dropout": 0.2, "epochs": 10, "lr": 0.001},
+            "history": {"train_loss": [0.6, 0.5, 0.4], "val_acc": [0.7, 0.8, 0.8125]}, "best_epoch": 3}
+    path = tmp_path / "ref_best.pt"
+    torch.save(ckpt, path)
+    p = cli("predict.py", "--image", str(tiny_dataset / "val"), "--checkpoint", str(path), "--device", "cpu", "--topk", "2")
+    assert p.returncode == 0, p.stderr
+    assert "best_epoch: 3" in p.stdout and "best_val_acc: 0.8125" in p.stdout
+    model.eval()
+    from core.predict import Predictor
+    pred = Predictor.load(path)
+    from PIL import Image
+    img = Image.open(sorted((tiny_dataset / "val" / "cat").iterdir())[0])
+    x = __import__("core.data", fromlist=["pil_to_input"]).pil_to_input(img)
+    with torch.no_grad():
+        expected = torch.softmax(model(x), 1)[0]
+    got = pred.probabilities([img])[0]
+    assert torch.allclose(got, expected, atol=1e-5)
+
+
+def test_predict_folder_modes_and_csv(tiny_dataset, tmp_path):
+    r = cli("train.py", "--data-dir", str(tiny_dataset), "--device", "cpu", "--epochs", "1", "--weights", "none",
+            "--output-dir", str(tmp_path))
+    ckpt = str(run_dir_of(r.stdout) / "best_acc.pt")
+    first = cli("predict.py", "--image", str(tiny_dataset / "val"), "--checkpoint", ckpt)
+    assert first.stdout.count("IMAGE: ") == 1 and "val/cat/cat_0.jpg" in first.stdout
+    a = cli("predict.py", "--image", str(tiny_dataset / "train"), "--checkpoint", ckpt, "--random", "1", "--n", "3", "--seed", "5")
+    b = cli("predict.py", "--image", str(tiny_dataset / "train"), "--checkpoint", ckpt, "--random", "1", "--n", "3", "--seed", "5")
+    assert a.stdout.count("IMAGE: ") == 3 and a.stdout == b.stdout
+    csv_path = tmp_path / "preds.csv"
+    c = cli("predict.py", "--image", str(tiny_dataset), "--checkpoint", ckpt, "--all", "1", "--csv", str(csv_path))
+    assert c.returncode == 0 and c.stdout.count("IMAGE: ") == 12
+    rows = csv_path.read_text().splitlines()
+    assert rows[0] == "file,label,p,topk" and len(rows) == 13
+
+
+def test_dataset_counts_script(tiny_dataset, tmp_path):
+    r = cli("scripts/dataset_counts.py", "--data-dir", str(tiny_dataset))
+    assert r.stdout.splitlines() == [
+        "train: 8 images | classes=['cat', 'fish'] | per_class={'cat': 4, 'fish': 4}",
+        "val: 4 images | classes=['cat', 'fish'] | per_class={'cat': 2, 'fish': 2}"]
+    (tmp_path / "noval" / "train" / "a").mkdir(parents=True)
+    r = cli("scripts/dataset_counts.py", "--data-dir", str(tmp_path / "noval"))
+    assert "val: MISSING" in r.stdout
+
+
+def test_offline_imagenet_weights_fail_fast_with_instructions(tiny_dataset, tmp_path):
+    r = cli("train.py", "--data-dir", str(tiny_dataset), "--device", "cpu", "--epochs", "1",
+            "--output-dir", str(tmp_path / "out"), timeout=120)
+    assert r.returncode == 2
+    assert "Traceback" not in r.stderr
+    assert "resnet18-f37072fd.pth" in r.stderr and "--weights none" in r.stderr
+    assert not (tmp_path / "out").exists()  # nothing half-made
+
+
+def test_cached_imagenet_file_is_used_without_network(tiny_dataset, tmp_path, offline_torch_home):
+    """torchvision loads a file already in TORCH_HOME's cache; we place a random one there."""
+    import torchvision
+    from core.models import imagenet_cache_path
+    torch.manual_seed(3)
+    path = imagenet_cache_path("resnet18")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = torchvision.models.resnet18(weights=None).state_dict()
+    torch.save(state, path)
+    r = cli("train.py", "--data-dir", str(tiny_dataset), "--device", "cpu", "--epochs", "1", "--weights", "imagenet",
+            "--output-dir", str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    saved = torch.load(run_dir_of(r.stdout) / "latest.pt", weights_only=True)
+    assert torch.equal(saved["model_state"]["layer1.0.conv1.weight"], state["layer1.0.conv1.weight"])
+    assert saved["weights"] == "imagenet"
+
+
+def test_bad_flags_and_absent_device_are_clear(tiny_dataset, tmp_path):
+    cases = [(["--device", "cuda"], "CUDA is not available"),
+             (["--policy", "everything"], "invalid choice"),
+             (["--epochs", "0"], "--epochs must be"),
+             (["--arch", "vgg16"], "not supported"),
+             (["--weights", str(tmp_path / "missing.pth")], "does not exist")]
+    for extra, msg in cases:
+        if "cuda" in extra and torch.cuda.is_available():
+            continue
+        r = cli("train.py", "--data-dir", str(tiny_dataset), "--output-dir", str(tmp_path / "o"), *extra)
+        assert r.returncode == 2, (extra, r.stdout, r.stderr)
+        assert msg in r.stderr and "Traceback" not in r.stderr, (extra, r.stderr)

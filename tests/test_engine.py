@@ -1,0 +1,177 @@
+"""The training engine: BatchNorm freezing, determinism, the frozen-prefix cache,
+resume, stop, best-model rules and checkpoint contents."""
+from __future__ import annotations
+
+import math
+import threading
+
+import pytest
+import torch
+
+from core import checkpoint as ck
+from core.config import TrainConfig
+from core.engine import BatchProgress, EpochEnded, RunEnded, RunStarted, empty_best, is_better_acc, is_better_loss, train
+from core.models import build_model, split_model
+
+
+def run(cfg: TrainConfig, stop=None):
+    events = list(train(cfg, stop))
+    return events, [e for e in events if isinstance(e, EpochEnded)], events[-1]
+
+
+def cfg_for(data, out, **kw) -> TrainConfig:
+    base = dict(data_dir=str(data), output_dir=str(out), weights="none", epochs=2, batch_size=4, device="cpu", seed=7)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def snapshot(module: torch.nn.Module) -> dict:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+@pytest.mark.parametrize("policy,cache,augment", [("head", "off", "standard"), ("last", "off", "light"),
+                                                   ("head", "auto", "light"), ("last", "auto", "none")])
+def test_frozen_weights_and_batchnorm_buffers_are_bit_identical(tiny_dataset, tmp_path, policy, cache, augment):
+    cfg = cfg_for(tiny_dataset, tmp_path / "ck", policy=policy, cache=cache, augment=augment, epochs=2)
+    _, epochs, end = run(cfg)
+    assert end.status == "completed" and len(epochs) == 2
+    trained = ck.read_checkpoint(f"{end.run_dir}/latest.pt")["model_state"]
+    torch.manual_seed(cfg.seed)  # the engine seeds before building, so this is the initial model
+    initial = build_model("resnet18", 2, 0.0, "none")
+    prefix, _ = split_model(initial, "resnet18", policy)
+    frozen_keys = {k for k in initial.state_dict() if not k.startswith(("fc.",) if policy == "head" else ("fc.", "layer4."))}
+    before = initial.state_dict()
+    assert any("running_mean" in k for k in frozen_keys)
+    for k in frozen_keys:
+        assert torch.equal(before[k], trained[k]), f"frozen tensor {k} changed"
+    # ...while the trainable part did learn
+    assert not torch.equal(before["fc.weight"], trained["fc.weight"])
+    if policy == "last":
+        assert not torch.equal(before["layer4.1.bn2.running_mean"], trained["layer4.1.bn2.running_mean"])
+
+
+def test_reference_bug_would_be_caught(tiny_dataset):
+    """model.train() after freezing (the reference's order) changes BN buffers:
+    the check above is sensitive to exactly that."""
+    torch.manual_seed(0)
+    model = build_model("resnet18", 2, 0.0, "none")
+    before = snapshot(model)
+    model.train()
+    with torch.no_grad():
+        model(torch.randn(4, 3, 64, 64))
+    assert not torch.equal(before["bn1.running_mean"], model.state_dict()["bn1.running_mean"])
+
+
+def test_same_seed_same_metrics(tiny_dataset, tmp_path):
+    for cache in ("auto", "off"):
+        a = run(cfg_for(tiny_dataset, tmp_path / "a", cache=cache, augment="standard" if cache == "off" else "light"))[2]
+        b = run(cfg_for(tiny_dataset, tmp_path / "b", cache=cache, augment="standard" if cache == "off" else "light"))[2]
+        strip = lambda h: [{k: v for k, v in row.items() if k != "seconds"} for row in h]  # noqa: E731
+        assert strip(a.history) == strip(b.history)
+        wa = ck.read_checkpoint(f"{a.run_dir}/latest.pt")["model_state"]["fc.weight"]
+        wb = ck.read_checkpoint(f"{b.run_dir}/latest.pt")["model_state"]["fc.weight"]
+        assert torch.equal(wa, wb)
+
+
+@pytest.mark.parametrize("policy,augment", [("head", "none"), ("head", "light"), ("last", "light")])
+def test_feature_cache_matches_uncached_path(tiny_dataset, tmp_path, policy, augment):
+    cached = run(cfg_for(tiny_dataset, tmp_path / "c", policy=policy, augment=augment, cache="auto", epochs=3))
+    plain = run(cfg_for(tiny_dataset, tmp_path / "p", policy=policy, augment=augment, cache="off", epochs=3))
+    assert "frozen layers run once" in " ".join(cached[0][0].notes)
+    assert "off" in " ".join(plain[0][0].notes)
+    for a, b in zip(cached[1], plain[1]):
+        for k in ("train_loss", "train_acc", "val_loss", "val_acc"):
+            assert getattr(a, k) == pytest.approx(getattr(b, k), abs=1e-4), k
+
+
+def test_cache_over_budget_falls_back_and_says_so(tiny_dataset, tmp_path):
+    events, epochs, end = run(cfg_for(tiny_dataset, tmp_path, policy="last", cache_budget_mb=0, epochs=1))
+    assert "using the uncached path" in " ".join(events[0].notes)
+    assert end.status == "completed" and len(epochs) == 1
+
+
+def test_resume_continues_exactly(tiny_dataset, tmp_path):
+    full = run(cfg_for(tiny_dataset, tmp_path / "full", epochs=4))[2]
+    first = run(cfg_for(tiny_dataset, tmp_path / "part", epochs=2))[2]
+    resumed_events, resumed_epochs, resumed = run(cfg_for(tiny_dataset, tmp_path / "ignored", epochs=4,
+                                                          resume=f"{first.run_dir}/latest.pt"))
+    assert resumed_events[0].start_epoch == 3
+    assert [e.epoch for e in resumed_epochs] == [3, 4]
+    assert resumed.run_dir == first.run_dir
+    assert len(resumed.history) == 4
+    for a, b in zip(full.history, resumed.history):
+        assert a["val_loss"] == pytest.approx(b["val_loss"], abs=1e-5)
+        assert a["train_loss"] == pytest.approx(b["train_loss"], abs=1e-5)
+    latest = ck.read_checkpoint(f"{resumed.run_dir}/latest.pt")
+    assert latest["epoch"] == 4 and len(latest["history"]) == 4
+
+
+def test_stop_flag_ends_run_between_batches(tiny_dataset, tmp_path):
+    stop = threading.Event()
+    events = []
+    for ev in train(cfg_for(tiny_dataset, tmp_path, epochs=5, batch_size=2), stop):
+        events.append(ev)
+        if isinstance(ev, EpochEnded):
+            stop.set()  # ask to stop right after epoch 1 is saved
+        if isinstance(ev, BatchProgress) and ev.epoch == 2:
+            pytest.fail("a batch of epoch 2 ran after stop was requested")
+    end = events[-1]
+    assert isinstance(end, RunEnded) and end.status == "stopped" and end.epochs_done == 1
+    assert ck.read_checkpoint(f"{end.run_dir}/latest.pt")["epoch"] == 1
+
+
+def test_stop_during_first_epoch_leaves_no_run_folder(tiny_dataset, tmp_path):
+    stop = threading.Event()
+    out = tmp_path / "ck"
+    for ev in train(cfg_for(tiny_dataset, out, epochs=3, batch_size=2, cache="off"), stop):
+        if isinstance(ev, BatchProgress) and ev.phase == "train":
+            stop.set()
+    assert ev.status == "stopped" and ev.epochs_done == 0
+    assert list(out.iterdir()) == []
+
+
+def test_checkpoint_contents_plain_and_complete(tiny_dataset, tmp_path):
+    _, epochs, end = run(cfg_for(tiny_dataset, tmp_path, epochs=2, dropout=0.3))
+    run_dir = end.run_dir
+    for name in ("latest.pt", "best_acc.pt", "best_loss.pt"):
+        raw = torch.load(f"{run_dir}/{name}", weights_only=True)
+        for key in ck.REFERENCE_KEYS + ("arch", "format_version", "head", "best_loss_epoch"):
+            assert key in raw, (name, key)
+        assert raw["format_version"] == ck.FORMAT_VERSION
+        assert raw["class_names"] == ["cat", "fish"]
+        assert raw["head"]["dropout"] == 0.3 and "fc.1.weight" in raw["model_state"]
+        assert len(raw["history"]) == raw["epoch"]
+    best = torch.load(f"{run_dir}/best_acc.pt", weights_only=True)
+    assert best["epoch"] == best["best_epoch"] == end.best["acc_epoch"]
+    csv_lines = open(f"{run_dir}/metrics.csv").read().splitlines()
+    assert csv_lines[0].startswith("epoch,train_loss") and len(csv_lines) == 3
+    assert (tmp_path / run_dir.split("/")[-1] / "args.json").exists()
+
+
+def test_best_file_keeps_its_epoch_when_latest_moves_on(tmp_path):
+    a = ck.atomic_torch_save({"epoch": 1}, tmp_path / "latest.pt")
+    ck.atomic_link_or_copy(a, tmp_path / "best_acc.pt")
+    ck.atomic_torch_save({"epoch": 2}, tmp_path / "latest.pt")
+    assert torch.load(tmp_path / "best_acc.pt", weights_only=True)["epoch"] == 1
+    assert torch.load(tmp_path / "latest.pt", weights_only=True)["epoch"] == 2
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_best_rules_treat_nan_as_worst_and_break_ties_by_loss():
+    best = empty_best()
+    assert not is_better_acc(float("nan"), 0.1, best)
+    assert not is_better_loss(float("nan"), best)
+    assert is_better_acc(0.5, 1.0, best)
+    best.update(acc=0.9, acc_epoch=1, loss=0.5, loss_epoch=1)
+    assert not is_better_acc(0.9, 0.6, best)
+    assert is_better_acc(0.9, 0.4, best)
+    assert is_better_acc(0.95, math.inf, best)
+    assert not is_better_loss(0.5, best) and is_better_loss(0.49, best)
+
+
+def test_run_started_reports_dataset_and_params(tiny_dataset, tmp_path):
+    ev = next(iter(train(cfg_for(tiny_dataset, tmp_path, epochs=1))))
+    assert isinstance(ev, RunStarted)
+    assert ev.dataset.train.counts() == {"cat": 4, "fish": 4}
+    assert ev.trainable_params == 512 * 2 + 2
+    assert ev.total_params > 11_000_000
