@@ -163,7 +163,7 @@ def split_key(split: Split, resize: int):
     return (split.name, resize, stats)
 
 
-def decoded_images(split: Split, resize: int, keep: bool) -> list[torch.Tensor] | None:
+def decoded_images(split: Split, resize: int, keep: bool, threads: int) -> list[torch.Tensor] | None:
     """Decode (and verify) every image once; reuse across runs while files are unchanged."""
     key = split_key(split, resize)
     with _CACHE_LOCK:
@@ -173,7 +173,7 @@ def decoded_images(split: Split, resize: int, keep: bool) -> list[torch.Tensor] 
         split.skipped.extend(s for s in skipped if s not in split.skipped)
         return hit[2]
     before = len(split.skipped)
-    images = decode_split(split, resize, keep)
+    images = decode_split(split, resize, keep, threads)
     if keep:
         _remember(_DECODED, key, (split.samples[:], split.skipped[before:], images))
     return images
@@ -248,8 +248,9 @@ def train(cfg: TrainConfig, stop: threading.Event | None = None) -> Iterator:
         yield started
         keep_decoded = estimate_decoded_bytes(info.train, cfg.resize_size) + estimate_decoded_bytes(info.val, cfg.resize_size) \
             <= cfg.cache_budget_mb * 2**20
-        train_imgs = decoded_images(info.train, cfg.resize_size, keep_decoded)
-        val_imgs = decoded_images(info.val, cfg.resize_size, keep_decoded)
+        threads = cfg.num_workers or os.cpu_count() or 1  # decoding threads (--num-workers)
+        train_imgs = decoded_images(info.train, cfg.resize_size, keep_decoded, threads)
+        val_imgs = decoded_images(info.val, cfg.resize_size, keep_decoded, threads)
         if info.skipped and not any(w.startswith("skipped") for w in info.warnings):
             info.warnings.append(skipped_warning(info.skipped))
         for split in (info.train, info.val):
