@@ -8,7 +8,7 @@ import threading
 from tqdm import tqdm
 
 from core.config import TrainConfig
-from core.engine import BatchProgress, EpochEnded, RunEnded, RunStarted, train
+from core.engine import BatchProgress, EpochEnded, Notice, RunEnded, RunStarted, train
 
 
 def print_training(cfg: TrainConfig, print_model: bool = False) -> int:
@@ -22,6 +22,9 @@ def print_training(cfg: TrainConfig, print_model: bool = False) -> int:
                 print_start(ev, print_model)
             elif isinstance(ev, BatchProgress):
                 bar = update_bar(bar, ev)
+            elif isinstance(ev, Notice):
+                bar = close_bar(bar)
+                print(f"{ev.level.upper()}: {ev.text}", file=sys.stderr, flush=True)
             elif isinstance(ev, EpochEnded):
                 bar = close_bar(bar)
                 print(ev.line(), flush=True)
@@ -66,11 +69,11 @@ def print_start(ev: RunStarted, print_model: bool) -> None:
 
 
 def update_bar(bar, ev: BatchProgress):
-    desc = "cache" if ev.phase == "cache" else f"epoch {ev.epoch} {ev.phase}"
+    desc = ev.phase if ev.phase in ("cache", "decode") else f"epoch {ev.epoch} {ev.phase}"
     if bar is None or bar.tl_key != (desc, ev.total):
         close_bar(bar)
         # disable=None: no bar when stderr is not a terminal (logs stay clean)
-        bar = tqdm(total=ev.total, desc=desc, unit="img" if ev.phase == "cache" else "batch",
+        bar = tqdm(total=ev.total, desc=desc, unit="img" if ev.phase in ("cache", "decode") else "batch",
                    leave=False, file=sys.stderr, dynamic_ncols=True, disable=None)
         bar.tl_key = (desc, ev.total)
     bar.n = ev.step

@@ -158,17 +158,22 @@ def decode_resized(path: str, resize_size: int) -> torch.Tensor:
     return TF.pil_to_tensor(img)
 
 
-def decode_split(split: Split, resize_size: int, keep: bool, threads: int = 2):
-    """Decode every image once (checks it fully). Unreadable files are moved to
-    `split.skipped`. Returns the decoded tensors when `keep`, else None."""
+def decode_split(split: Split, resize_size: int, keep: bool, threads: int = 2, chunk: int = 64):
+    """Generator: decode every image once (a full check), yielding the count done
+    after each chunk. Unreadable files move to `split.skipped`. Returns the
+    decoded tensors when `keep`, else None."""
     def work(path):
         try:
             t = decode_resized(path, resize_size)
             return t if keep else True
         except ImageLoadError as e:
             return e
+    paths = [p for p, _ in split.samples]
+    results = []
     with ThreadPoolExecutor(max(1, threads)) as pool:  # Pillow decodes without the GIL
-        results = list(pool.map(work, [p for p, _ in split.samples]))
+        for start in range(0, len(paths), chunk):
+            results += pool.map(work, paths[start:start + chunk])
+            yield len(results)
     good, images = [], []
     for (path, y), r in zip(split.samples, results):
         if isinstance(r, ImageLoadError):

@@ -58,6 +58,13 @@ class BatchProgress:
 
 
 @dataclass
+class Notice:
+    """Something the user should know that was found after RunStarted (e.g. unreadable images)."""
+    level: str  # "warning" | "info"
+    text: str
+
+
+@dataclass
 class EpochEnded:
     epoch: int
     epochs: int
@@ -148,13 +155,16 @@ def empty_best() -> dict:
 # ---------------------------------------------------------------- in-process caches (the app trains many runs)
 
 _CACHE_LOCK = threading.Lock()
-_DECODED: dict = {}   # one dataset's decoded images
+_DECODED: dict = {}   # decoded images of one dataset (train and val splits)
 _FEATURES: dict = {}  # one set of frozen-prefix activations
 
 
-def _remember(store: dict, key, value):
+def _remember(store: dict, key, value, capacity: int = 1):
+    """Keep at most `capacity` entries (oldest dropped): bounded memory."""
     with _CACHE_LOCK:
-        store.clear()  # one entry: bounded memory
+        store.pop(key, None)
+        while len(store) >= capacity:
+            store.pop(next(iter(store)))
         store[key] = value
 
 
@@ -163,19 +173,28 @@ def split_key(split: Split, resize: int):
     return (split.name, resize, stats)
 
 
-def decoded_images(split: Split, resize: int, keep: bool, threads: int) -> list[torch.Tensor] | None:
-    """Decode (and verify) every image once; reuse across runs while files are unchanged."""
+def decoded_images(split: Split, resize: int, keep: bool, threads: int) -> Iterator:
+    """Decode (and verify) every image once, yielding progress; reuse across runs
+    while the files are unchanged. Returns the decoded tensors, or None when not kept."""
     key = split_key(split, resize)
     with _CACHE_LOCK:
         hit = _DECODED.get(key)
     if hit is not None:
-        split.samples, skipped = hit[0][:], hit[1]
-        split.skipped.extend(s for s in skipped if s not in split.skipped)
+        split.samples = hit[0][:]
+        split.skipped.extend(s for s in hit[1] if s not in split.skipped)
         return hit[2]
     before = len(split.skipped)
-    images = decode_split(split, resize, keep, threads)
+    steps = decode_split(split, resize, keep, threads)
+    total = len(split.samples)
+    while True:
+        try:
+            done = next(steps)
+        except StopIteration as finished:
+            images = finished.value
+            break
+        yield BatchProgress("decode", 0, done, total)
     if keep:
-        _remember(_DECODED, key, (split.samples[:], split.skipped[before:], images))
+        _remember(_DECODED, key, (split.samples[:], split.skipped[before:], images), capacity=2)
     return images
 
 
@@ -249,10 +268,13 @@ def train(cfg: TrainConfig, stop: threading.Event | None = None) -> Iterator:
         keep_decoded = estimate_decoded_bytes(info.train, cfg.resize_size) + estimate_decoded_bytes(info.val, cfg.resize_size) \
             <= cfg.cache_budget_mb * 2**20
         threads = cfg.num_workers or os.cpu_count() or 1  # decoding threads (--num-workers)
-        train_imgs = decoded_images(info.train, cfg.resize_size, keep_decoded, threads)
-        val_imgs = decoded_images(info.val, cfg.resize_size, keep_decoded, threads)
-        if info.skipped and not any(w.startswith("skipped") for w in info.warnings):
-            info.warnings.append(skipped_warning(info.skipped))
+        n_skipped = len(info.skipped)
+        train_imgs = yield from decoded_images(info.train, cfg.resize_size, keep_decoded, threads)
+        val_imgs = yield from decoded_images(info.val, cfg.resize_size, keep_decoded, threads)
+        if len(info.skipped) > n_skipped:
+            unreadable = info.skipped[n_skipped:]
+            info.warnings.append(skipped_warning(unreadable))
+            yield Notice("warning", info.warnings[-1])
         for split in (info.train, info.val):
             if not split.samples or len({y for _, y in split.samples}) < len(info.classes):
                 raise _Stopped(f"after skipping unreadable files, {split.name} no longer has images for every class")
