@@ -1,0 +1,1 @@
+"""The Gradio web app: layout and wiring (ui.py) around core/. See app.py."""

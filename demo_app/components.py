@@ -1,0 +1,24 @@
+"""Small component tweaks."""
+from __future__ import annotations
+
+import html
+from pathlib import Path
+
+import gradio as gr
+from PIL import UnidentifiedImageError
+
+
+class SafeImage(gr.Image):
+    """gr.Image whose upload of a non-image (possible over the API, or a renamed
+    file) gives a clear message instead of Pillow's bare exception."""
+
+    is_template = True  # same frontend as gr.Image
+
+    def preprocess(self, payload):
+        try:
+            return super().preprocess(payload)
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+            name = Path(getattr(payload, "orig_name", None) or getattr(payload, "path", None) or "the file").name
+            reason = "not an image file" if isinstance(e, UnidentifiedImageError) else f"cannot decode image ({e})"
+            raise gr.Error(html.escape(f"{name}: {reason}. Upload a JPEG, PNG, GIF, BMP, TIFF or WebP image.",
+                                       quote=False), title="Not an image", print_exception=False) from None

@@ -1,0 +1,48 @@
+"""Dataset helpers of the Train and Predict tabs (formatting around core.data)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from core.data import DatasetInfo, scan_dataset
+from core.predict import list_images
+from core.zipimport import extract_dataset_zip
+
+
+def check(data_dir: str, val_split: float | None = None, seed: int = 0) -> DatasetInfo:
+    """Raises DatasetError with a message naming the folder at fault."""
+    return scan_dataset(str(data_dir).strip(), val_split or None, int(seed or 0))
+
+
+def summary_markdown(info: DatasetInfo) -> str:
+    train, val = info.train.counts(), info.val.counts()
+    lines = [f"**{len(info.classes)} classes**, {len(info.train.samples)} train / {len(info.val.samples)} val images"
+             + (f" (val = {info.val_from_split:.0%} held out of train)" if info.val_from_split else ""),
+             "", "| class | train | val |", "|---|---:|---:|"]
+    lines += [f"| {c} | {train[c]} | {val[c]} |" for c in info.classes]
+    if info.warnings:
+        lines.append("")
+        for w in info.warnings:
+            first, *rest = w.split("\n")
+            lines.append(f"⚠ {first}")
+            lines += [f"<br>&nbsp;&nbsp;`{r.strip()}`" for r in rest[:5]]
+    else:
+        lines += ["", "✔ No problems found."]
+    return "\n".join(lines)
+
+
+def import_zip(zip_path: str, uploads_dir) -> Path:
+    """Extract an uploaded dataset zip into its own new folder under uploads/."""
+    return extract_dataset_zip(zip_path, uploads_dir, Path(zip_path).stem)
+
+
+def example_images(data_dir: str, per_class: int = 4) -> list[tuple[str, str]]:
+    """(path, caption) of a few validation images per class, for click-to-predict."""
+    root = Path(str(data_dir).strip())
+    split = root / "val" if (root / "val").is_dir() else root / "train"
+    if not split.is_dir():
+        return []
+    out = []
+    for cls in sorted(p for p in split.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        for path in list_images(cls)[:per_class]:
+            out.append((path, f"{split.name}/{cls.name}"))
+    return out

@@ -1,0 +1,365 @@
+"""Event handlers: turn UI values into core calls and core results into
+component values. User errors (core.errors.UserError) become gr.Error with the
+core message; nothing here re-implements training, prediction or summaries."""
+from __future__ import annotations
+
+import html
+from pathlib import Path
+
+import gradio as gr
+import pandas as pd
+
+from core.config import TrainConfig
+from core.engine import BatchProgress, EpochEnded, RunEnded, RunStarted
+from core.errors import UserError
+from core.images import load_rgb
+
+from . import datasets, inference, modelview, plots, runs
+from .session import Failed, TrainingService
+
+EPOCH_COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds", "best"]
+PRED_COLUMNS = ["file", "top-1", "p", "top-k", "error"]
+LAYER_COLUMNS = ["layer", "type", "output shape", "params", "trains", "note"]
+WEIGHT_SOURCES = [("ImageNet (torchvision)", "imagenet"), ("None (random init)", "none"), ("Local file", "local file")]
+
+
+def user_error(e: Exception, title: str = "Error") -> gr.Error:
+    """gr.Error renders HTML: escape the message (it can quote file names)."""
+    return gr.Error(html.escape(str(e), quote=False), title=title, print_exception=False)
+
+
+def error_markdown(title: str, message: str) -> str:
+    first, *rest = str(message).split("\n")
+    out = f"✗ **{title}:** {html.escape(first, quote=False)}"
+    if rest:
+        out += "\n```\n" + "\n".join(r.rstrip() for r in rest) + "\n```"
+    return out
+
+
+def _int(value, name: str) -> int:
+    try:
+        f = float(value)
+    except (TypeError, ValueError):
+        raise UserError(f"{name} must be a whole number (got {value!r})") from None
+    if f != int(f):
+        raise UserError(f"{name} must be a whole number (got {value})")
+    return int(f)
+
+
+def _float(value, name: str) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise UserError(f"{name} must be a number (got {value!r})") from None
+
+
+def epochs_frame(history: list[dict]) -> pd.DataFrame:
+    rows = [[r["epoch"], round(r["train_loss"], 4), round(r["train_acc"], 4), round(r["val_loss"], 4),
+             round(r["val_acc"], 4), r["lr"], round(r["seconds"], 2), "★" if r.get("best") else ""] for r in history]
+    return pd.DataFrame(rows, columns=EPOCH_COLUMNS)
+
+
+class Handlers:
+    def __init__(self, checkpoints_dir, data_dir, uploads_dir, service: TrainingService | None = None):
+        self.checkpoints_dir = Path(checkpoints_dir)
+        self.data_dir = Path(data_dir)
+        self.uploads_dir = Path(uploads_dir)
+        self.service = service or TrainingService()
+
+    # ------------------------------------------------------------ dataset
+
+    def check_dataset(self, data_dir, val_split=0, seed=1337):
+        """-> (summary markdown, number of classes)."""
+        try:
+            info = datasets.check(data_dir or self.data_dir, _float(val_split or 0, "validation split"),
+                                  _int(seed or 0, "seed"))
+        except UserError as e:
+            raise user_error(e, "Dataset problem") from None
+        return datasets.summary_markdown(info), len(info.classes)
+
+    def check_dataset_quiet(self, data_dir, val_split=0, seed=1337):
+        """Like check_dataset, but a problem is shown in the summary, not as a pop-up (page load)."""
+        try:
+            return self.check_dataset(data_dir, val_split, seed)
+        except gr.Error as e:
+            return f"⚠ {e.message}", gr.skip()
+
+    def upload_zip(self, zip_file, val_split=0, seed=1337):
+        """-> (dataset folder, summary markdown, number of classes)."""
+        if not zip_file:
+            return gr.skip(), gr.skip(), gr.skip()
+        try:
+            root = datasets.import_zip(zip_file, self.uploads_dir)
+        except UserError as e:
+            raise user_error(e, "Zip refused") from None
+        summary, n = self.check_dataset(str(root), val_split, seed)
+        return str(root), f"Extracted to `{root}`\n\n" + summary, n
+
+    # ------------------------------------------------------------ settings
+
+    @staticmethod
+    def weights_inputs(source):
+        local = source == "local file"
+        return gr.update(visible=local), gr.update(visible=local)
+
+    @staticmethod
+    def weights_uploaded(path):
+        return path or gr.skip()
+
+    @staticmethod
+    def policy_info(arch, policy, n_classes):
+        return modelview.policy_markdown(arch, policy, n_classes or 2)
+
+    def make_config(self, data_dir, arch, weights_source, weights_path, policy, epochs, batch_size, lr,
+                    weight_decay, dropout, augment, seed, device, val_split, run_name) -> TrainConfig:
+        if weights_source == "local file":
+            weights = (weights_path or "").strip()
+            if not weights:
+                raise UserError("weights source 'Local file' needs the path of a state_dict (.pth): "
+                                "type it or upload the file, or choose 'None (random init)'")
+            if not Path(weights).expanduser().is_file():
+                raise UserError(f"weights file {weights} does not exist")
+            weights = str(Path(weights).expanduser())
+        else:
+            weights = weights_source or "imagenet"
+        policy = policy or "head"
+        return TrainConfig(
+            data_dir=(data_dir or "").strip() or str(self.data_dir), arch=arch, weights=weights, policy=policy,
+            epochs=_int(epochs, "epochs"), batch_size=_int(batch_size, "batch size"), lr=_float(lr, "learning rate"),
+            weight_decay=_float(weight_decay, "weight decay"), dropout=_float(dropout or 0, "dropout"),
+            augment=augment or "auto", seed=_int(seed, "seed"), device=device or "auto",
+            val_split=_float(val_split, "validation split") or None, output_dir=str(self.checkpoints_dir),
+            run_name=(run_name or "").strip() or f"{arch}-{policy}", extra={"ui": "gradio"},
+        ).validate()
+
+    # ------------------------------------------------------------ training
+
+    def _overlays(self, names, exclude: str | None = None) -> list[tuple[str, list[dict]]]:
+        wanted = [n for n in (names or []) if n != exclude]
+        by_name = {r.name: r for r in runs.list_runs(self.checkpoints_dir)}
+        return [(by_name[n].short_name(), by_name[n].history) for n in wanted if n in by_name and by_name[n].history]
+
+    def compare_choices(self) -> list[tuple[str, str]]:
+        return [(r.label(), r.name) for r in runs.list_runs(self.checkpoints_dir)]
+
+    def refresh_compare(self, selected):
+        choices = self.compare_choices()
+        names = {v for _, v in choices}
+        return gr.update(choices=choices, value=[s for s in (selected or []) if s in names])
+
+    def compare_changed(self, selected, state):
+        state = state or {}
+        history = state.get("history", [])
+        return plots.accuracy_figure(history, state.get("epochs", 0), self._overlays(selected, state.get("run")))
+
+    def _train_frame(self, status, state, overlays, log_lines):
+        h, total = state["history"], state["epochs"]
+        return (status, plots.loss_figure(h, total), plots.accuracy_figure(h, total, overlays),
+                epochs_frame(h), "\n".join(log_lines), state, gr.skip(), gr.skip())
+
+    def start(self, data_dir, arch, weights_source, weights_path, policy, epochs, batch_size, lr, weight_decay,
+              dropout, augment, seed, device, val_split, run_name, compare, progress=gr.Progress()):
+        """Generator: one update when the run starts, one per epoch, one at the end;
+        per-batch progress goes to gr.Progress."""
+        try:
+            cfg = self.make_config(data_dir, arch, weights_source, weights_path, policy, epochs, batch_size, lr,
+                                   weight_decay, dropout, augment, seed, device, val_split, run_name)
+            handle = self.service.start(cfg)
+        except UserError as e:
+            raise user_error(e, "Training not started") from None
+        overlays = self._overlays(compare)
+        state = {"history": [], "epochs": cfg.epochs, "run": None}
+        log_lines: list[str] = []
+        yield self._train_frame("▶ Setting up: scanning the dataset, loading weights, building the model…",
+                                state, overlays, log_lines)
+        ended, failed = None, None
+        for ev in handle.follow():
+            if isinstance(ev, BatchProgress):
+                if ev.phase == "cache":
+                    progress((ev.step, ev.total), desc="running the frozen layers once per image", unit="img")
+                else:
+                    progress((ev.step, ev.total), desc=f"epoch {ev.epoch}/{cfg.epochs} · {ev.phase}", unit="batch")
+            elif isinstance(ev, RunStarted):
+                state = {**state, "run": Path(ev.run_dir).name}
+                log_lines += start_lines(ev)
+                overlays = self._overlays(compare, state["run"])
+                msg = (f"▶ Run **{state['run']}** started: {len(ev.dataset.train.samples)} train / "
+                       f"{len(ev.dataset.val.samples)} val images, {ev.trainable_params:,} of {ev.total_params:,} "
+                       f"parameters train, on {ev.device}.")
+                yield self._train_frame(msg, state, overlays, log_lines)
+            elif isinstance(ev, EpochEnded):
+                state = {**state, "history": state["history"] + [{**ev.as_row(), "best": ev.best_acc}]}
+                log_lines.append(ev.line())
+                star = " ★ new best" if ev.best_acc else ""
+                msg = (f"▶ Epoch {ev.epoch}/{ev.epochs}: val_acc {ev.val_acc:.3f}, val_loss {ev.val_loss:.4f}{star} "
+                       f"({ev.seconds:.1f} s)")
+                yield self._train_frame(msg, state, overlays, log_lines)
+            elif isinstance(ev, RunEnded):
+                ended = ev
+            elif isinstance(ev, Failed):
+                failed = ev
+        if failed is None and ended is None:  # cannot happen with core's engine; never leave the UI hanging
+            failed = Failed("the training run ended without a result; details are in the server log", internal=True)
+        if failed is not None:
+            log_lines.append(f"ERROR: {failed.message}")
+            status = error_markdown("Could not train", failed.message)
+            if failed.kind == "WeightsError":
+                status += ("\n\n→ In this app: set **Pretrained weights** to *None (random init)*, or to *Local file* "
+                           "with the path of a backbone state_dict.")
+            yield self._train_frame(status, state, overlays, log_lines)
+            raise gr.Error(html.escape(failed.message, quote=False), title="Training failed", print_exception=False)
+        log_lines += end_lines(ended)
+        frame = list(self._train_frame(end_status(ended), state, overlays, log_lines))
+        frame[6] = self.refresh_compare(compare)
+        frame[7] = self.refresh_checkpoints(ended.best_acc_path)
+        yield tuple(frame)
+
+    def stop(self):
+        """Waits (up to 10 s) for the run to end, then shows the same final status
+        as the Start stream, so the order in which the two arrive does not matter."""
+        h = self.service.stop(wait=10.0)
+        if h is None:
+            return "No training run is in progress."
+        if h.ended is not None:
+            return end_status(h.ended)
+        if h.failed is not None:
+            return error_markdown("Could not train", h.failed.message)
+        return "■ Stopping: the run ends after the current batch; completed epochs stay saved."
+
+    def on_load(self):
+        """Page load: tell a new or reloaded page about a run already in progress."""
+        return self.service.status() or "Ready. Check the dataset, pick a freeze policy and press **Start**."
+
+    # ------------------------------------------------------------ predict
+
+    def refresh_checkpoints(self, current=None):
+        choices = inference_choices(self.checkpoints_dir)
+        values = [v for _, v in choices]
+        value = current if current in values else (values[0] if values else None)
+        return gr.update(choices=choices, value=value)
+
+    def _predictor(self, selected, uploaded, trust):
+        try:
+            return inference.load(selected, uploaded, trust)
+        except UserError as e:
+            raise user_error(e, "Checkpoint problem") from None
+
+    def checkpoint_info(self, selected, uploaded, trust):
+        try:
+            path = inference.choose_checkpoint(selected, uploaded)
+            return inference.describe(inference.load(selected, uploaded, trust), path)
+        except UserError as e:
+            return "⚠ " + html.escape(str(e), quote=False)
+
+    def predict(self, image, k, selected, uploaded, trust):
+        """-> ({label: p} top-k, timing markdown)."""
+        if image is None:
+            return None, ""
+        pred = self._predictor(selected, uploaded, trust)
+        try:
+            r = inference.predict_one(pred, image, k)
+        except UserError as e:
+            raise user_error(e, "Not an image") from None
+        return r.confidences, (f"Prediction took **{r.ms:.0f} ms** on {pred.device.type} · top-{len(r.confidences)} of "
+                               f"{len(pred.class_names)} classes")
+
+    def predict_batch(self, files, folder, k, selected, uploaded, trust):
+        """-> (table, gallery, CSV path, summary markdown)."""
+        pred = self._predictor(selected, uploaded, trust)
+        try:
+            paths = inference.batch_paths(files, folder)
+        except UserError as e:
+            raise user_error(e, "No images") from None
+        uploads = {str(f): Path(f).name for f in (files or [])}
+        names = [inference.display_name(p, (folder or "").strip(), uploads) for p in paths]
+        preds = inference.predict_many(pred, paths, k)
+        bad = sum(1 for p in preds if p.error)
+        counts: dict[str, int] = {}
+        for p in preds:
+            if not p.error:
+                counts[p.label] = counts.get(p.label, 0) + 1
+        summary = f"**{len(preds) - bad}** image(s) classified: " + \
+            (", ".join(f"{c} × {n}" for c, n in sorted(counts.items())) or "none")
+        if bad:
+            summary += f" · ⚠ {bad} file(s) could not be read (see the error column)"
+        if len(preds) - bad > inference.GALLERY_LIMIT:
+            summary += f" · gallery shows the first {inference.GALLERY_LIMIT}"
+        table = pd.DataFrame(inference.table_rows(preds, names), columns=PRED_COLUMNS)
+        return table, inference.gallery_items(preds, names), inference.write_csv(preds, names), summary
+
+    def examples(self, data_dir):
+        """Gallery of validation images (thumbnails) and their paths."""
+        items = datasets.example_images(data_dir or self.data_dir)
+        thumbs = [(inference.thumbnail(p, 160), cap) for p, cap in items]
+        keep = [(t, c, p) for (t, c), (p, _) in zip(thumbs, items) if t is not None]
+        return [(t, c) for t, c, _ in keep], [p for _, _, p in keep]
+
+    @staticmethod
+    def example_selected(paths, evt: gr.SelectData):
+        try:
+            return load_rgb(paths[evt.index])
+        except (IndexError, TypeError, UserError):
+            return gr.skip()
+
+    # ------------------------------------------------------------ model
+
+    @staticmethod
+    def model_tab(arch, policy, n_classes, dropout=0.0):
+        n = max(2, _int(n_classes or 2, "classes"))
+        v = modelview.model_view(arch, policy, n, float(dropout or 0))
+        df = pd.DataFrame([[r["name"], r["type"], r["output_shape"], r["params"],
+                            "✔ trains" if r["trains"] else "frozen", r["note"]] for r in v.rows],
+                          columns=LAYER_COLUMNS)
+        styled = df.style.apply(_layer_style, axis=1).format({"params": "{:,}"})
+        label = modelview.POLICY_LABELS[policy]
+        totals = (f"**Total parameters:** {v.total:,} · **trainable under “{label}”:** {v.trainable:,} "
+                  f"({100 * v.trainable / v.total:.2f}%) · output shapes for a 1×3×224×224 input")
+        base = (f"#### Base model (ImageNet head)\n{arch}, **1000 outputs**\n\nhead: `{v.base_head}`\n\n"
+                f"{v.base_total:,} parameters")
+        transfer = (f"#### Transfer model (new head)\n{arch}, **{n} outputs**\n\nhead: `{v.transfer_head}`\n\n"
+                    f"{v.total:,} parameters, {v.trainable:,} trainable ({label})")
+        return styled, totals, base, transfer, v.base_repr, v.transfer_repr
+
+
+def _layer_style(row):
+    if row["type"] in ("BatchNorm2d", "MaxPool2d"):
+        css = "background-color: #fef3c7"
+    elif row["trains"] != "frozen":
+        css = "background-color: #dcfce7"
+    else:
+        css = ""
+    return [css] * len(row)
+
+
+def inference_choices(checkpoints_dir):
+    return runs.checkpoint_choices(checkpoints_dir)
+
+
+def start_lines(ev: RunStarted) -> list[str]:
+    """The CLI's start block (cli/train_output.print_start), as lines."""
+    cfg, info = ev.config, ev.dataset
+    lines = [f"RUN_DIR: {ev.run_dir}", "DATASET:", f"  root: {info.root}", f"  {info.train.summary_line()}",
+             f"  {info.val.summary_line()}",
+             f"MODEL: arch={cfg.arch} weights={cfg.weights} policy={cfg.policy} dropout={cfg.dropout} "
+             f"augment={cfg.effective_augment} device={ev.device}",
+             f"PARAMS: trainable={ev.trainable_params:,} total={ev.total_params:,}"]
+    lines += [f"WARNING: {w}" for w in info.warnings]
+    lines += [f"NOTE: {n}" for n in ev.notes]
+    return lines
+
+
+def end_lines(ev: RunEnded) -> list[str]:
+    lines = [] if ev.status == "completed" else [f"{ev.status.upper()}: {ev.message}"]
+    return lines + ev.best_lines() + [f"EXPORTED: {p}" for p in ev.exports]
+
+
+def end_status(ev: RunEnded) -> str:
+    best = ""
+    if ev.best_acc_path:
+        best = (f" Best epoch **{ev.best['acc_epoch']}** (val_acc {ev.best['acc']:.3f}) → "
+                f"`{ev.best_acc_path}` (preselected in the Predict tab).")
+    if ev.status == "completed":
+        return f"✔ **Completed**: {ev.epochs_done} epoch(s).{best}"
+    if ev.status == "stopped":
+        return f"■ **Stopped** after {ev.epochs_done} completed epoch(s) ({ev.message}).{best}"
+    return f"⚠ **Diverged**: {html.escape(ev.message, quote=False)}{best}"

@@ -1,0 +1,134 @@
+"""Prediction helpers of the Predict tab, around core.predict."""
+from __future__ import annotations
+
+import csv
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image
+
+from core.errors import CheckpointError, ImageLoadError, UserError
+from core.images import load_rgb
+from core.predict import Prediction, Predictor, cached_predictor, list_images
+
+from .session import RNG_LOCK
+
+NO_CHECKPOINT = ("No checkpoint selected yet: train a model in the Train tab (its best_acc.pt then appears in the "
+                 "list; press ↻ to refresh), or upload a checkpoint file (.pt / .pth).")
+GALLERY_LIMIT = 60
+
+
+def choose_checkpoint(selected: str | None, uploaded: str | None) -> str:
+    """An uploaded file wins over the dropdown. Raises CheckpointError when neither is set."""
+    path = uploaded or (selected or "").strip()
+    if not path:
+        raise CheckpointError(NO_CHECKPOINT)
+    return path
+
+
+def load(selected: str | None, uploaded: str | None, trust_pickle: bool) -> Predictor:
+    path = choose_checkpoint(selected, uploaded)
+    with RNG_LOCK:  # building the model draws random init (see session.RNG_LOCK)
+        return cached_predictor(path, "auto", bool(trust_pickle))
+
+
+def describe(pred: Predictor, path: str) -> str:
+    i = pred.info
+    bits = [f"**{Path(path).name}** · {i.get('format', '?')}"]
+    if i.get("arch"):
+        bits.append(str(i["arch"]))
+    if i.get("epoch"):
+        bits.append(f"epoch {i['epoch']}")
+    if i.get("best_val_acc") is not None and i.get("best_epoch"):
+        bits.append(f"best val_acc {float(i['best_val_acc']):.3f} (epoch {i['best_epoch']})")
+    return " · ".join(bits) + f"<br>classes: {', '.join(pred.class_names)}"
+
+
+@dataclass
+class Single:
+    confidences: dict[str, float]
+    ms: float
+
+
+def predict_one(pred: Predictor, image, k: int) -> Single:
+    """`image`: a PIL image or a path. Raises ImageLoadError for non-images."""
+    img = image if isinstance(image, Image.Image) else load_rgb(image)
+    t0 = time.perf_counter()
+    topk = pred.predict_image(img, int(k))
+    return Single({label: float(p) for label, p in topk}, (time.perf_counter() - t0) * 1000)
+
+
+def batch_paths(files: list[str] | None, folder: str | None) -> list[str]:
+    paths = [str(f) for f in (files or [])]
+    folder = (folder or "").strip()
+    if folder:
+        p = Path(folder).expanduser()
+        if not p.is_dir():
+            raise UserError(f"folder {p} does not exist (give a folder of images on the machine running the app)")
+        found = list_images(p)
+        if not found:
+            raise UserError(f"no images (jpg, png, gif, bmp, tif, webp) found under {p}")
+        paths += found
+    if not paths:
+        raise UserError("add some images first: upload files, or type the path of a folder of images")
+    return paths
+
+
+def display_name(path: str, folder: str | None, uploads: dict[str, str]) -> str:
+    if path in uploads:
+        return uploads[path]
+    if folder:
+        try:
+            return str(Path(path).relative_to(Path(folder).expanduser()))
+        except ValueError:
+            pass
+    return Path(path).name
+
+
+def predict_many(pred: Predictor, paths: list[str], k: int) -> list[Prediction]:
+    return list(pred.predict_paths(paths, int(k)))
+
+
+def table_rows(preds: list[Prediction], names: list[str]) -> list[list]:
+    rows = []
+    for p, name in zip(preds, names):
+        if p.error:
+            rows.append([name, "—", None, "", p.error])
+        else:
+            rows.append([name, p.label, round(p.p, 4), ", ".join(f"{lab} {pr:.3f}" for lab, pr in p.topk), ""])
+    return rows
+
+
+def write_csv(preds: list[Prediction], names: list[str]) -> str:
+    """CSV in a fresh temp folder (Gradio serves files from the temp dir)."""
+    out = Path(tempfile.mkdtemp(prefix="tl_predictions_")) / "predictions.csv"
+    with open(out, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["file", "path", "top1", "p", "topk", "error"])
+        for p, name in zip(preds, names):
+            w.writerow([name, p.path, p.label or "", f"{p.p:.6f}" if p.p is not None else "",
+                        "; ".join(f"{lab}:{pr:.6f}" for lab, pr in p.topk), p.error or ""])
+    return str(out)
+
+
+def thumbnail(path: str, size: int = 256) -> Image.Image | None:
+    try:
+        img = load_rgb(path)
+    except ImageLoadError:
+        return None
+    img.thumbnail((size, size))
+    return img
+
+
+def gallery_items(preds: list[Prediction], names: list[str]) -> list[tuple[Image.Image, str]]:
+    """(thumbnail, caption) for readable images; thumbnails, so any folder works."""
+    out = []
+    for p, name in zip(preds, names):
+        if p.error or len(out) >= GALLERY_LIMIT:
+            continue
+        thumb = thumbnail(p.path)
+        if thumb is not None:
+            out.append((thumb, f"{p.label} {p.p:.0%} · {name}"))
+    return out

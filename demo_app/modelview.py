@@ -1,0 +1,60 @@
+"""Data for the Model tab: per-layer table, totals, base vs transfer model."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+from core.config import POLICY_HELP
+from core.models import HEAD_NAME, apply_policy, build_base_model, build_model, param_counts
+from core.summary import layer_rows, policy_table
+
+from .session import RNG_LOCK
+
+POLICY_LABELS = {"head": "Head only", "last": "Last stage + head", "full": "Full fine-tune"}
+
+
+@dataclass
+class ModelView:
+    rows: list[dict]
+    trainable: int
+    total: int
+    base_total: int
+    base_head: str
+    transfer_head: str
+    base_repr: str
+    transfer_repr: str
+
+
+def _head_repr(model, arch: str) -> str:
+    return " ".join(repr(getattr(model, HEAD_NAME[arch])).split())
+
+
+@lru_cache(maxsize=4)
+def _base(arch: str) -> tuple[int, str, str]:
+    with RNG_LOCK:
+        base = build_base_model(arch)
+    return param_counts(base)[1], _head_repr(base, arch), repr(base)
+
+
+@lru_cache(maxsize=16)
+def model_view(arch: str, policy: str, n_classes: int, dropout: float = 0.0) -> ModelView:
+    with RNG_LOCK:
+        model = apply_policy(build_model(arch, int(n_classes), float(dropout), "none"), arch, policy)
+        rows = layer_rows(model, arch, policy)
+        trainable, total = param_counts(model)
+        base_total, base_head, base_repr = _base(arch)
+        return ModelView(rows, trainable, total, base_total, base_head, _head_repr(model, arch),
+                         base_repr, repr(model))
+
+
+@lru_cache(maxsize=16)
+def _policy_counts(arch: str, n_classes: int) -> dict[str, tuple[int, int]]:
+    with RNG_LOCK:
+        return {pol: (tr, tot) for pol, tr, tot in policy_table(arch, int(n_classes), 0.0)}
+
+
+def policy_markdown(arch: str, policy: str, n_classes: int) -> str:
+    """One-line explanation and the trainable-parameter count of `policy`."""
+    trainable, total = _policy_counts(arch, max(2, int(n_classes or 2)))[policy]
+    return (f"{POLICY_HELP[policy]}<br>**Trainable: {trainable:,}** of {total:,} parameters "
+            f"({100 * trainable / total:.2f}%) for {int(n_classes or 2)} classes")

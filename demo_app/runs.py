@@ -1,0 +1,116 @@
+"""Earlier runs under the checkpoints folder: listing, labels, metrics.csv."""
+from __future__ import annotations
+
+import csv
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+CHECKPOINT_FILES = ("best_acc.pt", "best_loss.pt", "latest.pt")
+
+
+@dataclass
+class RunInfo:
+    name: str
+    path: Path
+    args: dict = field(default_factory=dict)
+    history: list[dict] = field(default_factory=list)
+    mtime: float = 0.0
+
+    @property
+    def best_acc_path(self) -> Path | None:
+        p = self.path / "best_acc.pt"
+        return p if p.is_file() else None
+
+    @property
+    def best_val_acc(self) -> float | None:
+        accs = [r["val_acc"] for r in self.history if r.get("val_acc") is not None]
+        return max(accs) if accs else None
+
+    def short_name(self) -> str:
+        """For chart legends: 'resnet18-head 15:43:58' (the run folder without its date)."""
+        m = re.match(r"^(.*)_(\d{8})_(\d{2})(\d{2})(\d{2})(_\d+)?$", self.name)
+        short = f"{m.group(1)} {m.group(3)}:{m.group(4)}:{m.group(5)}" if m else self.name
+        policy = str(self.args.get("policy") or "")
+        return short if not policy or policy in short else f"{short} ({policy})"
+
+    def label(self) -> str:
+        a = self.args
+        bits = [self.name]
+        if a.get("policy"):
+            bits.append(str(a["policy"]))
+        if a.get("weights"):
+            w = str(a["weights"])
+            bits.append("weights " + (Path(w).name if w not in ("imagenet", "none") else w))
+        bits.append(f"{len(self.history)} ep")
+        if self.best_val_acc is not None:
+            bits.append(f"best val_acc {self.best_val_acc:.2f}")
+        return " · ".join(bits)
+
+
+def read_metrics(path) -> list[dict]:
+    """metrics.csv (written by the engine each epoch) -> list of float rows."""
+    rows = []
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            for row in csv.DictReader(f):
+                out = {}
+                for k, v in row.items():
+                    try:
+                        out[k] = float(v)
+                    except (TypeError, ValueError):
+                        out[k] = v
+                if "epoch" in out:
+                    out["epoch"] = int(out["epoch"])
+                    rows.append(out)
+    except (OSError, csv.Error):
+        return []
+    return rows
+
+
+def _read_args(run: Path) -> dict:
+    try:
+        return json.loads((run / "args.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+
+
+def list_runs(checkpoints_dir) -> list[RunInfo]:
+    """Runs that finished at least one epoch, newest (last written) first."""
+    root = Path(checkpoints_dir)
+    if not root.is_dir():
+        return []
+    runs = []
+    for d in root.iterdir():
+        metrics = d / "metrics.csv"
+        if not d.is_dir() or d.name.startswith(".") or not metrics.is_file():
+            continue
+        try:
+            mtime = max(p.stat().st_mtime for p in d.iterdir() if p.is_file())
+        except (OSError, ValueError):
+            continue
+        runs.append(RunInfo(d.name, d, _read_args(d), read_metrics(metrics), mtime))
+    runs.sort(key=lambda r: (r.mtime, r.name), reverse=True)
+    return runs
+
+
+def find_run(checkpoints_dir, name: str) -> RunInfo | None:
+    for r in list_runs(checkpoints_dir):
+        if r.name == name:
+            return r
+    return None
+
+
+def checkpoint_choices(checkpoints_dir) -> list[tuple[str, str]]:
+    """(label, path) for the dropdown of the Predict tab; newest run's best_acc.pt first."""
+    out = []
+    for run in list_runs(checkpoints_dir):
+        for fname in CHECKPOINT_FILES:
+            p = run.path / fname
+            if p.is_file():
+                acc = ""
+                if fname == "best_acc.pt" and run.best_val_acc is not None:
+                    acc = f" (best val_acc {run.best_val_acc:.2f})"
+                out.append((f"{run.name} / {fname}{acc}", str(p)))
+    return out

@@ -1,0 +1,149 @@
+"""The app's training service: one run at a time across all browser sessions.
+
+The engine (core.engine.train) runs in a worker thread owned by the service;
+the Start handler only follows its events through a queue. So a closed browser
+tab never leaves the engine half-iterated holding the lock, and Stop works from
+any session (there is only one run to stop)."""
+from __future__ import annotations
+
+import itertools
+import logging
+import queue
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Iterator
+
+from core.config import TrainConfig
+from core.engine import BatchProgress, EpochEnded, RunEnded, RunStarted, train
+from core.errors import UserError
+
+log = logging.getLogger("demo_app")
+
+
+# Model builds draw their random init from torch's global RNG. The engine seeds
+# it and builds the model during setup; a model built at the same moment by
+# another thread (Model tab, loading a predictor) would shift that init and make
+# the run differ from the same command in the CLI. Everything in the app that
+# builds a model holds this lock, and so does a run until its setup is done.
+RNG_LOCK = threading.RLock()
+
+
+class BusyError(UserError):
+    """A second Start while a run is in progress."""
+
+
+@dataclass
+class Failed:
+    """The run could not start or crashed; `message` is for the user."""
+    message: str
+    internal: bool = False
+    kind: str = "UserError"  # the core.errors class name
+
+
+_DONE = object()
+
+
+@dataclass
+class RunHandle:
+    cfg: TrainConfig
+    stop_event: threading.Event = field(default_factory=threading.Event)
+    events: queue.Queue = field(default_factory=queue.Queue)
+    done: threading.Event = field(default_factory=threading.Event)
+    started_at: float = field(default_factory=time.time)
+    run_dir: str | None = None
+    epoch: int = 0
+    phase: str = "setup"
+    ended: RunEnded | None = None
+    failed: Failed | None = None
+
+    def follow(self, timeout: float | None = None) -> Iterator:
+        """Every engine event (and a final Failed, if any) until the worker is done."""
+        while True:
+            ev = self.events.get(timeout=timeout)
+            if ev is _DONE:
+                return
+            yield ev
+
+    def describe(self) -> str:
+        name = self.run_dir.rsplit("/", 1)[-1] if self.run_dir else self.cfg.run_name
+        where = "setting up" if self.phase == "setup" else \
+            "computing features" if self.phase == "cache" else f"epoch {max(self.epoch, 1)}/{self.cfg.epochs}"
+        return f"{name} ({self.cfg.policy}, {where}, started {time.time() - self.started_at:.0f} s ago)"
+
+
+class TrainingService:
+    def __init__(self):
+        self._lock = threading.Lock()  # held for the whole run by the worker
+        self.current: RunHandle | None = None
+
+    @property
+    def busy(self) -> bool:
+        return self._lock.locked()
+
+    def status(self) -> str:
+        h = self.current
+        if h is not None and not h.done.is_set():
+            return f"A training run is in progress: {h.describe()}."
+        return ""
+
+    def start(self, cfg: TrainConfig) -> RunHandle:
+        """Start `cfg` in a worker thread, or raise BusyError at once."""
+        cfg.validate()
+        if not self._lock.acquire(blocking=False):
+            h = self.current
+            what = f": {h.describe()}" if h is not None else ""
+            raise BusyError(f"A training run is already in progress{what}. Only one run trains at a time "
+                            f"(across all browser tabs); wait for it to finish or press Stop.")
+        try:
+            handle = RunHandle(cfg)
+            self.current = handle
+            threading.Thread(target=self._work, args=(handle,), name="tl-train", daemon=True).start()
+        except BaseException:
+            self._lock.release()
+            raise
+        return handle
+
+    def _work(self, h: RunHandle) -> None:
+        try:
+            events = train(h.cfg, h.stop_event)
+            with RNG_LOCK:  # setup: seed, build the model, load weights
+                first = next(events, None)
+            for ev in itertools.chain([first] if first is not None else [], events):
+                if isinstance(ev, RunStarted):
+                    h.run_dir, h.phase = ev.run_dir, "run"
+                elif isinstance(ev, BatchProgress):
+                    h.phase, h.epoch = ev.phase, ev.epoch
+                elif isinstance(ev, EpochEnded):
+                    h.epoch = ev.epoch
+                elif isinstance(ev, RunEnded):
+                    h.ended = ev
+                h.events.put(ev)
+        except UserError as e:
+            h.failed = Failed(str(e), kind=type(e).__name__)
+        except MemoryError:
+            h.failed = Failed("out of memory: try a smaller batch size")
+        except Exception as e:  # a bug, not a user error: keep the traceback in the server log
+            log.error("training crashed:\n%s", traceback.format_exc())
+            h.failed = Failed(f"internal error ({type(e).__name__}: {e}); details are in the server log", internal=True)
+        finally:
+            if h.failed:
+                h.events.put(h.failed)
+            h.done.set()
+            self._lock.release()  # before _DONE: a client that starts again right after the last update gets in
+            h.events.put(_DONE)
+
+    def stop(self, wait: float = 0.0) -> RunHandle | None:
+        """Ask the current run to end after its current batch; wait up to `wait`
+        seconds for it. Returns the run's handle, or None when nothing runs."""
+        h = self.current
+        if h is None or h.done.is_set():
+            return None
+        h.stop_event.set()
+        h.done.wait(wait)
+        return h
+
+    def wait_idle(self, timeout: float = 30.0) -> bool:
+        h = self.current
+        return h is None or h.done.wait(timeout)

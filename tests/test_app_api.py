@@ -1,0 +1,344 @@
+"""The Gradio app through its HTTP API: launched in-process on 127.0.0.1 and
+driven with gradio_client, the way a remote program (or the browser) uses it."""
+from __future__ import annotations
+
+import json
+import re
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from conftest import make_image_dataset
+
+gradio_client = pytest.importorskip("gradio_client")
+from gradio_client import Client, handle_file  # noqa: E402
+from gradio_client.exceptions import AppError  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = ROOT / "data"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory):
+    from demo_app.ui import build_app, launch_options
+    base = tmp_path_factory.mktemp("api_app")
+    ckpt, uploads = base / "checkpoints", base / "uploads"
+    demo = build_app(ckpt, DATA, uploads)
+    _, url, _ = demo.queue().launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=free_port(),
+                                    quiet=True, **launch_options(ckpt, DATA, uploads))
+    client = Client(url, analytics_enabled=False, verbose=False, download_files=str(base / "downloads"))
+    try:
+        yield {"url": url, "client": client, "demo": demo, "checkpoints": ckpt, "uploads": uploads,
+               "service": demo.handlers.service}
+    finally:
+        demo.handlers.service.stop(wait=30)
+        client.close()
+        demo.close()
+
+
+def train_job(client, **kw):
+    args = {"data_dir": str(DATA), "weights_source": "none", "epochs": 2, "batch_size": 8, "policy": "head"}
+    args.update(kw)
+    return client.submit(api_name="/train", **args)
+
+
+# Outputs of /train over the API (gr.State is not part of it):
+STATUS, LOSS, ACC, TABLE, LOG, COMPARE, CHECKPOINT = range(7)
+
+
+def table_rows(out) -> list:
+    t = out[TABLE]
+    return (t.get("data") if isinstance(t, dict) else t) or []
+
+
+def plot_traces(out, idx) -> list[dict]:
+    plot = out[idx]
+    fig = json.loads(plot["plot"]) if isinstance(plot.get("plot"), str) else plot["plot"]
+    return fig["data"]
+
+
+@pytest.fixture(scope="module")
+def trained(app):
+    """One 2-epoch run on the demo data; every streamed output is kept."""
+    job = train_job(app["client"])
+    final = job.result(timeout=300)
+    return {"outputs": job.outputs(), "final": final}
+
+
+def run_dir_of(status: str) -> Path:
+    return Path(re.search(r"`([^`]+)/best_acc\.pt`", status).group(1))
+
+
+# ---------------------------------------------------------------- training
+
+def test_train_streams_one_update_per_epoch(trained, app):
+    outs, final = trained["outputs"], trained["final"]
+    sizes = [len(table_rows(o)) for o in outs]
+    assert 1 in sizes and 2 in sizes, f"expected an update after epoch 1 and after epoch 2, got table sizes {sizes}"
+    assert sizes == sorted(sizes), "epoch rows only ever grow"
+    assert "Completed" in final[STATUS] and "Best epoch" in final[STATUS]
+    rows = table_rows(final)
+    assert [r[0] for r in rows] == [1, 2]
+    assert all(0 <= r[2] <= 1 and 0 <= r[4] <= 1 for r in rows)
+    for idx in (LOSS, ACC):
+        traces = plot_traces(final, idx)
+        assert [len(t["x"]) for t in traces[:2]] == [2, 2], "train and val curves with one point per epoch"
+    assert "EPOCH 1/2" in final[LOG] and "EPOCH 2/2" in final[LOG] and "BEST:" in final[LOG]
+
+    run = run_dir_of(final[STATUS])
+    assert run.parent == app["checkpoints"]
+    for name in ("best_acc.pt", "best_loss.pt", "latest.pt", "metrics.csv", "args.json"):
+        assert (run / name).is_file(), name
+    assert len((run / "metrics.csv").read_text().strip().splitlines()) == 3
+    assert final[CHECKPOINT]["value"] == str(run / "best_acc.pt"), "the Predict tab preselects the new run"
+    assert run.name in [c[1] for c in final[COMPARE]["choices"]]
+    assert not app["service"].busy
+
+
+def test_stop_mid_epoch_keeps_completed_epochs_and_refuses_a_second_start(trained, app):
+    from core.checkpoint import read_checkpoint
+    client = app["client"]
+    # Full fine-tune: slow batches, so Stop lands in the middle of an epoch.
+    job = train_job(client, policy="full", epochs=50, batch_size=4)
+    deadline = time.monotonic() + 240
+    while not any(len(table_rows(o)) >= 1 for o in job.outputs()):
+        assert not job.done(), job.result()
+        assert time.monotonic() < deadline, "first epoch never arrived"
+        time.sleep(0.2)
+
+    # Only one run at a time: a second Start is refused with a clear message.
+    with pytest.raises(AppError, match="already in progress"):
+        train_job(client).result(timeout=60)
+
+    # Predict keeps working while training runs.
+    ckpt = trained["final"][CHECKPOINT]["value"]
+    label, _ = client.predict(handle_file(sorted((DATA / "val" / "cat").glob("*.jpg"))[0]), 2, ckpt, None, False,
+                              api_name="/predict")
+    assert label["label"] in ("cat", "fish")
+
+    time.sleep(1.0)  # into epoch 2
+    t0 = time.monotonic()
+    stop_status = client.predict(api_name="/stop")
+    final = job.result(timeout=60)
+    elapsed = time.monotonic() - t0
+    assert elapsed < 3.0, f"Stop took {elapsed:.1f} s"
+    for status in (stop_status, final[STATUS]):
+        assert "Stopped" in status, status
+        assert re.search(r"during (validation of )?epoch 2", status), status
+        assert "after 1 completed epoch" in status
+    assert len(table_rows(final)) == 1
+    assert [len(t["x"]) for t in plot_traces(final, ACC)[:2]] == [1, 1], "partial curves"
+
+    run = run_dir_of(final[STATUS])
+    ck = read_checkpoint(run / "latest.pt")
+    assert ck["epoch"] == 1 and ck["policy"] == "full"
+    assert read_checkpoint(run / "best_acc.pt")["epoch"] == 1
+    assert len((run / "metrics.csv").read_text().strip().splitlines()) == 2
+    assert not app["service"].busy
+    assert client.predict(api_name="/stop") == "No training run is in progress."
+
+
+def test_imagenet_weights_offline_gives_the_fix(app):
+    with pytest.raises(AppError) as e:
+        train_job(app["client"], weights_source="imagenet").result(timeout=120)
+    msg = str(e.value)
+    assert "ImageNet weights for resnet18 are not cached" in msg and "weights none" in msg
+    assert "Traceback" not in msg
+    assert not app["service"].busy
+
+
+def test_bad_settings_are_refused_before_training(app):
+    with pytest.raises(AppError, match="epochs must be"):
+        train_job(app["client"], epochs=0).result(timeout=60)
+    with pytest.raises(AppError, match="needs the path of a state_dict"):
+        train_job(app["client"], weights_source="local file", weights_path="").result(timeout=60)
+    with pytest.raises(AppError, match="does not exist"):
+        train_job(app["client"], data_dir=str(DATA / "nope")).result(timeout=60)
+
+
+def test_local_weights_file_transfer_learns(app, mobilenet_weights, catfish_mini):
+    """Real ImageNet MobileNetV2 weights from a local file: head-only training on real photos works."""
+    final = train_job(app["client"], data_dir=str(catfish_mini), arch="mobilenet_v2", weights_source="local file",
+                      weights_path=str(mobilenet_weights), epochs=2, batch_size=16).result(timeout=300)
+    assert "Completed" in final[STATUS], final[STATUS]
+    assert max(r[4] for r in table_rows(final)) >= 0.8, "pretrained features should separate cats from fish"
+
+
+# ---------------------------------------------------------------- dataset
+
+def test_check_dataset_counts_and_errors(app):
+    summary = app["client"].predict(str(DATA), 0, 1337, api_name="/check_dataset")
+    assert "**2 classes**" in summary
+    assert "| cat | 20 | 16 |" in summary and "| fish | 20 | 16 |" in summary
+    with pytest.raises(AppError, match="does not exist"):
+        app["client"].predict(str(DATA / "missing"), 0, 1337, api_name="/check_dataset")
+
+
+def test_dataset_zip_upload(app, tmp_path):
+    ds = make_image_dataset(tmp_path / "mini", n_train=3, n_val=2)
+    zpath = tmp_path / "mini.zip"
+    with zipfile.ZipFile(zpath, "w") as z:
+        for p in sorted(ds.rglob("*.jpg")):
+            z.write(p, Path("mini") / p.relative_to(ds))
+    folder, summary = app["client"].predict(handle_file(zpath), 0, 1337, api_name="/upload_dataset_zip")
+    assert Path(folder).parent.parent == app["uploads"] and (Path(folder) / "train" / "cat").is_dir()
+    assert "**2 classes**" in summary and "| cat | 3 | 2 |" in summary and "very few training images" in summary
+
+
+def test_bad_zip_uploads_give_clear_errors(app, tmp_path):
+    not_zip = tmp_path / "photos.zip"
+    not_zip.write_bytes(b"this is not a zip")
+    with pytest.raises(AppError, match="photos.zip is not a zip file"):
+        app["client"].predict(handle_file(not_zip), 0, 1337, api_name="/upload_dataset_zip")
+    no_train = tmp_path / "flat.zip"
+    with zipfile.ZipFile(no_train, "w") as z:
+        z.writestr("cat/a.jpg", b"x")
+    with pytest.raises(AppError, match=r"no train/ folder"):
+        app["client"].predict(handle_file(no_train), 0, 1337, api_name="/upload_dataset_zip")
+    evil = tmp_path / "evil.zip"
+    with zipfile.ZipFile(evil, "w") as z:
+        z.writestr("../train/cat/a.jpg", b"x")
+    with pytest.raises(AppError, match="escapes its folder"):
+        app["client"].predict(handle_file(evil), 0, 1337, api_name="/upload_dataset_zip")
+
+
+# ---------------------------------------------------------------- predict
+
+def test_predict_confidences_sum_to_one(trained, app):
+    ckpt = trained["final"][CHECKPOINT]["value"]
+    image = sorted((DATA / "val" / "fish").glob("*.jpg"))[0]
+    label, timing = app["client"].predict(handle_file(image), 2, ckpt, None, False, api_name="/predict")
+    conf = {c["label"]: c["confidence"] for c in label["confidences"]}
+    assert set(conf) == {"cat", "fish"}
+    assert sum(conf.values()) == pytest.approx(1.0, abs=1e-4)
+    assert label["label"] == max(conf, key=conf.get)
+    assert re.search(r"\d+ ms", timing)
+    top1, _ = app["client"].predict(handle_file(image), 1, ckpt, None, False, api_name="/predict")
+    assert len(top1["confidences"]) == 1
+
+
+def test_predict_batch_table_gallery_and_csv(trained, app, tmp_path):
+    ckpt = trained["final"][CHECKPOINT]["value"]
+    junk = tmp_path / "notes.jpg"
+    junk.write_text("not really an image")
+    good = sorted((DATA / "val" / "cat").glob("*.jpg"))[:2]
+    table, gallery, csv_path, summary = app["client"].predict(
+        [handle_file(p) for p in good + [junk]], str(DATA / "val"), 2, ckpt, None, False, api_name="/predict_batch")
+    rows = table["data"]
+    assert len(rows) == 3 + 32
+    assert [r[0] for r in rows[:3]] == [good[0].name, good[1].name, "notes.jpg"]
+    assert "not a supported image" in rows[2][4], "an unreadable file is reported, not fatal"
+    assert all(r[1] in ("cat", "fish") and 0.5 <= r[2] <= 1 for r in rows if not r[4])
+    assert len(gallery) == 34 and all(g["caption"].split()[0] in ("cat", "fish") for g in gallery)
+    lines = Path(csv_path).read_text().strip().splitlines()
+    assert lines[0].startswith("file,path,top1,p,topk,error") and len(lines) == 36
+    assert "34" in summary and "could not be read" in summary
+
+
+def test_predict_errors_are_clear(trained, app, tmp_path):
+    client = app["client"]
+    image = handle_file(sorted((DATA / "val" / "cat").glob("*.jpg"))[0])
+    with pytest.raises(AppError, match="No checkpoint selected"):
+        client.predict(image, 2, None, None, False, api_name="/predict")
+    text = tmp_path / "readme.png"
+    text.write_text("hello, not an image")
+    with pytest.raises(AppError, match="readme.png: not an image file"):
+        client.predict(handle_file(text), 2, trained["final"][CHECKPOINT]["value"], None, False, api_name="/predict")
+    broken = tmp_path / "broken.pt"
+    broken.write_bytes(b"\x00garbage" * 100)
+    with pytest.raises(AppError, match=r"broken.pt is not a (valid|readable) PyTorch"):
+        client.predict(image, 2, None, handle_file(broken), False, api_name="/predict")
+    with pytest.raises(AppError, match="add some images first"):
+        client.predict([], "", 2, trained["final"][CHECKPOINT]["value"], None, False, api_name="/predict_batch")
+
+
+def test_uploaded_full_model_needs_trust_pickle(trained, app, tmp_path):
+    from core.checkpoint import export_full_model, model_from_checkpoint, read_checkpoint
+    ckpt = trained["final"][CHECKPOINT]["value"]
+    full = export_full_model(model_from_checkpoint(read_checkpoint(ckpt)), ["cat", "fish"], tmp_path / "full.pt")
+    image = handle_file(sorted((DATA / "val" / "cat").glob("*.jpg"))[0])
+    with pytest.raises(AppError, match="pickled Python objects"):
+        app["client"].predict(image, 2, None, handle_file(full), False, api_name="/predict")
+    label, _ = app["client"].predict(image, 2, None, handle_file(full), True, api_name="/predict")
+    assert {c["label"] for c in label["confidences"]} == {"cat", "fish"}
+
+
+def test_refresh_checkpoints_preselects_newest_best_acc(trained, app):
+    update = app["client"].predict(None, api_name="/refresh_checkpoints")
+    newest = max((p for p in app["checkpoints"].iterdir() if (p / "metrics.csv").exists()),
+                 key=lambda p: (p / "metrics.csv").stat().st_mtime)
+    assert update["value"] == str(newest / "best_acc.pt")
+
+
+# ---------------------------------------------------------------- model tab
+
+def test_model_summary_rows_and_totals(app):
+    table, totals, base, transfer, base_raw, transfer_raw = app["client"].predict(
+        "resnet18", "head", 2, api_name="/model_summary")
+    rows = {r[0]: r for r in table["data"]}
+    for name in ("conv1", "bn1", "maxpool", "layer4", "fc"):
+        assert name in rows
+    assert rows["fc"][4].startswith("✔") and rows["conv1"][4] == "frozen"
+    assert "BatchNorm" in rows["bn1"][5] and "MaxPool" in rows["maxpool"][5]
+    assert rows["maxpool"][2] == "1x64x56x56"
+    assert "11,177,538" in totals and "1,026" in totals
+    assert "1000 outputs" in base and "2 outputs" in transfer
+    assert "out_features=1000" in base_raw and "out_features=2" in transfer_raw
+    full = app["client"].predict("resnet18", "full", 2, api_name="/model_summary")
+    assert "100.00%" in full[1]
+
+
+# ---------------------------------------------------------------- security and CLI
+
+def test_file_route_serves_only_the_apps_folders(trained, app):
+    def status(path) -> int:
+        try:
+            with urllib.request.urlopen(f"{app['url']}gradio_api/file={path}", timeout=10) as r:
+                r.read(100)
+                return r.status
+        except urllib.error.HTTPError as e:
+            return e.code
+    assert status("/etc/passwd") in (403, 404)
+    assert status(ROOT / "app.py") in (403, 404)
+    assert status(ROOT / "core" / "config.py") in (403, 404)
+    assert status(sorted((DATA / "val" / "cat").glob("*.jpg"))[0]) == 200  # the data folder is allowed
+
+
+def test_app_cli_help_and_flags():
+    out = subprocess.run([sys.executable, str(ROOT / "app.py"), "--help"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0
+    for flag in ("--host", "--port", "--share", "--checkpoints-dir", "--data-dir"):
+        assert flag in out.stdout
+    import app as app_module
+    args = app_module.build_parser().parse_args([])
+    assert args.host == "127.0.0.1" and args.port == 7860 and args.share is False
+    assert app_module.is_loopback("127.0.0.1") and not app_module.is_loopback("0.0.0.0")
+
+
+def test_app_run_matches_the_engine_run(trained, tmp_path):
+    """Same settings, same numbers: the app adds nothing to (and loses nothing from) core's training."""
+    from core.config import TrainConfig
+    from core.engine import RunEnded, train
+    run = run_dir_of(trained["final"][STATUS])
+    cfg = TrainConfig.from_dict(json.loads((run / "args.json").read_text()))
+    cfg.output_dir = str(tmp_path)
+    ended = [ev for ev in train(cfg) if isinstance(ev, RunEnded)][0]
+    app_rows = table_rows(trained["final"])
+    assert len(ended.history) == len(app_rows) == 2
+    for mine, theirs in zip(app_rows, ended.history):
+        assert mine[1] == pytest.approx(theirs["train_loss"], abs=1e-4)
+        assert mine[3] == pytest.approx(theirs["val_loss"], abs=1e-4)
+        assert mine[4] == pytest.approx(theirs["val_acc"], abs=1e-4)

@@ -1,0 +1,281 @@
+"""The Gradio app in a real browser: Playwright (Python) driving Debian's Chromium.
+
+Needs `pip install playwright` and `apt-get install chromium` (/usr/bin/chromium);
+`playwright install` cannot download browsers on offline machines. Saves a
+screenshot of each tab to assets/ (train.png, predict.png, model.png)."""
+from __future__ import annotations
+
+import re
+import socket
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+CHROMIUM = Path("/usr/bin/chromium")
+ASSETS = ROOT / "assets"
+
+pytestmark = pytest.mark.browser
+
+if not CHROMIUM.exists():
+    pytest.skip("Chromium is not installed at /usr/bin/chromium (apt-get install chromium)", allow_module_level=True)
+sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright Python package is not installed "
+                                                            "(pip install playwright)")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory):
+    from demo_app.ui import build_app, launch_options
+    base = tmp_path_factory.mktemp("browser_app")
+    ckpt, uploads, data = base / "checkpoints", base / "uploads", ROOT / "data"
+    demo = build_app(ckpt, data, uploads)
+    _, url, _ = demo.queue().launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=free_port(),
+                                    quiet=True, **launch_options(ckpt, data, uploads))
+    try:
+        yield {"url": url, "demo": demo, "checkpoints": ckpt}
+    finally:
+        demo.handlers.service.stop()
+        demo.handlers.service.wait_idle(30)
+        demo.close()
+
+
+@pytest.fixture(scope="module")
+def page(app):
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True,
+                                    args=["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                                          "--disable-background-networking"])
+        pg = browser.new_page(viewport={"width": 1440, "height": 1000})
+        pg.set_default_timeout(30_000)
+        origin = app["url"].rstrip("/")
+        pg.outside_requests = []
+        pg.on("request", lambda r: pg.outside_requests.append(r.url)
+              if not r.url.startswith((origin, "data:", "blob:")) else None)
+        pg.goto(app["url"])
+        pg.wait_for_selector("#train-status")
+        pg.wait_for_function("document.querySelector('#dataset-summary').innerText.includes('classes')")
+        try:
+            yield pg
+        finally:
+            browser.close()
+
+
+def status_text(page) -> str:
+    return page.locator("#train-status").inner_text()
+
+
+def wait_status(page, pattern: str, timeout: float) -> str:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        text = status_text(page)
+        if re.search(pattern, text):
+            return text
+        time.sleep(0.2)
+    raise AssertionError(f"status never matched {pattern!r}; last status: {status_text(page)!r}")
+
+
+def start(page) -> None:
+    """Press Start and wait until the status shows this new run (not the last one's result)."""
+    page.locator("#start-btn").click()
+    wait_status(page, r"Setting up|started|Epoch \d|running", timeout=30)
+
+
+def set_number(page, elem_id: str, value) -> None:
+    box = page.locator(f"#{elem_id} input[type=number]")
+    box.fill(str(value))
+    box.press("Tab")
+
+
+def row_count(page, elem_id: str) -> int:
+    """Data rows of a gr.Dataframe (its grid's aria-rowcount counts the header too)."""
+    return int(page.locator(f"#{elem_id} [role=grid]").get_attribute("aria-rowcount")) - 1
+
+
+def rows_js(elem_id: str) -> str:
+    return f"(+document.querySelector('#{elem_id} [role=grid]').getAttribute('aria-rowcount') - 1)"
+
+
+def first_column(page, elem_id: str) -> list[str]:
+    return [t.strip() for t in page.locator(f"#{elem_id} [role=gridcell][data-col='0']").all_inner_texts()]
+
+
+PLOT_DATA_JS = """(id) => {
+  const gd = document.querySelector('#' + id + ' .js-plotly-plot');
+  if (!gd || !gd.data) return null;
+  return gd.data.map(t => ({name: t.name, n: (t.x || []).length}));
+}"""
+
+
+def trace_points(page, elem_id: str) -> list[int]:
+    """Marker points drawn per scatter trace, read from the SVG."""
+    traces = page.locator(f"#{elem_id} .js-plotly-plot g.trace.scatter")
+    return [traces.nth(i).locator("path.point").count() for i in range(traces.count())]
+
+
+def fill_text(page, elem_id: str, value: str) -> None:
+    page.locator(f"#{elem_id} textarea, #{elem_id} input").first.fill(value)
+
+
+def choose(page, elem_id: str, option: str) -> None:
+    """Pick an option of a gr.Dropdown."""
+    page.locator(f"#{elem_id} input").click()
+    page.get_by_role("option", name=option, exact=True).click()
+
+
+def configure(page, epochs: int, batch_size: int = 8) -> None:
+    page.locator("#weights-source").get_by_text("None (random init)").click()
+    page.locator("#policy").get_by_text("Head only (fc)").click()
+    set_number(page, "epochs", epochs)
+    set_number(page, "batch-size", batch_size)
+
+
+def wait_images_loaded(page, selector: str, at_least: int) -> None:
+    page.locator(selector).first.scroll_into_view_if_needed()
+    page.wait_for_function(f"""(() => {{
+        const imgs = Array.from(document.querySelectorAll('{selector}'));
+        imgs.forEach(i => i.loading = 'eager');
+        return imgs.length >= {at_least} && imgs.every(i => i.complete && i.naturalWidth > 0); }})()""")
+    page.evaluate("window.scrollTo(0, 0)")
+
+
+def test_stop_ends_a_long_run(page, app):
+    configure(page, epochs=300)
+    start(page)
+    page.wait_for_function(f"{rows_js('epochs-table')} >= 1", timeout=90_000)
+    t0 = time.monotonic()
+    page.locator("#stop-btn").click()
+    text = wait_status(page, r"Stopped", timeout=10)
+    assert time.monotonic() - t0 < 5, "Stop took too long"
+    done = row_count(page, "epochs-table")
+    assert 1 <= done < 300
+    assert re.search(rf"after {done} completed epoch", text), text
+    assert "best_acc.pt" in text
+    time.sleep(1.0)
+    assert row_count(page, "epochs-table") == done, "the run kept going after Stop"
+    assert not app["demo"].handlers.service.busy
+
+
+def test_train_two_epochs_fills_both_charts(page, app):
+    configure(page, epochs=2)
+    start(page)
+    text = wait_status(page, r"Completed", timeout=120)
+    assert "Best epoch" in text and "best_acc.pt" in text
+    assert row_count(page, "epochs-table") == 2
+    for plot in ("loss-plot", "acc-plot"):
+        page.wait_for_function(f"(() => {{ const d = ({PLOT_DATA_JS})('{plot}');"
+                               f" return d && d.length >= 2 && d[0].n === 2 && d[1].n === 2; }})()")
+        data = page.evaluate(PLOT_DATA_JS, plot)
+        names = [d["name"] for d in data]
+        assert any(n.endswith("train") for n in names) and any(n.endswith("val") for n in names), names
+        assert trace_points(page, plot)[:2] == [2, 2], f"{plot}: one point per epoch expected"
+
+    # Compare policies: overlay the earlier (stopped) run on the accuracy chart
+    current = re.search(r"/([^/]+)/best_acc\.pt", text).group(1)
+    page.locator("#compare input").click()
+    options = page.get_by_role("option")
+    earlier = [t for t in options.all_inner_texts() if not t.startswith(current)]
+    assert earlier, options.all_inner_texts()
+    options.filter(has_text=earlier[0]).click()
+    page.keyboard.press("Escape")
+    page.wait_for_function(f"(() => {{ const d = ({PLOT_DATA_JS})('acc-plot'); return d && d.length === 3; }})()")
+    assert page.evaluate(PLOT_DATA_JS, "acc-plot")[2]["n"] >= 1
+    page.locator("#header").click()
+    page.screenshot(path=str(ASSETS / "train.png"), full_page=True)
+
+
+def test_local_weights_file_run(page, app):
+    """The 'Local file' weights path in the UI, with real ImageNet MobileNetV2 weights
+    (../shared, skipped where absent). Its curves make the README screenshot."""
+    weights = ROOT.parent / "shared" / "weights" / "mobilenet_v2_imagenet_features.pth"
+    if not weights.is_file():
+        pytest.skip("../shared/weights/mobilenet_v2_imagenet_features.pth is absent "
+                    "(real weights live outside the repo)")
+    choose(page, "arch", "mobilenet_v2")
+    assert not page.locator("#weights-path").is_visible()
+    page.locator("#weights-source").get_by_text("Local file").click()
+    page.locator("#weights-path").wait_for(state="visible")
+    fill_text(page, "weights-path", str(weights))
+    page.locator("#policy").get_by_text("Head only (fc)").click()
+    page.wait_for_function("document.querySelector('#policy-info').innerText.includes('2,562')")  # 1280*2+2
+    set_number(page, "epochs", 6)
+    set_number(page, "batch-size", 8)
+    start(page)
+    text = wait_status(page, r"Completed|Could not", timeout=180)
+    assert "Completed" in text, text
+    assert row_count(page, "epochs-table") == 6
+    best = float(re.search(r"val_acc (\d\.\d+)", text).group(1))
+    assert best >= 0.75, f"pretrained features should reach a good val accuracy, got {best}"
+    # the earlier run picked under "Compare policies" stays overlaid on the new curves
+    page.wait_for_function(f"(() => {{ const d = ({PLOT_DATA_JS})('acc-plot'); return d && d.length === 3"
+                           f" && d[0].n === 6 && d[2].n >= 1; }})()")
+    page.locator("#header").click()
+    page.screenshot(path=str(ASSETS / "train.png"), full_page=True)
+
+
+def test_predict_tab_labels_an_uploaded_image(page, app):
+    page.get_by_role("tab", name="Predict").click()
+    page.wait_for_function("document.querySelector('#checkpoint input').value.includes('best_acc.pt')")
+    page.wait_for_function("document.querySelector('#checkpoint-info').innerText.includes('classes: cat, fish')")
+    image = sorted((ROOT / "data" / "val" / "fish").glob("*.jpg"))[0]
+    page.locator("#predict-image input[type=file]").set_input_files(str(image))
+    page.wait_for_function("/(cat|fish)/.test(document.querySelector('#predict-label').innerText)"
+                           " && document.querySelector('#predict-time').innerText.includes('ms')")
+    assert re.search(r"\d+%", page.locator("#predict-label").inner_text())
+
+    page.locator("#batch-folder input, #batch-folder textarea").first.fill(str(ROOT / "data" / "val"))
+    page.locator("#batch-btn").click()
+    page.wait_for_function(f"{rows_js('batch-table')} === 32", timeout=60_000)
+    wait_images_loaded(page, "#batch-gallery img", 32)
+
+    # click-to-predict: an example from the dataset's val split replaces the uploaded image
+    wait_images_loaded(page, "#examples img", 8)
+    from core.predict import Predictor, list_images
+    from demo_app.runs import checkpoint_choices
+    example = list_images(ROOT / "data" / "val" / "cat")[0]  # the first thumbnail
+    (label, p), _ = Predictor.load(checkpoint_choices(app["checkpoints"])[0][1]).predict_image(example, 2)
+    uploaded_src = page.locator("#predict-image img").first.get_attribute("src")
+    page.locator("#examples button.thumbnail-item").first.click()
+    page.wait_for_function(f"document.querySelector('#predict-image img').src !== {uploaded_src!r}")
+    percents = {f"{int(p * 100)}%", f"{round(p * 100)}%"}
+    shows_core_result = f"""(() => {{
+        const top = document.querySelector('#predict-label [data-testid=label-output-value]');
+        const text = document.querySelector('#predict-label').innerText;
+        return top && top.innerText.trim() === {label!r} && {sorted(percents)!r}.some(x => text.includes(x)); }})()"""
+    try:
+        page.wait_for_function(shows_core_result, timeout=15_000)
+    except sync_api.TimeoutError:
+        shown = page.locator("#predict-label").inner_text()
+        raise AssertionError(f"expected {label} {percents} (core's prediction), the page shows {shown!r}") from None
+    assert "32" in page.locator("#batch-summary").inner_text()
+    page.screenshot(path=str(ASSETS / "predict.png"), full_page=True)
+
+
+def test_model_tab_shows_the_layers(page):
+    page.get_by_role("tab", name="Model").click()
+    choose(page, "model-arch", "resnet18")  # the Train tab may have switched it to mobilenet_v2
+    page.wait_for_function("document.querySelector('#model-totals').innerText.includes('11,177,538')")
+    page.wait_for_function(f"{rows_js('model-table')} >= 10")
+    page.wait_for_function("document.querySelectorAll('#model-table [role=gridcell][data-col=\\'0\\']').length >= 18")
+    names = first_column(page, "model-table")
+    for layer in ("conv1", "bn1", "maxpool", "fc"):
+        assert layer in names, names
+    assert "1000 outputs" in page.locator("#model-base").inner_text()
+    assert "2 outputs" in page.locator("#model-transfer").inner_text()
+    page.locator("#model-policy").get_by_text("Full fine-tune").click()
+    page.wait_for_function("document.querySelector('#model-totals').innerText.includes('100.00%')")
+    page.locator("#model-policy").get_by_text("Head only (fc)").click()
+    page.wait_for_function("document.querySelector('#model-totals').innerText.includes('1,026')")
+    page.locator("#model-policy").get_by_text("Last stage + head").click()
+    page.wait_for_function("document.querySelector('#model-totals').innerText.includes('8,394,754')")
+    page.screenshot(path=str(ASSETS / "model.png"), full_page=True)
+
+
+def test_page_made_no_outside_requests(page):
+    assert page.outside_requests == []
