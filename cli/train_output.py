@@ -45,23 +45,14 @@ def _request_stop(stop: threading.Event, previous) -> None:
 
 
 def print_start(ev: RunStarted, print_model: bool) -> None:
-    cfg, info = ev.config, ev.dataset
-    print(f"RUN_DIR: {ev.run_dir}")
-    print("DATASET:")
-    print(f"  root: {info.root}")
-    print(f"  {info.train.summary_line()}")
-    print(f"  {info.val.summary_line()}" + (f" (held out {info.val_from_split:.0%} of train)" if info.val_from_split else ""))
-    print(f"MODEL: arch={cfg.arch} weights={cfg.weights} policy={cfg.policy} dropout={cfg.dropout} "
-          f"augment={cfg.effective_augment} device={ev.device}")
-    print(f"PARAMS: trainable={ev.trainable_params:,} total={ev.total_params:,}")
+    cfg, classes = ev.config, ev.dataset.classes
+    print("\n".join(ev.header_lines()))
     if print_model:
         from core.models import build_model
         from core.summary import print_model_report
-        model = build_model(cfg.arch, len(info.classes), cfg.dropout, "none")
-        print("\n".join(print_model_report(cfg.arch, model, len(info.classes), cfg.dropout)))
-    if ev.start_epoch > 1:
-        print(f"RESUME: continuing at epoch {ev.start_epoch}/{cfg.epochs}")
-    for w in info.warnings:
+        model = build_model(cfg.arch, len(classes), cfg.dropout, "none")
+        print("\n".join(print_model_report(cfg.arch, model, len(classes), cfg.dropout)))
+    for w in ev.dataset.warnings:
         print(f"WARNING: {w}", file=sys.stderr)
     for n in ev.notes:
         print(f"NOTE: {n}")
@@ -88,10 +79,7 @@ def close_bar(bar):
 
 
 def print_end(ev: RunEnded) -> int:
-    if ev.status != "completed":
-        print(f"{ev.status.upper()}: {ev.message}", file=sys.stderr)
-    print("\n".join(ev.best_lines()))
-    for path in ev.exports:
-        print(f"EXPORTED: {path}")
+    for line in ev.end_lines():
+        print(line, file=sys.stderr if line.startswith(("STOPPED:", "DIVERGED:")) else sys.stdout)
     sys.stdout.flush()
     return {"completed": 0, "stopped": 130, "diverged": 3}[ev.status]

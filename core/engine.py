@@ -48,6 +48,19 @@ class RunStarted:
     start_epoch: int
     notes: list[str] = field(default_factory=list)
 
+    def header_lines(self) -> list[str]:
+        """RUN_DIR, the DATASET block, MODEL and PARAMS lines (the CLI's stdout)."""
+        cfg, info = self.config, self.dataset
+        held = f" (held out {info.val_from_split:.0%} of train)" if info.val_from_split else ""
+        lines = [f"RUN_DIR: {self.run_dir}", "DATASET:", f"  root: {info.root}", f"  {info.train.summary_line()}",
+                 f"  {info.val.summary_line()}{held}",
+                 f"MODEL: arch={cfg.arch} weights={cfg.weights} policy={cfg.policy} dropout={cfg.dropout} "
+                 f"augment={cfg.effective_augment} device={self.device}",
+                 f"PARAMS: trainable={self.trainable_params:,} total={self.total_params:,}"]
+        if self.start_epoch > 1:
+            lines.append(f"RESUME: continuing at epoch {self.start_epoch}/{cfg.epochs}")
+        return lines
+
 
 @dataclass
 class BatchProgress:
@@ -99,6 +112,11 @@ class RunEnded:
     best_loss_path: str | None
     history: list[dict]
     exports: list[str] = field(default_factory=list)
+
+    def end_lines(self) -> list[str]:
+        """Status (unless completed), the BEST block and exported files."""
+        lines = [] if self.status == "completed" else [f"{self.status.upper()}: {self.message}"]
+        return lines + self.best_lines() + [f"EXPORTED: {p}" for p in self.exports]
 
     def best_lines(self) -> list[str]:
         return [

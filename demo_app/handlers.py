@@ -10,7 +10,7 @@ import gradio as gr
 import pandas as pd
 
 from core.config import TrainConfig
-from core.engine import BatchProgress, EpochEnded, RunEnded, RunStarted
+from core.engine import BatchProgress, EpochEnded, Notice, RunEnded, RunStarted
 from core.errors import UserError
 from core.images import load_rgb
 
@@ -177,6 +177,8 @@ class Handlers:
             if isinstance(ev, BatchProgress):
                 if ev.phase == "cache":
                     progress((ev.step, ev.total), desc="running the frozen layers once per image", unit="img")
+                elif ev.phase == "decode":
+                    progress((ev.step, ev.total), desc="decoding and checking images", unit="img")
                 else:
                     progress((ev.step, ev.total), desc=f"epoch {ev.epoch}/{cfg.epochs} · {ev.phase}", unit="batch")
             elif isinstance(ev, RunStarted):
@@ -187,6 +189,10 @@ class Handlers:
                        f"{len(ev.dataset.val.samples)} val images, {ev.trainable_params:,} of {ev.total_params:,} "
                        f"parameters train, on {ev.device}.")
                 yield self._train_frame(msg, state, overlays, log_lines)
+            elif isinstance(ev, Notice):
+                log_lines.append(f"{ev.level.upper()}: {ev.text}")
+                yield self._train_frame(f"⚠ {html.escape(ev.text.splitlines()[0], quote=False)} (see the run log)",
+                                        state, overlays, log_lines)
             elif isinstance(ev, EpochEnded):
                 state = {**state, "history": state["history"] + [{**ev.as_row(), "best": ev.best_acc}]}
                 log_lines.append(ev.line())
@@ -208,7 +214,7 @@ class Handlers:
                            "with the path of a backbone state_dict.")
             yield self._train_frame(status, state, overlays, log_lines)
             raise gr.Error(html.escape(failed.message, quote=False), title="Training failed", print_exception=False)
-        log_lines += end_lines(ended)
+        log_lines += ended.end_lines()
         frame = list(self._train_frame(end_status(ended), state, overlays, log_lines))
         frame[6] = self.refresh_compare(compare)
         frame[7] = self.refresh_checkpoints(ended.best_acc_path)
@@ -336,21 +342,9 @@ def inference_choices(checkpoints_dir):
 
 
 def start_lines(ev: RunStarted) -> list[str]:
-    """The CLI's start block (cli/train_output.print_start), as lines."""
-    cfg, info = ev.config, ev.dataset
-    lines = [f"RUN_DIR: {ev.run_dir}", "DATASET:", f"  root: {info.root}", f"  {info.train.summary_line()}",
-             f"  {info.val.summary_line()}",
-             f"MODEL: arch={cfg.arch} weights={cfg.weights} policy={cfg.policy} dropout={cfg.dropout} "
-             f"augment={cfg.effective_augment} device={ev.device}",
-             f"PARAMS: trainable={ev.trainable_params:,} total={ev.total_params:,}"]
-    lines += [f"WARNING: {w}" for w in info.warnings]
-    lines += [f"NOTE: {n}" for n in ev.notes]
-    return lines
-
-
-def end_lines(ev: RunEnded) -> list[str]:
-    lines = [] if ev.status == "completed" else [f"{ev.status.upper()}: {ev.message}"]
-    return lines + ev.best_lines() + [f"EXPORTED: {p}" for p in ev.exports]
+    """The CLI's start block, as lines."""
+    return (ev.header_lines() + [f"WARNING: {w}" for w in ev.dataset.warnings]
+            + [f"NOTE: {n}" for n in ev.notes])
 
 
 def end_status(ev: RunEnded) -> str:
