@@ -58,6 +58,8 @@ def _predict(args) -> int:
         if r.error:
             failed += 1
             print(f"ERROR: {r.error}")
+            if len(images) == 1:
+                print(f"error: {r.path}: {r.error}", file=sys.stderr)
             continue
         print("TOPK:")
         for i, (label, p) in enumerate(r.topk, 1):
@@ -68,7 +70,7 @@ def _predict(args) -> int:
         from core.checkpoint import atomic_write_csv
         atomic_write_csv(args.csv, rows)
         print(f"CSV: {args.csv} ({len(rows)} rows)")
-    if failed:
+    if failed and len(images) > 1:
         print(f"{failed} of {len(images)} image(s) could not be read", file=sys.stderr)
     return 2 if failed == len(images) else 0
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import io
 import os
 import sys
 
@@ -18,8 +19,10 @@ def bool01(value: str) -> int:
 
 def run_cli(fn) -> int:
     """Run `fn`; user errors become `error: ...` and exit code 2, never a traceback.
-    Ctrl-C exits with 130. Set TL_DEBUG=1 to see tracebacks of internal errors."""
+    Ctrl-C exits with 130. Environment problems (OSError) and internal errors
+    print one line and exit 1; set TL_DEBUG=1 to see their traceback."""
     from core.errors import UserError
+    debug = bool(os.environ.get("TL_DEBUG"))
     try:
         return fn() or 0
     except UserError as e:
@@ -28,11 +31,33 @@ def run_cli(fn) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # output piped into `head` and closed: not an error worth a message
+        _silence_stdout()
+        return 1
     except MemoryError:
         print("error: out of memory; try a smaller --batch-size or --cache-budget-mb", file=sys.stderr)
         return 1
     except OSError as e:
-        if os.environ.get("TL_DEBUG"):
+        if debug:
             raise
         print(f"error: {e.strerror or e}{': ' + str(e.filename) if e.filename else ''}", file=sys.stderr)
         return 1
+    except Exception as e:
+        if debug:
+            raise
+        msg = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+        print(f"internal error: {type(e).__name__}{': ' + msg if msg else ''} "
+              f"(a bug; run with TL_DEBUG=1 for the traceback and please report it)", file=sys.stderr)
+        return 1
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so the interpreter's final flush cannot raise
+    BrokenPipeError again (the recipe from the Python signal docs)."""
+    try:
+        fd = sys.stdout.fileno()
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, fd)
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError, io.UnsupportedOperation):
+        pass

@@ -4,11 +4,13 @@ needs an explicit opt-in, because unpickling can run arbitrary code."""
 from __future__ import annotations
 
 import csv
+import glob
 import io
 import json
 import os
 import pickle
 import tempfile
+import threading
 import zipfile
 from pathlib import Path
 
@@ -25,19 +27,96 @@ REFERENCE_KEYS = ("epoch", "model_state", "optimizer_state", "best_val_acc", "be
 
 # ---------------------------------------------------------------- atomic writes
 
+def _current_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_FILE_MODE = 0o666 & ~_current_umask()  # what open() would give; mkstemp alone gives 0600
+_ACTIVE_TEMPS: set[str] = set()  # temp files this process is writing right now
+_ACTIVE_LOCK = threading.Lock()
+
+
 def atomic_write_bytes(path, data: bytes) -> Path:
+    """Write to `.<name>.<pid>.<random>.tmp` in the same folder, fsync, then
+    os.replace: readers see the old file or the new one, never a partial one.
+    A writer killed mid-write leaves only its temp file, which the next write
+    of the same name removes once that process is gone."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    with _ACTIVE_LOCK:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
+        _ACTIVE_TEMPS.add(os.path.abspath(tmp))
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
+            if hasattr(os, "fchmod"):
+                os.fchmod(f.fileno(), _FILE_MODE)
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         _unlink_quietly(tmp)
         raise
+    finally:
+        with _ACTIVE_LOCK:
+            _ACTIVE_TEMPS.discard(os.path.abspath(tmp))
+    _fsync_dir(path.parent)
+    remove_stale_temps(path)
     return path
+
+
+def remove_stale_temps(path) -> list[Path]:
+    """Delete `.<name>.<pid>.*.tmp` siblings left by writers that were killed
+    (their process no longer exists). Returns what was removed."""
+    path = Path(path)
+    removed = []
+    try:
+        candidates = list(path.parent.glob(f".{glob.escape(path.name)}.*.tmp"))
+    except OSError:
+        return removed
+    for tmp in candidates:
+        pid_part = tmp.name[len(path.name) + 2:].split(".", 1)[0]
+        if not pid_part.isdigit():
+            continue
+        with _ACTIVE_LOCK:
+            if os.path.abspath(tmp) in _ACTIVE_TEMPS:  # another thread of ours is writing it
+                continue
+        # Our own pid but not ours: an earlier process that had the same pid (containers).
+        if int(pid_part) != os.getpid() and _pid_alive(int(pid_part)):
+            continue
+        try:
+            tmp.unlink()
+            removed.append(tmp)
+        except OSError:
+            pass
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    if os.name == "nt":  # os.kill(pid, 0) is not a probe there; keep the file
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError, OverflowError):
+        return True
+    return True
+
+
+def _fsync_dir(folder) -> None:
+    """Make the rename itself durable (power loss); not possible everywhere."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def atomic_torch_save(obj, path) -> Path:
@@ -68,7 +147,7 @@ def atomic_link_or_copy(src, dst) -> Path:
     bytes again: a hard link (atomic via os.replace), or a copy where links fail.
     Later os.replace of `src` gives src a new inode, so dst keeps its content."""
     src, dst = Path(src), Path(dst)
-    tmp = dst.with_name(f".{dst.name}.link.tmp")
+    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.link.tmp")
     _unlink_quietly(tmp)
     try:
         os.link(src, tmp)
@@ -76,7 +155,50 @@ def atomic_link_or_copy(src, dst) -> Path:
     except OSError:
         _unlink_quietly(tmp)
         atomic_write_bytes(dst, src.read_bytes())
+        return dst
+    _fsync_dir(dst.parent)
+    remove_stale_temps(dst)
     return dst
+
+
+RUN_FILES = ("args.json", "latest.pt", "best_acc.pt", "best_loss.pt", "metrics.csv")
+
+
+def recover_run_folder(run_dir, latest: dict, source=None) -> list[str]:
+    """Call when resuming a run, before training continues. Repairs what a
+    crash (SIGKILL, power loss) can leave in a run folder:
+    - save_epoch replaces latest.pt, then links best_acc.pt / best_loss.pt to
+      it; killed in between, a best file is older than the epoch latest.pt
+      calls best. When the resumed checkpoint is that best epoch, link again.
+    - temp files of killed writers (`.<name>.<pid>.*.tmp`, up to 45 MB each).
+    Returns what was done, e.g. ['best_acc.pt', 'removed .latest.pt.123.x.tmp']."""
+    run_dir = Path(run_dir)
+    src = Path(source) if source is not None else run_dir / "latest.pt"
+    epoch, done = latest.get("epoch"), []
+    for name, key in (("best_acc.pt", "best_epoch"), ("best_loss.pt", "best_loss_epoch")):
+        dst = run_dir / name
+        if epoch is None or latest.get(key) != epoch or not src.is_file():
+            continue
+        try:
+            if dst.exists() and os.path.samefile(src, dst):
+                continue
+        except OSError:
+            pass
+        if dst.is_file() and _saved_epoch(dst) == epoch:  # a copy (file system without hard links)
+            continue
+        atomic_link_or_copy(src, dst)
+        done.append(name)
+    for name in RUN_FILES:
+        done += [f"removed {p.name}" for p in remove_stale_temps(run_dir / name)]
+    return done
+
+
+def _saved_epoch(path):
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+        return obj.get("epoch") if isinstance(obj, dict) else None
+    except Exception:
+        return None
 
 
 def _unlink_quietly(p) -> None:
@@ -90,10 +212,15 @@ def _unlink_quietly(p) -> None:
 
 def load_file(path, trust_pickle: bool = False):
     """torch.load with weights_only=True; clear errors for missing, truncated,
-    random or pickled-code files. With trust_pickle, a full-model pickle loads."""
+    random or pickled-code files. With trust_pickle, a full-model pickle loads.
+    Only CheckpointError escapes."""
     p = Path(path).expanduser()
+    if p.is_dir():
+        raise CheckpointError(f"checkpoint {p} is a folder, not a .pt file")
+    if not p.exists():
+        raise CheckpointError(f"checkpoint {p} does not exist")
     if not p.is_file():
-        raise CheckpointError(f"checkpoint {p} does not exist" + (" (it is a folder)" if p.is_dir() else ""))
+        raise CheckpointError(f"checkpoint {p} is not a regular file (device, pipe or socket)")
     if p.stat().st_size == 0:
         raise CheckpointError(f"{p} is empty (0 bytes); the file is damaged or was never written")
     try:
@@ -103,10 +230,13 @@ def load_file(path, trust_pickle: bool = False):
             raise CheckpointError(f"{p} is not a valid PyTorch file ({_first_line(e)})") from None
         if not trust_pickle:
             raise CheckpointError(
-                f"{p} contains pickled Python objects (e.g. a full-model save), not just tensors. "
-                f"Loading it could run arbitrary code, so it was refused. Only if you trust where it came from, "
-                f"pass --trust-pickle 1 (in the app: tick 'trust pickle'). Prefer checkpoint dicts or state_dicts.") from None
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, KeyError, AttributeError) as e:
+                f"{p} contains pickled Python objects (e.g. a full-model save), not just tensors; "
+                f"loading it could run arbitrary code, so it was refused. Only if you trust where it came from: "
+                f"predict.py --trust-pickle 1 (in the app: tick 'trust pickle'). Training (--resume, --weights) "
+                f"needs a checkpoint dict or a state_dict.") from None
+    except MemoryError:
+        raise CheckpointError(f"{p} is too large to load into memory") from None
+    except Exception as e:  # truncated zip, random bytes, wrong format: torch raises many types
         raise CheckpointError(f"{p} is not a readable PyTorch checkpoint (truncated or not a .pt file: {_first_line(e)})") from None
     try:
         return torch.load(p, map_location="cpu", weights_only=False)

@@ -31,7 +31,7 @@ from .config import TrainConfig
 from .data import (DatasetInfo, Split, center_crop, decode_resized, decode_split, estimate_decoded_bytes,
                    normalize, random_resized_crop, scan_dataset, skipped_warning)
 from .device import amp_note, resolve_device
-from .errors import CheckpointError, ConfigError, UserError
+from .errors import CheckpointError, ConfigError, DatasetError, UserError
 from .models import apply_policy, build_model, param_counts, set_train_mode, split_model
 
 
@@ -226,6 +226,12 @@ def module_fingerprint(module: nn.Module) -> str:
 
 # ---------------------------------------------------------------- the engine
 
+# A mean batch cross-entropy this many times chance level (ln C, at least 1) is
+# not training any more: lr 10 gives 1e2..1e4 after one step; healthy runs stay
+# within a few times chance.
+EXPLODED_LOSS = 50.0
+
+
 class _Stopped(Exception):
     pass
 
@@ -268,6 +274,8 @@ def train(cfg: TrainConfig, stop: threading.Event | None = None) -> Iterator:
             g["lr"], g["weight_decay"] = cfg.lr, cfg.weight_decay
 
     run_dir = Path(cfg.resume).resolve().parent if resume else new_run_dir(cfg.output_dir, cfg.run_name)
+    if resume:
+        ck.recover_run_folder(run_dir, resume, source=Path(cfg.resume).resolve())
     history = list(resume["history"]) if resume else []
     best = resume_best(resume) if resume else empty_best()
     start_epoch = int(resume["epoch"]) + 1 if resume else 1
@@ -286,16 +294,17 @@ def train(cfg: TrainConfig, stop: threading.Event | None = None) -> Iterator:
         keep_decoded = estimate_decoded_bytes(info.train, cfg.resize_size) + estimate_decoded_bytes(info.val, cfg.resize_size) \
             <= cfg.cache_budget_mb * 2**20
         threads = cfg.num_workers or os.cpu_count() or 1  # decoding threads (--num-workers)
-        n_skipped = len(info.skipped)
+        known = set(info.skipped)  # skipped by name at scan time, already printed
         train_imgs = yield from decoded_images(info.train, cfg.resize_size, keep_decoded, threads)
         val_imgs = yield from decoded_images(info.val, cfg.resize_size, keep_decoded, threads)
-        if len(info.skipped) > n_skipped:
-            unreadable = info.skipped[n_skipped:]
+        unreadable = [s for s in info.skipped if s not in known]
+        if unreadable:
             info.warnings.append(skipped_warning(unreadable))
             yield Notice("warning", info.warnings[-1])
         for split in (info.train, info.val):
             if not split.samples or len({y for _, y in split.samples}) < len(info.classes):
-                raise _Stopped(f"after skipping unreadable files, {split.name} no longer has images for every class")
+                raise DatasetError(f"after skipping unreadable files, {split.name} no longer has images for every class "
+                                   f"(see the warning above)")
         train_src = InputSource(info.train, train_imgs, cfg)
         val_src = InputSource(info.val, val_imgs, cfg)
         if cache_ok:
@@ -484,8 +493,9 @@ def train_one_epoch(model, prefix, suffix, optimizer, loss_fn, src: InputSource,
         with autocast(cfg, device):
             logits = forward(prefix, suffix, x, cached)
             loss = loss_fn(logits.float(), y)
-        if not torch.isfinite(loss):
-            raise _Diverged(f"training diverged: loss became {loss.item()} at epoch {epoch}, batch {step} "
+        if not torch.isfinite(loss) or loss.item() > EXPLODED_LOSS * max(1.0, math.log(logits.shape[1])):
+            what = f"became {loss.item()}" if not torch.isfinite(loss) else f"exploded to {loss.item():.3g}"
+            raise _Diverged(f"training diverged: loss {what} at epoch {epoch}, batch {step} "
                             f"(lr={cfg.lr:g} is probably too high; try 0.001). Checkpoints of earlier epochs are kept.")
         optimizer.zero_grad(set_to_none=True)
         if scaler:

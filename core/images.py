@@ -6,7 +6,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 from .errors import ImageLoadError
 
@@ -15,6 +15,9 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".t
 # Pillow warns above this and errors above twice this; we make both an error.
 MAX_PIXELS = 89_478_485
 Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+# Pillow reports a damaged EXIF block as a UserWarning on stderr; the pixels are
+# fine and the EXIF is then ignored (no rotation), so keep CLI output clean.
+warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.TiffImagePlugin")
 
 
 def is_image_name(path) -> bool:
@@ -26,34 +29,108 @@ def load_rgb(source) -> Image.Image:
 
     EXIF orientation is applied (phone photos), animated images give their first
     frame, transparency is composited on white, 16-bit and float images are
-    scaled to 8 bits instead of being clipped."""
-    name = getattr(source, "name", source) if not isinstance(source, Image.Image) else "<image>"
+    scaled to 8 bits instead of being clipped. Anything else goes wrong ->
+    ImageLoadError with a one-line reason; no other exception escapes."""
+    name = _display_name(source)
     try:
-        if isinstance(source, Image.Image):
-            img = source
-        else:
-            if isinstance(source, (str, Path)) and Path(source).is_file() and Path(source).stat().st_size == 0:
+        if isinstance(source, (str, Path)):
+            p = Path(source)
+            if p.is_dir():
+                raise ImageLoadError(name, "is a folder, not an image file")
+            if p.exists() and not p.is_file():
+                raise ImageLoadError(name, "is not a regular file (device, pipe or socket)")
+            if p.is_file() and p.stat().st_size == 0:
                 raise ImageLoadError(name, "empty file (0 bytes)")
-            with warnings.catch_warnings():
-                warnings.simplefilter("error", Image.DecompressionBombWarning)
-                img = Image.open(source)
+        with warnings.catch_warnings():
+            # Pillow warns between MAX_PIXELS and 2x; the explicit size check
+            # below is the real guard (warning filters are not thread-safe).
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.TiffImagePlugin")
+            if isinstance(source, Image.Image):
+                return to_rgb(_apply_exif_orientation(source))
+            with Image.open(source) as img:
+                w, h = img.size
+                if w * h > MAX_PIXELS:
+                    raise Image.DecompressionBombError(f"{w}x{h}")
+                if w < 1 or h < 1:
+                    raise ImageLoadError(name, f"image has no pixels ({w}x{h})")
                 img.seek(0)
                 img.load()
-        img = ImageOps.exif_transpose(img) or img
-        return to_rgb(img)
+                return to_rgb(_apply_exif_orientation(img))
     except ImageLoadError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise ImageLoadError(name, f"image is too large (over {MAX_PIXELS:,} pixels; decompression-bomb limit)") from None
     except UnidentifiedImageError:
-        raise ImageLoadError(name, "not a supported image (JPEG, PNG, GIF, BMP, TIFF, WebP)") from None
+        raise ImageLoadError(name, _unidentified_reason(source)) from None
     except FileNotFoundError:
         raise ImageLoadError(name, "file not found") from None
     except IsADirectoryError:
         raise ImageLoadError(name, "is a folder, not an image file") from None
-    except (OSError, SyntaxError, ValueError, EOFError) as e:
-        # Pillow reports truncated/corrupt data as OSError or SyntaxError.
+    except PermissionError:
+        raise ImageLoadError(name, "permission denied (cannot read the file)") from None
+    except MemoryError:
+        raise ImageLoadError(name, "not enough memory to decode this image") from None
+    except Exception as e:
+        # Decoders fed hostile bytes raise OSError, SyntaxError, ValueError,
+        # EOFError, struct.error, IndexError, ...: all mean "cannot decode".
         raise ImageLoadError(name, f"cannot decode image ({_short(e)})") from None
+
+
+_ORIENTATION_TRANSPOSE = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+
+
+def _apply_exif_orientation(img: Image.Image) -> Image.Image:
+    """Like ImageOps.exif_transpose, but a malformed EXIF block means 'no
+    rotation' instead of an exception (the pixels are still fine)."""
+    try:
+        method = _ORIENTATION_TRANSPOSE.get(int(img.getexif().get(0x0112, 1)))
+    except Exception:
+        return img
+    return img.transpose(method) if method is not None else img
+
+
+def _display_name(source) -> str:
+    if isinstance(source, Image.Image):
+        return "<image>"
+    if isinstance(source, (str, Path)):
+        return str(source)
+    name = getattr(source, "name", None)
+    return str(name) if isinstance(name, (str, Path)) else "<uploaded image>"
+
+
+_MAGIC = ((b"\x89PNG\r\n\x1a\n", "PNG"), (b"\xff\xd8\xff", "JPEG"), (b"GIF87a", "GIF"), (b"GIF89a", "GIF"),
+          (b"BM", "BMP"), (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"), (b"RIFF", "WebP"))
+
+
+def _unidentified_reason(source) -> str:
+    head = b""
+    try:
+        if isinstance(source, (str, Path)):
+            with open(source, "rb") as f:
+                head = f.read(512)
+        elif hasattr(source, "seek") and hasattr(source, "read"):
+            source.seek(0)
+            head = source.read(512)
+    except Exception:
+        pass
+    if not isinstance(head, bytes):
+        head = b""
+    if not head and not isinstance(source, (str, Path)):
+        return "empty file (0 bytes)"
+    low = head.lstrip().lower()
+    if low.startswith((b"<svg", b"<?xml")) and b"<svg" in low:
+        return "SVG (vector) images are not supported; convert it to PNG or JPEG"
+    if head[4:12] in (b"ftypheic", b"ftypheix", b"ftypmif1", b"ftypavif"):
+        return "HEIC/AVIF images are not supported; convert it to JPEG or PNG"
+    for magic, fmt in _MAGIC:
+        if head.startswith(magic) and (fmt != "WebP" or head[8:12] == b"WEBP"):
+            return f"damaged or truncated {fmt} file (its header cannot be read)"
+    return "not a supported image (JPEG, PNG, GIF, BMP, TIFF, WebP)"
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

@@ -2,6 +2,7 @@
 before a byte is written, and files only ever land inside a new folder."""
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import stat
@@ -13,7 +14,8 @@ from .errors import DatasetError
 
 MAX_TOTAL_BYTES = 2 * 2**30   # uncompressed size limit
 MAX_FILES = 50_000
-MAX_RATIO = 200               # per-entry compression ratio; JPEGs barely compress
+MAX_RATIO = 200               # compression ratio limit; JPEGs barely compress
+MAX_TOTAL_RATIO_FLOOR = 64 * 2**20  # the overall ratio limit applies above this size
 
 
 def dataset_root_in(names: list[str]) -> str:
@@ -26,52 +28,95 @@ def dataset_root_in(names: list[str]) -> str:
     raise DatasetError("the zip has no train/ folder: it must hold train/<class>/ (and val/<class>/) folders of images")
 
 
+def member_name(info: zipfile.ZipInfo) -> str:
+    """The entry's path with '/' separators (some Windows tools write '\\')."""
+    return info.filename.replace("\\", "/")
+
+
 def check_members(zf: zipfile.ZipFile) -> list[zipfile.ZipInfo]:
+    """Refuse the whole zip before anything is written: escaping or absolute
+    paths, links, too many entries, too many bytes, suspicious compression."""
     infos = zf.infolist()
     if len(infos) > MAX_FILES:
         raise DatasetError(f"the zip holds {len(infos):,} entries; the limit is {MAX_FILES:,}")
-    total = 0
+    total = compressed = 0
     for info in infos:
         name = info.filename
-        p = PurePosixPath(name.replace("\\", "/"))
-        if name.startswith(("/", "\\")) or p.is_absolute() or (len(name) > 1 and name[1] == ":"):
+        norm = member_name(info)
+        p = PurePosixPath(norm)
+        if norm.startswith("/") or p.is_absolute() or (len(norm) > 1 and norm[1] == ":"):
             raise DatasetError(f"the zip contains an absolute path ({name!r}); refused")
         if ".." in p.parts:
             raise DatasetError(f"the zip contains a path that escapes its folder ({name!r}); refused")
+        if "\x00" in name:
+            raise DatasetError(f"the zip contains an entry name with a NUL byte ({name!r}); refused")
         mode = info.external_attr >> 16
         if stat.S_ISLNK(mode):
             raise DatasetError(f"the zip contains a symbolic link ({name!r}); refused")
+        if info.flag_bits & 0x1:
+            raise DatasetError(f"the zip is password-protected ({name!r} is encrypted); zip it without a password")
         total += info.file_size
+        compressed += info.compress_size
         if total > MAX_TOTAL_BYTES:
-            raise DatasetError(f"the zip expands to more than {MAX_TOTAL_BYTES // 2**30} GB; refused (zip bomb?)")
-        if info.compress_size and info.file_size / info.compress_size > MAX_RATIO and info.file_size > 2**20:
-            raise DatasetError(f"entry {name!r} compresses {info.file_size // info.compress_size}:1; refused (zip bomb?)")
+            raise DatasetError(f"the zip expands to more than {_size(MAX_TOTAL_BYTES)}; refused (zip bomb?)")
+        if info.file_size > 2**20 and info.file_size > MAX_RATIO * max(info.compress_size, 1):
+            raise DatasetError(f"entry {name!r} compresses {info.file_size // max(info.compress_size, 1)}:1 "
+                               f"(limit {MAX_RATIO}:1); refused (zip bomb?)")
+    if total > MAX_TOTAL_RATIO_FLOOR and total > MAX_RATIO * max(compressed, 1):
+        raise DatasetError(f"the zip expands {total // max(compressed, 1)}:1 overall ({_size(total)}; "
+                           f"limit {MAX_RATIO}:1); refused (zip bomb?)")
     return infos
 
 
 def extract_dataset_zip(zip_path, dest_root, name: str | None = None) -> Path:
     """Validate and extract into a new folder under dest_root; return the
-    dataset root (the folder holding train/). Raises DatasetError."""
+    dataset root (the folder holding train/). Raises DatasetError (and only
+    that); on any failure the new folder is removed again."""
     zip_path = Path(zip_path)
-    if not zipfile.is_zipfile(zip_path):
-        raise DatasetError(f"{zip_path.name} is not a zip file")
+    if not zip_path.is_file():
+        raise DatasetError(f"{zip_path.name} does not exist or is not a file")
     try:
+        if not zipfile.is_zipfile(zip_path):
+            raise DatasetError(f"{zip_path.name} is not a zip file")
         with zipfile.ZipFile(zip_path) as zf:
             infos = check_members(zf)
-            root = dataset_root_in([i.filename for i in infos if not i.is_dir()])
-            base = Path(dest_root)
-            base.mkdir(parents=True, exist_ok=True)
-            stem = "".join(c if c.isalnum() or c in "-_" else "_" for c in (name or zip_path.stem))[:40] or "dataset"
-            target = base / f"{stem}_{datetime.now():%Y%m%d_%H%M%S_%f}"
-            target.mkdir()
+            if not any(not i.is_dir() for i in infos):
+                raise DatasetError(f"{zip_path.name} is an empty zip (no files in it)")
+            root = dataset_root_in([member_name(i) for i in infos if not i.is_dir()])
+            target = new_target_dir(Path(dest_root), name or zip_path.stem)
             try:
                 extract_members(zf, infos, target)
             except BaseException:
                 shutil.rmtree(target, ignore_errors=True)
                 raise
+    except DatasetError:
+        raise
     except zipfile.BadZipFile as e:
-        raise DatasetError(f"{zip_path.name} is a damaged zip file ({e})") from None
+        raise DatasetError(f"{zip_path.name} is a damaged zip file ({_first_line(e)})") from None
+    except MemoryError:
+        raise DatasetError(f"{zip_path.name} could not be read: out of memory") from None
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            raise DatasetError(f"not enough disk space to extract {zip_path.name}") from None
+        raise DatasetError(f"could not extract {zip_path.name}: {e.strerror or _first_line(e)}"
+                           f"{' (' + os.path.basename(str(e.filename)) + ')' if e.filename else ''}") from None
+    except Exception as e:  # zlib.error, EOFError, NotImplementedError (compression method), struct.error, ...
+        raise DatasetError(f"{zip_path.name} is a damaged or unsupported zip file ({_first_line(e)})") from None
     return target / root if root else target
+
+
+def new_target_dir(base: Path, name: str) -> Path:
+    base.mkdir(parents=True, exist_ok=True)
+    stem = "".join(c if c.isalnum() or c in "-_" else "_" for c in name)[:40] or "dataset"
+    stamp = f"{datetime.now():%Y%m%d_%H%M%S_%f}"
+    for i in range(1, 1000):
+        target = base / (f"{stem}_{stamp}" + (f"_{i}" if i > 1 else ""))
+        try:
+            target.mkdir()
+            return target
+        except FileExistsError:
+            continue
+    raise DatasetError(f"could not create a new folder under {base}")
 
 
 def extract_members(zf: zipfile.ZipFile, infos, target: Path) -> None:
@@ -81,8 +126,8 @@ def extract_members(zf: zipfile.ZipFile, infos, target: Path) -> None:
     for info in infos:
         if info.is_dir():
             continue
-        out = Path(os.path.realpath(target / info.filename))
-        if os.path.commonpath([real_target, str(out)]) != real_target:
+        out = Path(os.path.realpath(target / member_name(info)))
+        if os.path.commonpath([real_target, str(out)]) != real_target or str(out) == real_target:
             raise DatasetError(f"the zip entry {info.filename!r} would be written outside its folder; refused")
         out.parent.mkdir(parents=True, exist_ok=True)
         written = 0
@@ -92,3 +137,12 @@ def extract_members(zf: zipfile.ZipFile, infos, target: Path) -> None:
                 if written > info.file_size:
                     raise DatasetError(f"entry {info.filename!r} is larger than its header says; refused")
                 dst.write(chunk)
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**30:.0f} GB" if n >= 2**30 else f"{n / 2**20:.0f} MB" if n >= 2**20 else f"{n:,} bytes"
+
+
+def _first_line(e: Exception) -> str:
+    s = str(e).strip()
+    return (s.splitlines()[0] if s else type(e).__name__)[:200]

@@ -1,0 +1,312 @@
+"""Issue 5.1: checkpoints are data, not code. Every load path (predict
+--checkpoint, train --resume, train --weights, the library) refuses pickled
+code with a one-line message and the code never runs; damaged files give a
+clear error; --trust-pickle 1 is the only way to load a full-model pickle.
+Also the atomic-write guarantees of core.checkpoint."""
+from __future__ import annotations
+
+import errno
+import os
+import pickle
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import ROOT, make_image_dataset
+from core import checkpoint as ck
+from core.errors import CheckpointError, UserError, WeightsError
+
+PY = sys.executable
+
+
+# ---------------------------------------------------------------- helpers
+
+class _ExecPayload:
+    """Unpickling runs exec(code): the classic malicious checkpoint."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return exec, (f"import pathlib; pathlib.Path({self.marker!r}).touch()",)
+
+
+class _SystemPayload:
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return os.system, (f"touch '{self.marker}'",)
+
+
+def make_evil(kind: str, path: Path, marker: Path, real_ckpt: Path | None = None) -> Path:
+    """Files whose unpickling would create `marker`."""
+    if kind == "exec":
+        torch.save(_ExecPayload(marker), path)
+    elif kind == "os.system":
+        torch.save(_SystemPayload(marker), path)
+    elif kind == "inside-checkpoint-dict":
+        # a real, loadable checkpoint with one poisoned field
+        obj = torch.load(real_ckpt, weights_only=True)
+        obj["args"] = {"note": _ExecPayload(marker)}
+        torch.save(obj, path)
+    elif kind == "inside-state-dict":
+        obj = torch.load(real_ckpt, weights_only=True)["model_state"]
+        obj["fc.weight"] = _ExecPayload(marker)
+        torch.save(obj, path)
+    elif kind == "legacy-format":
+        torch.save(_ExecPayload(marker), path, _use_new_zipfile_serialization=False)
+    elif kind == "raw-pickle":
+        path.write_bytes(pickle.dumps(_ExecPayload(marker), protocol=2))
+    else:
+        raise ValueError(kind)
+    return path
+
+
+EVIL_KINDS = ["exec", "os.system", "inside-checkpoint-dict", "inside-state-dict", "legacy-format", "raw-pickle"]
+
+
+def run_cli(script: str, *args, cwd: Path, timeout=180) -> subprocess.CompletedProcess:
+    env = dict(os.environ, TL_OFFLINE="1", PYTHONDONTWRITEBYTECODE="1")
+    env.pop("TL_DEBUG", None)
+    return subprocess.run([PY, str(ROOT / script), *map(str, args)], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def assert_one_line_error(stderr: str, *needles: str) -> str:
+    """stderr ends in exactly one `error: ...` line naming the problem, and no traceback."""
+    assert "Traceback" not in stderr, stderr
+    errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, stderr
+    for n in needles:
+        assert n.lower() in errors[0].lower(), (n, errors[0])
+    return errors[0]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One real 1-epoch run with both exports: latest.pt, state_dict.pt, full_model.pt."""
+    import train
+    tmp = tmp_path_factory.mktemp("trained")
+    data = make_image_dataset(tmp / "ds")
+    code = train.main(["--data-dir", str(data), "--weights", "none", "--epochs", "1", "--batch-size", "4",
+                       "--output-dir", str(tmp / "out"), "--device", "cpu", "--export-full-model", "1",
+                       "--export-state-dict", "1"])
+    assert code == 0
+    run = next((tmp / "out").iterdir())
+    img = next((data / "val" / "cat").iterdir())
+    return {"tmp": tmp, "data": data, "run": run, "latest": run / "latest.pt", "image": img,
+            "full": run / "full_model.pt", "state_dict": run / "state_dict.pt"}
+
+
+# ---------------------------------------------------------------- malicious pickles
+
+@pytest.mark.parametrize("kind", EVIL_KINDS)
+def test_payload_really_runs_code_when_unpickled_unsafely(kind, trained, tmp_path):
+    """Control: each payload does create its marker under weights_only=False,
+    so the refusals below are meaningful."""
+    marker = tmp_path / "PWNED"
+    evil = make_evil(kind, tmp_path / "evil.pt", marker, trained["latest"])
+    if kind == "raw-pickle":
+        pickle.loads(evil.read_bytes())
+    else:
+        torch.load(evil, weights_only=False)
+    assert marker.exists()
+
+
+@pytest.mark.parametrize("kind", EVIL_KINDS)
+def test_every_library_load_path_refuses_pickled_code(kind, trained, tmp_path):
+    from core.models import read_weights_file
+    from core.predict import Predictor
+    marker = tmp_path / "PWNED"
+    evil = make_evil(kind, tmp_path / "evil.pt", marker, trained["latest"])
+    for load in (ck.load_file, ck.read_checkpoint, read_weights_file, Predictor.load):
+        with pytest.raises(UserError) as e:
+            load(evil)
+        msg = str(e.value)
+        assert "\n" not in msg
+        assert "arbitrary code" in msg or "not a valid PyTorch file" in msg or "not a readable" in msg, msg
+    assert not marker.exists()
+
+
+def test_cli_predict_refuses_malicious_checkpoint(trained, tmp_path):
+    marker = tmp_path / "PWNED"
+    evil = make_evil("os.system", tmp_path / "evil.pt", marker)
+    r = run_cli("predict.py", "--image", trained["image"], "--checkpoint", evil, "--device", "cpu", cwd=tmp_path)
+    assert r.returncode == 2
+    assert_one_line_error(r.stderr, "arbitrary code", "--trust-pickle")
+    assert not marker.exists()
+
+
+def test_cli_train_resume_and_weights_refuse_malicious_checkpoint(trained, tmp_path, capsys):
+    import train
+    marker = tmp_path / "PWNED"
+    evil = make_evil("exec", tmp_path / "evil.pt", marker)
+    base = ["--data-dir", str(trained["data"]), "--epochs", "1", "--device", "cpu", "--output-dir", str(tmp_path / "out")]
+    for extra in (["--resume", str(evil), "--weights", "none"], ["--weights", str(evil)]):
+        assert train.main(base + extra) == 2
+        assert_one_line_error(capsys.readouterr().err, "arbitrary code", str(evil))
+        assert not marker.exists()
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_trust_pickle_loads_a_real_full_model_export_and_only_then(trained, capsys):
+    import predict
+    args = ["--image", str(trained["image"]), "--checkpoint", str(trained["full"]), "--device", "cpu"]
+    assert predict.main(args) == 2
+    assert "arbitrary code" in capsys.readouterr().err
+    assert predict.main(args + ["--trust-pickle", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "format: full model (pickle)" in out and "class_names: ['cat', 'fish']" in out
+    assert "TOPK:" in out
+
+
+# ---------------------------------------------------------------- damaged / wrong files
+
+def damaged_files(real: Path, folder: Path) -> dict[str, Path]:
+    data = real.read_bytes()
+    files = {
+        "truncated-half": data[: len(data) // 2],
+        "truncated-10pct": data[: len(data) // 10],
+        "truncated-minus-1-byte": data[:-1],
+        "header-only": data[:64],
+        "random-bytes": os.urandom(4096),
+        "random-bytes-zip-magic": b"PK\x03\x04" + os.urandom(2048),
+        "text-file": b"this is a README, not a model\n",
+        "json": b'{"model_state": {}}',
+        "png-renamed": b"\x89PNG\r\n\x1a\n" + os.urandom(200),
+        "empty": b"",
+    }
+    out = {}
+    for name, content in files.items():
+        p = folder / f"{name}.pt"
+        p.write_bytes(content)
+        out[name] = p
+    (folder / "a-folder.pt").mkdir()
+    out["a-folder"] = folder / "a-folder.pt"
+    out["missing"] = folder / "missing.pt"
+    return out
+
+
+def test_damaged_checkpoints_give_one_line_errors_on_every_path(trained, tmp_path):
+    from core.models import read_weights_file
+    from core.predict import Predictor
+    files = damaged_files(trained["latest"], tmp_path)
+    for name, p in files.items():
+        for load in (ck.load_file, ck.read_checkpoint, read_weights_file, Predictor.load):
+            with pytest.raises(UserError) as e:
+                load(p)
+            assert "\n" not in str(e.value) and str(p.name) in str(e.value), (name, str(e.value))
+
+
+def test_wrong_content_checkpoints_are_explained(trained, tmp_path):
+    from core.models import read_weights_file
+    from core.predict import Predictor
+    lst = tmp_path / "list.pt"
+    torch.save([1, 2, 3], lst)
+    with pytest.raises(CheckpointError, match="not a checkpoint dict"):
+        Predictor.load(lst)
+    with pytest.raises(CheckpointError, match="not a checkpoint dict"):
+        ck.read_checkpoint(trained["state_dict"])  # --resume with a bare state_dict
+    with pytest.raises(WeightsError, match="not a state_dict"):
+        read_weights_file(lst)
+
+
+def test_cli_damaged_checkpoint_is_a_one_line_error(trained, tmp_path, capsys):
+    import predict
+    import train
+    half = tmp_path / "half.pt"
+    half.write_bytes(trained["latest"].read_bytes()[:20_000_000])
+    assert predict.main(["--image", str(trained["image"]), "--checkpoint", str(half), "--device", "cpu"]) == 2
+    assert_one_line_error(capsys.readouterr().err, "half.pt", "not a readable PyTorch checkpoint")
+    assert train.main(["--data-dir", str(trained["data"]), "--resume", str(half), "--weights", "none",
+                       "--device", "cpu", "--output-dir", str(tmp_path / "out")]) == 2
+    assert_one_line_error(capsys.readouterr().err, "half.pt")
+
+
+def test_in_process_cli_damaged_inputs_never_traceback(trained, tmp_path, capsys):
+    import predict
+    import train
+    files = damaged_files(trained["latest"], tmp_path)
+    for name, p in files.items():
+        assert predict.main(["--image", str(trained["image"]), "--checkpoint", str(p), "--device", "cpu"]) == 2, name
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, (name, err)
+    for name in ("truncated-half", "random-bytes", "empty", "a-folder"):
+        assert train.main(["--data-dir", str(trained["data"]), "--weights", str(files[name]), "--device", "cpu",
+                           "--output-dir", str(tmp_path / "out")]) == 2, name
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1, (name, err)
+
+
+# ---------------------------------------------------------------- atomic writes
+
+def test_failed_write_keeps_the_old_file_and_leaves_no_temp(tmp_path, monkeypatch):
+    target = tmp_path / "latest.pt"
+    ck.atomic_torch_save({"epoch": 1}, target)
+
+    def full_disk(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(os, "fsync", full_disk)
+    with pytest.raises(OSError):
+        ck.atomic_torch_save({"epoch": 2, "big": torch.zeros(1000)}, target)
+    monkeypatch.undo()
+    assert torch.load(target, weights_only=True) == {"epoch": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest.pt"]
+
+
+def test_written_files_get_normal_permissions(tmp_path):
+    """mkstemp makes 0600 files; checkpoints must get what open() gives (umask)."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    for write in (lambda p: ck.atomic_write_text(p, "x"), lambda p: ck.atomic_torch_save({"a": 1}, p)):
+        p = tmp_path / "f"
+        write(p)
+        assert stat.S_IMODE(p.stat().st_mode) == 0o666 & ~umask
+
+
+def test_temp_files_of_killed_writers_are_cleaned_by_the_next_write(tmp_path):
+    dead = subprocess.Popen([PY, "-c", "pass"])
+    dead.wait()
+    alive = subprocess.Popen([PY, "-c", "import time; time.sleep(30)"])
+    try:
+        stale = tmp_path / f".latest.pt.{dead.pid}.abc123.tmp"
+        live = tmp_path / f".latest.pt.{alive.pid}.def456.tmp"
+        other = tmp_path / f".best_acc.pt.{dead.pid}.x.tmp"
+        for p in (stale, live, other):
+            p.write_bytes(b"partial")
+        ck.atomic_torch_save({"epoch": 3}, tmp_path / "latest.pt")
+        assert not stale.exists()          # its writer is gone
+        assert live.exists()               # a running process may still be writing it
+        assert other.exists()              # another file's temp is left to that file's writer
+        assert torch.load(tmp_path / "latest.pt", weights_only=True) == {"epoch": 3}
+    finally:
+        alive.kill()
+        alive.wait()
+
+
+def test_recover_run_folder_repairs_a_kill_between_latest_and_best(tmp_path):
+    """Killed after latest.pt (an improved epoch) was replaced but before
+    best_acc.pt was linked: best_acc.pt still holds an older epoch, and the
+    killed writer's temp files are still there."""
+    run = tmp_path
+    ck.atomic_torch_save({"epoch": 1, "best_epoch": 1, "best_loss_epoch": 1}, run / "latest.pt")
+    ck.atomic_link_or_copy(run / "latest.pt", run / "best_acc.pt")
+    ck.atomic_link_or_copy(run / "latest.pt", run / "best_loss.pt")
+    ck.atomic_torch_save({"epoch": 2, "best_epoch": 2, "best_loss_epoch": 1}, run / "latest.pt")
+    # <- SIGKILL here: best_acc.pt (epoch 1) is behind latest's best_epoch 2
+    dead = subprocess.Popen([PY, "-c", "pass"])
+    dead.wait()
+    for name in (f".metrics.csv.{dead.pid}.k2j3.tmp", f".best_acc.pt.{dead.pid}.link.tmp"):
+        (run / name).write_bytes(b"partial")
+    latest = torch.load(run / "latest.pt", weights_only=True)
+    done = ck.recover_run_folder(run, latest)
+    assert "best_acc.pt" in done and "best_loss.pt" not in done
+    assert torch.load(run / "best_acc.pt", weights_only=True)["epoch"] == 2
+    assert torch.load(run / "best_loss.pt", weights_only=True)["epoch"] == 1
+    assert sorted(p.name for p in run.iterdir()) == ["best_acc.pt", "best_loss.pt", "latest.pt"]
+    assert ck.recover_run_folder(run, latest) == []
