@@ -134,7 +134,7 @@ def test_stop_mid_epoch_keeps_completed_epochs_and_refuses_a_second_start(traine
     stop_status = client.predict(api_name="/stop")
     final = job.result(timeout=60)
     elapsed = time.monotonic() - t0
-    assert elapsed < 3.0, f"Stop took {elapsed:.1f} s"
+    assert elapsed < 5.0, f"Stop took {elapsed:.1f} s"  # one batch of 4 at most, with headroom for a busy CI box
     for status in (stop_status, final[STATUS]):
         assert "Stopped" in status, status
         assert re.search(r"during (validation of )?epoch 2", status), status
