@@ -175,3 +175,15 @@ def test_run_started_reports_dataset_and_params(tiny_dataset, tmp_path):
     assert ev.dataset.train.counts() == {"cat": 4, "fish": 4}
     assert ev.trainable_params == 512 * 2 + 2
     assert ev.total_params > 11_000_000
+
+
+def test_val_split_run_and_amp_note_on_cpu(tmp_path):
+    from conftest import make_image_dataset
+    data = make_image_dataset(tmp_path / "noval", n_train=6, val=False)
+    events, epochs, end = run(cfg_for(data, tmp_path / "ck", epochs=1, val_split=0.34, amp=True))
+    start = events[0]
+    assert start.dataset.val_from_split == 0.34
+    assert start.dataset.val.counts() == {"cat": 2, "fish": 2} and start.dataset.train.counts() == {"cat": 4, "fish": 4}
+    assert "held out 34% of train" in "\n".join(start.header_lines())
+    assert any("--amp 1 has no effect on cpu" in n for n in start.notes)
+    assert end.status == "completed" and len(epochs) == 1
