@@ -248,7 +248,10 @@ def train(cfg: TrainConfig, stop: threading.Event | None = None) -> Iterator:
     device = resolve_device(cfg.device)
     notes = [n for n in [amp_note(device, cfg.amp)] if n]
 
-    resume = read_resume(cfg) if cfg.resume else None
+    resume = None
+    if cfg.resume:
+        resume, resume_notes = read_resume(cfg)
+        notes += resume_notes
     info = scan_dataset(cfg.data_dir, cfg.val_split, cfg.seed)
     if resume and resume["class_names"] != info.classes:
         raise ConfigError(f"--resume checkpoint classes {resume['class_names']} differ from the dataset's {info.classes}")
@@ -347,8 +350,7 @@ def train(cfg: TrainConfig, stop: threading.Event | None = None) -> Iterator:
         stop.clear()
         if epochs_done == 0 and not resume:
             remove_empty_run(run_dir)
-    exports = export_formats(run_dir, cfg, info.classes) if epochs_done and status != "diverged" or \
-        (status == "diverged" and best["acc_epoch"]) else []
+    exports = export_formats(run_dir, cfg, info.classes)  # from best_acc.pt, whatever the status
     if status == "completed":
         message = f"finished {epochs_done} epoch(s)"
     yield RunEnded(status, message, str(run_dir), epochs_done, dict(best),
@@ -357,13 +359,17 @@ def train(cfg: TrainConfig, stop: threading.Event | None = None) -> Iterator:
                    history, exports)
 
 
-def read_resume(cfg: TrainConfig) -> dict:
+def read_resume(cfg: TrainConfig) -> tuple[dict, list[str]]:
+    """The checkpoint to resume, with cfg's arch/policy/dropout set to the
+    checkpoint's (they must match to restore the optimizer state)."""
     ckpt = ck.read_checkpoint(cfg.resume)
-    for name in ("arch", "policy"):
-        if name in ckpt and ckpt.get(name) and getattr(cfg, name) != ckpt[name]:
-            setattr(cfg, name, ckpt[name])  # must match to restore optimizer state
-    cfg.dropout = float(ckpt["head"]["dropout"])
-    return ckpt
+    notes = []
+    for name in ("arch", "policy", "dropout"):
+        value = float(ckpt["head"]["dropout"]) if name == "dropout" else ckpt.get(name)
+        if value is not None and getattr(cfg, name) != value:
+            notes.append(f"--resume: using the checkpoint's {name}={value} (not {getattr(cfg, name)})")
+            setattr(cfg, name, value)
+    return ckpt, notes
 
 
 def resume_best(ckpt: dict) -> dict:
