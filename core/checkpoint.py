@@ -11,7 +11,6 @@ import os
 import pickle
 import tempfile
 import threading
-import zipfile
 from pathlib import Path
 
 import torch
@@ -304,7 +303,8 @@ def normalise_checkpoint(ckpt: dict, path="<checkpoint>") -> dict:
     ckpt.setdefault("arch", args.get("arch") or infer_arch(state))
     if "head" not in ckpt:
         has_dropout = any(k.startswith("fc.1.") for k in state)
-        ckpt["head"] = {"dropout": float(args.get("dropout", 0.5 if has_dropout else 0.0) or (0.5 if has_dropout else 0.0)),
+        saved = args.get("dropout")  # 0.0 is a real value; only a missing one is guessed
+        ckpt["head"] = {"dropout": float(saved) if saved is not None else (0.5 if has_dropout else 0.0),
                         "num_classes": head_out_features(state)}
     names = ckpt.get("class_names") or [f"class_{i}" for i in range(ckpt["head"]["num_classes"])]
     if len(names) != ckpt["head"]["num_classes"]:

@@ -13,10 +13,9 @@ from pathlib import Path
 
 import torch
 import torchvision.transforms.v2.functional as TF
-from PIL import Image
 
 from .errors import DatasetError, ImageLoadError
-from .images import is_image_name, load_rgb
+from .images import IMAGE_EXTENSIONS, is_image_name, load_rgb
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -113,7 +112,7 @@ def check_not_empty(info: DatasetInfo) -> None:
         if empty:
             where = Path(info.root) / ("train" if split.name == "train" or info.val_from_split else split.name)
             raise DatasetError(f"class folder(s) {empty} in {where} contain no usable images "
-                               f"(allowed: {', '.join(('jpg', 'jpeg', 'png', 'gif', 'bmp', 'tif', 'webp'))})")
+                               f"(allowed: {', '.join(e.lstrip('.') for e in IMAGE_EXTENSIONS)})")
 
 
 def stratified_split(train: Split, fraction: float, seed: int) -> tuple[Split, Split]:
@@ -123,7 +122,10 @@ def stratified_split(train: Split, fraction: float, seed: int) -> tuple[Split, S
     for idx in range(len(train.classes)):
         items = [s for s in train.samples if s[1] == idx]
         rng.shuffle(items)
-        n_val = max(1, round(len(items) * fraction)) if len(items) >= 2 else 0
+        if len(items) < 2:
+            raise DatasetError(f"class '{train.classes[idx]}' has {len(items)} image(s) in train/; --val-split needs at "
+                               f"least 2 per class (one to train, one to validate), or add a val/ folder")
+        n_val = min(len(items) - 1, max(1, round(len(items) * fraction)))
         held += items[:n_val]
         keep += items[n_val:]
     return (Split("train", train.classes, sorted(keep), train.skipped),
@@ -225,9 +227,3 @@ def random_resized_crop(img: torch.Tensor, size: int, gen: torch.Generator) -> t
             cw = int(round(h * 4 / 3))
         top, left = (h - ch) // 2, (w - cw) // 2
     return TF.resized_crop(img, top, left, ch, cw, [size, size], antialias=True)
-
-
-def pil_to_input(img: Image.Image, resize_size: int = 256, image_size: int = 224) -> torch.Tensor:
-    """Eval transform for one PIL image -> normalised 1x3xHxW tensor."""
-    img = TF.resize(load_rgb(img), resize_size, antialias=True)
-    return normalize(center_crop(TF.pil_to_tensor(img), image_size).unsqueeze(0))

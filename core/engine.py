@@ -2,14 +2,16 @@
 
     for event in train(config, stop_event):
         RunStarted   -> once, after setup (run folder, dataset, notes)
-        BatchProgress-> per batch, phase "cache" | "train" | "val"
+        BatchProgress-> per batch (or image chunk), phase "decode" | "cache" | "train" | "val"
+        Notice       -> e.g. images found unreadable while decoding
         EpochEnded   -> per epoch, metrics and checkpoint paths
         RunEnded     -> once: "completed", "stopped" or "diverged"
 
 Speed: when a prefix of the network is frozen and the training input is
 deterministic (augment none, or light = flip-only kept as two views), the
 prefix runs once per image and view and the trainable suffix trains on the
-cached activations. Numerically the same as running the whole model."""
+cached activations. Numerically the same as running the whole model (in
+float32; with --amp on CUDA the cached prefix stays float32)."""
 from __future__ import annotations
 
 import hashlib
@@ -64,7 +66,7 @@ class RunStarted:
 
 @dataclass
 class BatchProgress:
-    phase: str  # "cache" | "train" | "val"
+    phase: str  # "decode" | "cache" | "train" | "val"
     epoch: int
     step: int
     total: int
@@ -157,7 +159,7 @@ def is_better_acc(acc: float, loss: float, best: dict) -> bool:
         return False
     if best["acc_epoch"] == 0:
         return True
-    return acc > best["acc"] or (acc == best["acc"] and loss < best["loss"])
+    return acc > best["acc"] or (acc == best["acc"] and loss < best["acc_loss"])
 
 
 def is_better_loss(loss: float, best: dict) -> bool:
@@ -167,7 +169,8 @@ def is_better_loss(loss: float, best: dict) -> bool:
 
 
 def empty_best() -> dict:
-    return {"acc": 0.0, "acc_epoch": 0, "loss": float("inf"), "loss_epoch": 0}
+    """acc_loss: val_loss of the best-accuracy epoch (the tie-breaker)."""
+    return {"acc": 0.0, "acc_epoch": 0, "acc_loss": float("inf"), "loss": float("inf"), "loss_epoch": 0}
 
 
 # ---------------------------------------------------------------- in-process caches (the app trains many runs)
@@ -191,7 +194,7 @@ def split_key(split: Split, resize: int):
     return (split.name, resize, stats)
 
 
-def decoded_images(split: Split, resize: int, keep: bool, threads: int) -> Iterator:
+def decoded_images(split: Split, resize: int, keep: bool, threads: int, stop: threading.Event) -> Iterator:
     """Decode (and verify) every image once, yielding progress; reuse across runs
     while the files are unchanged. Returns the decoded tensors, or None when not kept."""
     key = split_key(split, resize)
@@ -211,6 +214,9 @@ def decoded_images(split: Split, resize: int, keep: bool, threads: int) -> Itera
             images = finished.value
             break
         yield BatchProgress("decode", 0, done, total)
+        if stop.is_set():
+            steps.close()
+            raise _Stopped("stopped by request while reading images")
     if keep:
         _remember(_DECODED, key, (split.samples[:], split.skipped[before:], images), capacity=2)
     return images
@@ -241,8 +247,9 @@ class _Diverged(Exception):
 
 
 def train(cfg: TrainConfig, stop: threading.Event | None = None) -> Iterator:
-    """Run (or resume) a training run, yielding events. Setup errors raise
-    UserError before the first event; later problems end with a RunEnded."""
+    """Run (or resume) a training run, yielding events. Bad input raises
+    UserError (before the first event, or later for data found unreadable or a
+    failed write); stop and divergence end with a RunEnded."""
     cfg.validate()
     stop = stop or threading.Event()
     device = resolve_device(cfg.device)
@@ -298,8 +305,8 @@ def train(cfg: TrainConfig, stop: threading.Event | None = None) -> Iterator:
             <= cfg.cache_budget_mb * 2**20
         threads = cfg.num_workers or os.cpu_count() or 1  # decoding threads (--num-workers)
         known = set(info.skipped)  # skipped by name at scan time, already printed
-        train_imgs = yield from decoded_images(info.train, cfg.resize_size, keep_decoded, threads)
-        val_imgs = yield from decoded_images(info.val, cfg.resize_size, keep_decoded, threads)
+        train_imgs = yield from decoded_images(info.train, cfg.resize_size, keep_decoded, threads, stop)
+        val_imgs = yield from decoded_images(info.val, cfg.resize_size, keep_decoded, threads, stop)
         unreadable = [s for s in info.skipped if s not in known]
         if unreadable:
             info.warnings.append(skipped_warning(unreadable))
@@ -331,7 +338,7 @@ def train(cfg: TrainConfig, stop: threading.Event | None = None) -> Iterator:
             improved_acc = is_better_acc(va[1], va[0], best)
             improved_loss = is_better_loss(va[0], best)
             if improved_acc:
-                best.update(acc=va[1], acc_epoch=epoch)
+                best.update(acc=va[1], acc_epoch=epoch, acc_loss=va[0])
             if improved_loss:
                 best.update(loss=va[0], loss_epoch=epoch)
             ended = EpochEnded(epoch, cfg.epochs, tr[0], tr[1], va[0], va[1], optimizer.param_groups[0]["lr"],
@@ -350,9 +357,12 @@ def train(cfg: TrainConfig, stop: threading.Event | None = None) -> Iterator:
         stop.clear()
         if epochs_done == 0 and not resume:
             remove_empty_run(run_dir)
-    exports = export_formats(run_dir, cfg, info.classes)  # from best_acc.pt, whatever the status
+    try:
+        exports = export_formats(run_dir, cfg, info.classes)  # from best_acc.pt, whatever the status
+    except OSError as e:  # the run itself is saved; say so instead of losing the summary
+        exports, message = [], f"{message}; export failed: {e.strerror or e}".lstrip("; ")
     if status == "completed":
-        message = f"finished {epochs_done} epoch(s)"
+        message = f"finished {epochs_done} epoch(s)" + (f"; {message}" if message else "")
     yield RunEnded(status, message, str(run_dir), epochs_done, dict(best),
                    str(run_dir / "best_acc.pt") if (run_dir / "best_acc.pt").exists() else None,
                    str(run_dir / "best_loss.pt") if (run_dir / "best_loss.pt").exists() else None,
@@ -363,9 +373,16 @@ def read_resume(cfg: TrainConfig) -> tuple[dict, list[str]]:
     """The checkpoint to resume, with cfg's arch/policy/dropout set to the
     checkpoint's (they must match to restore the optimizer state)."""
     ckpt = ck.read_checkpoint(cfg.resume)
+    if int(ckpt["epoch"]) >= cfg.epochs:
+        raise ConfigError(f"{cfg.resume} already finished epoch {ckpt['epoch']}; pass a larger --epochs "
+                          f"(the new total, e.g. --epochs {int(ckpt['epoch']) + 10}) to train further")
+    args = ckpt.get("args") if isinstance(ckpt.get("args"), dict) else {}
+    saved = {"arch": ckpt.get("arch"), "policy": ckpt.get("policy") or args.get("policy"),
+             "dropout": float(ckpt["head"]["dropout"])}
+    # The data pipeline must match too, or a --val-split hold-out would change.
+    saved.update({k: args[k] for k in ("seed", "val_split", "augment", "image_size", "resize_size") if k in args})
     notes = []
-    for name in ("arch", "policy", "dropout"):
-        value = float(ckpt["head"]["dropout"]) if name == "dropout" else ckpt.get(name)
+    for name, value in saved.items():
         if value is not None and getattr(cfg, name) != value:
             notes.append(f"--resume: using the checkpoint's {name}={value} (not {getattr(cfg, name)})")
             setattr(cfg, name, value)
@@ -373,9 +390,12 @@ def read_resume(cfg: TrainConfig) -> tuple[dict, list[str]]:
 
 
 def resume_best(ckpt: dict) -> dict:
-    return {"acc": float(ckpt.get("best_val_acc", 0.0)), "acc_epoch": int(ckpt.get("best_epoch", 0)),
+    acc_epoch = int(ckpt.get("best_epoch", 0))
+    rows = [h for h in ckpt.get("history") or [] if isinstance(h, dict) and h.get("epoch") == acc_epoch]
+    return {"acc": float(ckpt.get("best_val_acc", 0.0)), "acc_epoch": acc_epoch,
+            "acc_loss": float(rows[0]["val_loss"]) if rows else float("inf"),
             "loss": float(ckpt.get("best_val_loss", float("inf"))),
-            "loss_epoch": int(ckpt.get("best_loss_epoch", ckpt.get("best_epoch", 0)))}
+            "loss_epoch": int(ckpt.get("best_loss_epoch", acc_epoch))}
 
 
 def remove_empty_run(run_dir: Path) -> None:

@@ -88,10 +88,22 @@ def _apply_exif_orientation(img: Image.Image) -> Image.Image:
     """Like ImageOps.exif_transpose, but a malformed EXIF block means 'no
     rotation' instead of an exception (the pixels are still fine)."""
     try:
-        method = _ORIENTATION_TRANSPOSE.get(int(img.getexif().get(0x0112, 1)))
+        exif = img.getexif()
+        method = _ORIENTATION_TRANSPOSE.get(int(exif.get(0x0112, 1)))
     except Exception:
         return img
-    return img.transpose(method) if method is not None else img
+    if method is None:
+        return img
+    out = img.transpose(method)
+    # Drop the tag, as ImageOps.exif_transpose does, so loading the result again
+    # (prediction re-checks PIL inputs) does not rotate it a second time.
+    del exif[0x0112]
+    try:
+        out.info["exif"] = exif.tobytes()
+    except Exception:
+        out.info.pop("exif", None)
+    out.getexif().pop(0x0112, None)
+    return out
 
 
 def _display_name(source) -> str:

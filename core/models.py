@@ -18,8 +18,8 @@ from .errors import WeightsError
 HEAD_NAME = {"resnet18": "fc", "mobilenet_v2": "classifier"}
 # Keys of the head in a state_dict; never taken from a weights file (the head is always new).
 HEAD_PREFIXES = {"resnet18": ("fc.",), "mobilenet_v2": ("classifier.",)}
-# First module of the trainable "last stage" per arch (the last resolution stage).
-LAST_STAGE = {"resnet18": "layer4", "mobilenet_v2": "features.14"}
+# MobileNetV2's last resolution stage (7x7) starts at features[14]; it plays layer4's role.
+MOBILENET_LAST_STAGE = 14
 
 
 def torchvision_weights_enum(arch: str):
@@ -139,7 +139,7 @@ def trainable_names(arch: str, policy: str) -> tuple[str, ...]:
     if policy == "last":
         if arch == "resnet18":
             return ("layer4.", head)
-        return tuple(f"features.{i}." for i in range(14, 19)) + (head,)
+        return tuple(f"features.{i}." for i in range(MOBILENET_LAST_STAGE, 19)) + (head,)
     return ("",)
 
 
@@ -157,11 +157,6 @@ def param_counts(model: nn.Module) -> tuple[int, int]:
     return sum(p.numel() for p in model.parameters() if p.requires_grad), total
 
 
-def policy_param_counts(arch: str, num_classes: int, dropout: float = 0.0) -> dict[str, tuple[int, int]]:
-    model = build_model(arch, num_classes, dropout, "none")
-    return {pol: param_counts(apply_policy(model, arch, pol)) for pol in ("head", "last", "full")}
-
-
 def split_model(model: nn.Module, arch: str, policy: str) -> tuple[nn.Module, nn.Module]:
     """(frozen prefix, trainable suffix) sharing the model's modules, such that
     suffix(prefix(x)) == model(x). Under 'full' the prefix is empty."""
@@ -177,7 +172,8 @@ def split_model(model: nn.Module, arch: str, policy: str) -> tuple[nn.Module, nn
         if policy == "head":
             return nn.Sequential(model.features, *pooled), nn.Sequential(model.classifier)
         if policy == "last":
-            return nn.Sequential(*model.features[:14]), nn.Sequential(*model.features[14:], *pooled, model.classifier)
+            k = MOBILENET_LAST_STAGE
+            return nn.Sequential(*model.features[:k]), nn.Sequential(*model.features[k:], *pooled, model.classifier)
     return nn.Sequential(), model
 
 

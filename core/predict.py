@@ -145,7 +145,10 @@ _PRED_LOCK = threading.Lock()
 
 def cached_predictor(path, device="cpu", trust_pickle=False) -> Predictor:
     """Load once per (file, mtime); the app asks for the same checkpoint every request."""
-    st = os.stat(path)
+    try:
+        st = os.stat(path)
+    except OSError:
+        raise CheckpointError(f"checkpoint {path} does not exist or cannot be read") from None
     key = (str(Path(path).resolve()), st.st_mtime_ns, st.st_size, device, trust_pickle)
     with _PRED_LOCK:
         if key not in _PREDICTORS:

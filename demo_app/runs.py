@@ -95,13 +95,6 @@ def list_runs(checkpoints_dir) -> list[RunInfo]:
     return runs
 
 
-def find_run(checkpoints_dir, name: str) -> RunInfo | None:
-    for r in list_runs(checkpoints_dir):
-        if r.name == name:
-            return r
-    return None
-
-
 def checkpoint_choices(checkpoints_dir) -> list[tuple[str, str]]:
     """(label, path) for the dropdown of the Predict tab; newest run's best_acc.pt first."""
     out = []

@@ -114,7 +114,9 @@ def test_reference_written_checkpoint_loads_and_predicts(tmp_path, tiny_dataset)
     pred = Predictor.load(path)
     from PIL import Image
     img = Image.open(sorted((tiny_dataset / "val" / "cat").iterdir())[0])
-    x = __import__("core.data", fromlist=["pil_to_input"]).pil_to_input(img)
+    from torchvision import transforms as T  # the reference's own eval pipeline, independent of core/
+    x = T.Compose([T.Resize(256), T.CenterCrop(224), T.ToTensor(),
+                   T.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])])(img.convert("RGB")).unsqueeze(0)
     with torch.no_grad():
         expected = torch.softmax(model(x), 1)[0]
     got = pred.probabilities([img])[0]

@@ -148,3 +148,27 @@ def test_unreachable_download_host_is_detected_without_waiting():
     from core.models import host_reachable
     assert not host_reachable("127.0.0.1", 1)
     assert not host_reachable(None, 443)
+
+
+def test_val_split_needs_two_images_per_class(tmp_path):
+    make_image_dataset(tmp_path, n_train=3, val=False)
+    (tmp_path / "train" / "fish" / "fish_1.jpg").unlink()
+    (tmp_path / "train" / "fish" / "fish_2.jpg").unlink()
+    with pytest.raises(DatasetError, match="class 'fish' has 1 image"):
+        scan_dataset(tmp_path, val_split=0.2)
+
+
+def test_exif_orientation_applied_once(tmp_path):
+    """Loading an already-loaded image again (as prediction does) must not rotate it twice."""
+    from PIL import Image
+    from core.images import load_rgb
+    img = Image.new("RGB", (60, 30), "white")
+    img.paste((0, 0, 0), (0, 0, 10, 10))  # black corner top-left
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 deg clockwise when displayed
+    img.save(tmp_path / "rot.jpg", exif=exif.tobytes(), quality=95)
+    once = load_rgb(tmp_path / "rot.jpg")
+    twice = load_rgb(once)
+    assert once.size == twice.size == (30, 60)
+    assert list(once.getdata()) == list(twice.getdata())
+    assert sum(once.getpixel((25, 2))) < 100  # the black corner moved to the top-right

@@ -162,11 +162,14 @@ def test_best_rules_treat_nan_as_worst_and_break_ties_by_loss():
     assert not is_better_acc(float("nan"), 0.1, best)
     assert not is_better_loss(float("nan"), best)
     assert is_better_acc(0.5, 1.0, best)
-    best.update(acc=0.9, acc_epoch=1, loss=0.5, loss_epoch=1)
+    best.update(acc=0.9, acc_epoch=1, acc_loss=0.5, loss=0.5, loss_epoch=1)
     assert not is_better_acc(0.9, 0.6, best)
     assert is_better_acc(0.9, 0.4, best)
     assert is_better_acc(0.95, math.inf, best)
     assert not is_better_loss(0.5, best) and is_better_loss(0.49, best)
+    # ties compare with the loss of the best-accuracy epoch, not the best loss of any epoch
+    best.update(loss=0.3, loss_epoch=2)
+    assert is_better_acc(0.9, 0.4, best)
 
 
 def test_run_started_reports_dataset_and_params(tiny_dataset, tmp_path):
@@ -175,6 +178,27 @@ def test_run_started_reports_dataset_and_params(tiny_dataset, tmp_path):
     assert ev.dataset.train.counts() == {"cat": 4, "fish": 4}
     assert ev.trainable_params == 512 * 2 + 2
     assert ev.total_params > 11_000_000
+
+
+def test_resume_refuses_a_finished_run_and_restores_data_settings(tiny_dataset, tmp_path):
+    from core.errors import ConfigError
+    first = run(cfg_for(tiny_dataset, tmp_path, epochs=2, seed=11))[2]
+    with pytest.raises(ConfigError, match="already finished epoch 2; pass a larger --epochs"):
+        list(train(cfg_for(tiny_dataset, tmp_path, epochs=2, resume=f"{first.run_dir}/latest.pt")))
+    events = list(train(cfg_for(tiny_dataset, tmp_path, epochs=3, seed=99, resume=f"{first.run_dir}/latest.pt")))
+    assert events[0].config.seed == 11
+    assert any("using the checkpoint's seed=11" in n for n in events[0].notes)
+
+
+def test_stop_while_decoding_images(tiny_dataset, tmp_path):
+    stop = threading.Event()
+    out = tmp_path / "ck"
+    for ev in train(cfg_for(tiny_dataset, out, epochs=3), stop):
+        if isinstance(ev, BatchProgress) and ev.phase == "decode":
+            stop.set()
+        assert not (isinstance(ev, BatchProgress) and ev.phase in ("cache", "train"))
+    assert ev.status == "stopped" and "reading images" in ev.message
+    assert list(out.iterdir()) == []
 
 
 def test_val_split_run_and_amp_note_on_cpu(tmp_path):

@@ -369,7 +369,7 @@ def test_cli_predict_on_every_bad_and_odd_image(checkpoint, tmp_path, capsys):
         assert predict.main(["--image", str(p), "--checkpoint", str(checkpoint), "--device", "cpu"]) == 2, name
         cap = capsys.readouterr()
         assert "Traceback" not in cap.err and len(cap.err.strip().splitlines()) == 1, (name, cap.err)
-        assert f"ERROR: " in cap.out
+        assert "ERROR: " in cap.out
     folder = tmp_path / "mixed"
     folder.mkdir()
     for name, (data, _) in list(GOOD.items()) + list(BAD.items()):
