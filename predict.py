@@ -36,13 +36,14 @@ def main(argv=None) -> int:
 
 
 def _predict(args) -> int:
+    from core.config import ARCHS
     from core.errors import UserError
     from core.predict import Predictor, choose_images
 
     if args.topk < 1 or args.n < 1 or args.batch_size < 1:
         raise UserError("--topk, --n and --batch-size must be >= 1")
-    if args.arch not in (None, "resnet18", "mobilenet_v2"):
-        raise UserError(f"--arch {args.arch!r} is not supported; choose resnet18 or mobilenet_v2")
+    if args.arch is not None and args.arch not in ARCHS:
+        raise UserError(f"--arch {args.arch!r} is not supported; choose {' or '.join(ARCHS)}")
     classes = [c.strip() for c in args.classes.split(",")] if args.classes else None
     images = choose_images(args.image, bool(args.random), args.n, bool(args.all), args.seed)
     pred = Predictor.load(args.checkpoint, args.device, bool(args.trust_pickle), args.arch, classes)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import gradio as gr
 
-from core.config import ARCHS
+from core.config import ARCHS, AUGMENTS, DEVICES
 from .components import SafeImage
 from .handlers import EPOCH_COLUMNS, LAYER_COLUMNS, PRED_COLUMNS, WEIGHT_SOURCES, Handlers
 from .plots import accuracy_figure, loss_figure
@@ -102,12 +102,12 @@ def build_app(checkpoints_dir, data_dir, uploads_dir=None, service: TrainingServ
                                                          min_width=90)
                                 dropout = gr.Slider(0, 0.9, value=0.0, step=0.05, label="Head dropout",
                                                     elem_id="dropout", min_width=120)
-                            augment = gr.Dropdown(["auto", "none", "light", "standard"], value="auto",
+                            augment = gr.Dropdown(list(AUGMENTS), value="auto",
                                                   label="Augmentation", elem_id="augment",
-                                                  info="auto: flips for head / last stage (features cached once), "
-                                                       "random crops + flips for full fine-tune")
+                                                  info="auto: none for head only (backbone runs once per image), flips for "
+                                                       "layer4 + head (two cached views), random crops + flips for full")
                         with gr.Accordion("Advanced", open=False):
-                            device = gr.Dropdown(["auto", "cpu", "cuda", "mps"], value="auto", label="Device",
+                            device = gr.Dropdown(list(DEVICES), value="auto", label="Device",
                                                  elem_id="device")
                             run_name = gr.Textbox("", label="Run name", placeholder="default: <arch>-<policy>",
                                                   elem_id="run-name")
