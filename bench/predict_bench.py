@@ -1,0 +1,111 @@
+"""In-process prediction measurements, run as a child of bench/run_bench.py.
+
+single: Predictor.predict_image(path) and predict_image(PIL image), warm, interleaved
+        with a bare `model(x)` on the same model and an already preprocessed
+        1x3x224x224 tensor (channels_last, inference_mode: the best a caller could do).
+folder: Predictor.predict_paths(paths) (batched) vs `[predict_image(p) for p in paths]`,
+        interleaved passes; also checks both give the same top-1 labels.
+Prints one JSON object on the last line of stdout."""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from core.images import load_rgb  # noqa: E402
+from core.predict import Predictor, list_images  # noqa: E402
+
+
+def med(xs):
+    return statistics.median(xs) if xs else float("nan")
+
+
+def single(pred: Predictor, image: str, n: int) -> dict:
+    pil = load_rgb(image)
+    x = torch.stack([pred.preprocess(pil)])
+    from core.data import normalize
+    x = normalize(x).contiguous(memory_format=torch.channels_last)
+    model = pred.model
+    for _ in range(10):  # warm-up (the first batch-1 calls build oneDNN kernels)
+        pred.predict_image(image)
+        with torch.inference_mode():
+            model(x)
+    t_path, t_pil, t_bare = [], [], []
+    c_path, c_pil, c_bare = [], [], []  # process CPU time: less sensitive to other processes' load
+
+    def bare():
+        with torch.inference_mode():
+            model(x)
+    for _ in range(n):  # interleaved so machine load hits all three alike
+        for fn, tl, cl in ((lambda: pred.predict_image(image), t_path, c_path),
+                           (lambda: pred.predict_image(pil), t_pil, c_pil), (bare, t_bare, c_bare)):
+            c, t = time.process_time(), time.perf_counter()
+            fn()
+            tl.append(time.perf_counter() - t)
+            cl.append(time.process_time() - c)
+    r_path = med(t_path) / med(t_bare)  # ratio of medians (n interleaved calls each)
+    r_pil = med(t_pil) / med(t_bare)
+    return {"n": n, "image": image, "size": list(pil.size), "predict_path_ms": med(t_path) * 1e3,
+            "predict_pil_ms": med(t_pil) * 1e3, "bare_forward_ms": med(t_bare) * 1e3,
+            "ratio_path": r_path, "ratio_pil": r_pil,
+            "pair_ratio_path": med([a / b for a, b in zip(t_path, t_bare)]),
+            "cpu_ms": {"path": med(c_path) * 1e3, "pil": med(c_pil) * 1e3, "bare": med(c_bare) * 1e3},
+            "cpu_ratio_path": med(c_path) / med(c_bare), "cpu_ratio_pil": med(c_pil) / med(c_bare),
+            "min_ms": {"path": min(t_path) * 1e3, "pil": min(t_pil) * 1e3, "bare": min(t_bare) * 1e3},
+            "min_ratio_path": min(t_path) / min(t_bare), "min_ratio_pil": min(t_pil) / min(t_bare),
+            "p25_p75_ms": {k: [sorted(v)[len(v) // 4] * 1e3, sorted(v)[3 * len(v) // 4] * 1e3]
+                           for k, v in (("path", t_path), ("pil", t_pil), ("bare", t_bare))}}
+
+
+def folder(pred: Predictor, paths: list[str], repeats: int, batch_size: int) -> dict:
+    batched = list(pred.predict_paths(paths[:batch_size], batch_size=batch_size))  # warm-up
+    t_b, t_l, c_b, c_l = [], [], [], []
+    agree = None
+    for r in range(repeats):
+        order = ("b", "l") if r % 2 == 0 else ("l", "b")
+        for which in order:
+            c, t = time.process_time(), time.perf_counter()
+            if which == "b":
+                batched = list(pred.predict_paths(paths, batch_size=batch_size))
+                t_b.append(time.perf_counter() - t)
+                c_b.append(time.process_time() - c)
+            else:
+                loop = [pred.predict_image(p) for p in paths]
+                t_l.append(time.perf_counter() - t)
+                c_l.append(time.process_time() - c)
+        agree = sum(b.label == lp[0][0] for b, lp in zip(batched, loop))
+        max_dp = max(abs(b.p - lp[0][1]) for b, lp in zip(batched, loop) if b.label == lp[0][0])
+    return {"images": len(paths), "repeats": repeats, "batch_size": batch_size,
+            "batched_s": med(t_b), "loop_s": med(t_l),
+            "batched_img_per_s": len(paths) / med(t_b), "loop_img_per_s": len(paths) / med(t_l),
+            "speedup": med([l / b for b, l in zip(t_b, t_l)]), "min_speedup": min(t_l) / min(t_b), "cpu_speedup": med([l / b for b, l in zip(c_b, c_l)]), "top1_agree": agree, "max_abs_dp": max_dp}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--checkpoint", required=True)
+    ap.add_argument("--image", required=True)
+    ap.add_argument("--folders", nargs="+", required=True)
+    ap.add_argument("--n", type=int, default=40)
+    ap.add_argument("--folder-repeats", type=int, default=3)
+    ap.add_argument("--batch-size", type=int, default=32)
+    args = ap.parse_args()
+    t = time.perf_counter()
+    pred = Predictor.load(args.checkpoint, device="cpu")
+    load_s = time.perf_counter() - t
+    paths = [p for f in args.folders for p in list_images(f)]
+    out = {"arch": pred.info.get("arch"), "load_s": load_s, "threads": torch.get_num_threads(),
+           "single": single(pred, args.image, args.n),
+           "folder": folder(pred, paths, args.folder_repeats, args.batch_size)}
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
