@@ -1,7 +1,7 @@
 """In-process prediction measurements, run as a child of bench/run_bench.py.
 
 single: Predictor.predict_image(path) and predict_image(PIL image), warm, interleaved
-        with a bare `model(x)` on the same model and an already preprocessed
+        with a bare `model(x)` on the same model (the module the Predictor runs) and an already preprocessed
         1x3x224x224 tensor (channels_last, inference_mode: the best a caller could do).
 folder: Predictor.predict_paths(paths) (batched) vs `[predict_image(p) for p in paths]`,
         interleaved passes; also checks both give the same top-1 labels.
@@ -32,7 +32,7 @@ def single(pred: Predictor, image: str, n: int) -> dict:
     x = torch.stack([pred.preprocess(pil)])
     from core.data import normalize
     x = normalize(x).contiguous(memory_format=torch.channels_last)
-    model = pred.model
+    model = getattr(pred, "_infer", pred.model)  # the module predict_image itself runs
     for _ in range(10):  # warm-up (the first batch-1 calls build oneDNN kernels)
         pred.predict_image(image)
         with torch.inference_mode():
