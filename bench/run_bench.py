@@ -71,8 +71,8 @@ def plan(args) -> list[dict]:
                     if group != "A":
                         reps = min(reps, args.repeats_other)
                     variants = [("default", [])]
-                    if policy == "head" and not args.no_variants:
-                        variants.append(("augment none", ["--augment", "none"]))
+                    if policy == "head" and not args.no_variants:  # the other cacheable choice (two flip views)
+                        variants.append(("augment light", ["--augment", "light"]))
                     rows.append({"group": group, "ds": ds, "arch": arch, "policy": policy, "naive_epochs": n_ep,
                                  "proj_epochs": p_ep, "repeats": max(1, reps),
                                  "weights": str(MNV2_WEIGHTS) if arch == "mobilenet_v2" else "none",
@@ -145,6 +145,8 @@ def parse_training(res: dict) -> dict:
             out["n_val"] = int(m[1])
         if l.startswith("NOTE: feature cache"):
             out["cache_note"] = l[6:]
+        if l.startswith("MODEL:") and (m := re.search(r"augment=(\w+)", l)):
+            out["augment"] = m[1]
     return out
 
 
@@ -367,6 +369,15 @@ def projected(m: dict, epochs: int, to: int = 10) -> float | None:
     return m["wall"] + (to - epochs) * m["period"]
 
 
+def augment_from_log(m: dict) -> str | None:
+    """Effective augmentation from a saved child log (results written before it was parsed)."""
+    try:
+        return next((x[1] for l in Path(m["log"]).read_text().splitlines()
+                     if "MODEL:" in l and (x := re.search(r"augment=(\w+)", l))), None)
+    except (OSError, KeyError):
+        return None
+
+
 def row_stats(row: dict, name: str) -> dict:
     naive, proj = row["naive"], row["project"][name]
     pairs = [(n, p) for n, p in zip(naive, proj) if n["rc"] == 0 and p["rc"] == 0]
@@ -393,6 +404,7 @@ def row_stats(row: dict, name: str) -> dict:
          "proj_rss": max([p["maxrss_mb"] for p in proj] or [0]) or None,
          "n_val": next((p["n_val"] for p in proj if "n_val" in p), None),
          "load": med([x for m in naive + proj for x in m["load"]]),
+         "augment": next((a for p in proj if (a := p.get("augment") or augment_from_log(p))), None),
          "failed": [m["log"] for m in naive + proj if m["rc"] != 0]}
     if s["naive_period"] and s["proj_period"]:
         s["period_ratio"] = s["naive_period"] / s["proj_period"]
@@ -419,15 +431,15 @@ def render(results: dict) -> str:
     L = ["# Benchmark results", "",
          f"Run {m.get('date', '?')} at commit {m.get('git', '?')} with `{results.get('argv', '')}`.", "",
          f"- Machine: {m.get('cpu')} CPU, {m.get('cores')} cores visible ({m.get('affinity')} usable), {m.get('mem')} RAM. "
-         f"**Shared** with other engineers' test runs: median 1-min load average during the training runs "
-         f"{f(med(loads), '{:.1f}')} on 2 cores, so absolute times are inflated and noisy; the ratios come from "
-         f"interleaved naive/project runs.",
+         f"**Shared** with other engineers' test runs: the 1-min load average at each run is in the *load* column "
+         f"(≈2 = this benchmark alone, since torch uses both cores); under extra load absolute times inflate and "
+         f"small-batch work suffers most, so compare ratios within a row (naive/project runs are interleaved).",
          f"- Python {m.get('python')}, torch {m.get('torch')}, torchvision {m.get('torchvision')}, "
          f"torch threads {m.get('torch_threads')}; `import torch, torchvision` alone: {f(m.get('import_torch_s'), '{:.1f}')} s.",
          "- Naive = `bench/naive_reference.py` (ImageFolder + DataLoader, RandomResizedCrop+flip, full forward every batch, "
          "`model.train()` every epoch, AdamW, latest/best checkpoints each epoch). Project = `train.py` with its defaults "
-         "(batch 16, lr 1e-3, augment auto = flip views for head/last, random crops for full). Both are whole processes, "
-         "timed from spawn to exit.",
+         "(batch 16, lr 1e-3, `--augment auto`, which resolves per policy as shown in the *project variant* column). "
+         "Both are whole processes, timed from spawn to exit.",
          "- mobilenet_v2 rows use the shared ImageNet weights; resnet18 rows use random weights (timing only).",
          ""]
     versions = sorted({m.get("code") for r in rows for m in r["naive"] + [x for v in r["project"].values() for x in v]
@@ -437,10 +449,10 @@ def render(results: dict) -> str:
               f"(per-run versions in the JSON).", ""]
     if rows:
         L += ["## Training", "",
-              "| dataset | arch | policy | project variant | epochs naive / project | runs | naive wall s | project wall s | "
+              "| dataset | arch | policy | project variant | epochs naive / project | runs | load | naive wall s | project wall s | "
               "**10-epoch ratio** | CPU-time ratio | naive s/ep | project s/ep | project setup s | val acc naive / project @ep | "
               "project final (best) | peak RSS MB naive / project | target |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for row in rows:
             for name in row["project"]:
                 s = row_stats(row, name)
@@ -449,12 +461,14 @@ def render(results: dict) -> str:
                 real = row["weights"] != "none"
                 acc = (f"{f(s['naive_acc'], '{:.3f}')} / {f(s['proj_acc'], '{:.3f}')} @{s['acc_k']}" if real else "n/a")
                 fin = (f"{f(s['proj_final'], '{:.3f}')} ({f(s['proj_best'], '{:.3f}')})" if real else "n/a")
-                L.append(f"| {DS_LABEL[row['ds']]} | {row['arch']} | {row['policy']} | {name} | {en} / {ep}{mark} | {s['n']} | "
+                variant = f"{name} (augment={s['augment']})" if name == "default" and s.get("augment") else name
+                L.append(f"| {DS_LABEL[row['ds']]} | {row['arch']} | {row['policy']} | {variant} | {en} / {ep}{mark} | {s['n']} | "
+                         f"{f(s['load'], '{:.1f}')} | "
                          f"{f(s['naive_wall'])} | {f(s['proj_wall'])} | **{f(s['ratio10'], '{:.2f}×')}** | {f(s['cpu_ratio'], '{:.2f}×')} | "
                          f"{f(s['naive_period'], '{:.2f}')} | {f(s['proj_period'], '{:.2f}')} | {f(s['proj_setup'])} | "
                          f"{acc} | {fin} | {f(s['naive_rss'], '{:.0f}')} / {f(s['proj_rss'], '{:.0f}')} | {verdict(row, name, s)} |")
                 if s["failed"]:
-                    L.append(f"| | | | failed runs: {', '.join(s['failed'])} | | | | | | | | | | | | | |")
+                    L.append(f"| | | | failed runs: {', '.join(s['failed'])} | | | | | | | | | | | | | | |")
         L += ["", "**10-epoch ratio** = naive time / project time for 10 epochs, whole processes (imports, decoding, "
               "feature cache and checkpoint writes included), median over runs of the per-run ratio. "
               "† = a side ran fewer than 10 epochs because 10 would take far more than 10 minutes on these shared cores; "
@@ -490,11 +504,14 @@ def render(results: dict) -> str:
     a = results.get("app")
     L += ["## Memory and app start", ""]
     if mem:
-        worst = max(mem, key=lambda t: t[1]["proj_rss"] or 0)
-        L.append(f"- Peak RSS of `train.py` on catfish (max over the rows above): {f(worst[1]['proj_rss'], '{:.0f}')} MB "
-                 f"({worst[0]['arch']} {worst[0]['policy']}) — target < 2048 MB: "
-                 f"{'met' if (worst[1]['proj_rss'] or 0) < 2048 else '**MISSED**'}. "
-                 f"(`import torch, torchvision` alone peaks near 800 MB with this CUDA build of torch.)")
+        L.append("- Peak RSS (`ru_maxrss`) of `train.py` on catfish, target < 2048 MB (naive loop for comparison):")
+        for pol in ("head", "last", "full"):
+            pr = [(r, st) for r, st in mem if r["policy"] == pol and st["proj_rss"]]
+            if pr:
+                r, st = max(pr, key=lambda t: t[1]["proj_rss"])
+                ok = "met" if st["proj_rss"] < 2048 else "**MISSED**"
+                L.append(f"  - {pol}: {st['proj_rss']:.0f} MB ({r['arch']}; naive {f(st['naive_rss'], '{:.0f}')} MB) — {ok}")
+        L.append("  - `import torch, torchvision` alone peaks near 800 MB with this CUDA build of torch.")
     if a:
         if a.get("first_page_s") is not None:
             L.append(f"- `python app.py --port N` → first HTTP 200 on `/`: {a['first_page_s']:.1f} s "
@@ -520,10 +537,11 @@ def main() -> int:
     ap.add_argument("--archs", default="mobilenet_v2,resnet18")
     ap.add_argument("--policies", default="head,last,full")
     ap.add_argument("--epochs", type=int, default=None, help="force this many epochs for every row")
-    ap.add_argument("--no-variants", action="store_true", help="skip the extra 'augment none' project run on head rows")
+    ap.add_argument("--no-variants", action="store_true", help="skip the extra 'augment light' project run on head rows")
     ap.add_argument("--sections", default="predict,app,train", help="any of predict,app,train, run in this order")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     ap.add_argument("--md", default=None, help="markdown output (default bench/RESULTS.md; --quick: OUT/RESULTS-quick.md)")
+    ap.add_argument("--notes", default=None, help="markdown file appended to the rendered results")
     ap.add_argument("--render", nargs="+", default=None,
                     help="only re-render markdown from results JSON file(s); later files override earlier sections")
     args = ap.parse_args()
@@ -531,12 +549,19 @@ def main() -> int:
         results = {}
         for path in args.render:
             part = json.loads(Path(path).read_text())
-            if results and "train_rows" not in part:
-                part.pop("machine", None)  # keep the training run's machine info and argv
+            if results:
+                part.pop("machine", None)  # keep the first file's machine info and argv
                 part.pop("argv", None)
+                if "train_rows" in part and "train_rows" in results:  # rows of later files replace same rows
+                    key = lambda r: (r["ds"], r["arch"], r["policy"])
+                    new_rows = {key(r): r for r in part.pop("train_rows")}
+                    rows = [new_rows.pop(key(r), r) for r in results["train_rows"]]
+                    results["train_rows"] = rows + list(new_rows.values())
+                    results.setdefault("merged", []).append(path)
             results.update(part)
         md = Path(args.md or ROOT / "bench" / "RESULTS.md")
-        md.write_text(render(results))
+        notes = "\n" + Path(args.notes).read_text() if args.notes else ""
+        md.write_text(render(results) + notes)
         print(f"wrote {md}")
         return 0
     if args.quick:
