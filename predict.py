@@ -23,7 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--seed", type=int, default=None, help="seed for --random (default: different each run)")
     a("--all", type=bool01, default=0, help="1: every image in the folder tree, in batches")
     a("--csv", default=None, help="write file,label,p,topk rows to this CSV")
-    a("--batch-size", type=int, default=32)
+    a("--batch-size", type=int, default=None, help="images per forward pass (default: 8 on CPU, 32 on GPU)")
     a("--arch", default=None, help="architecture of a bare state_dict (resnet18 | mobilenet_v2); guessed if omitted")
     a("--classes", default=None, help="comma-separated class names for a bare state_dict or full model")
     a("--trust-pickle", type=bool01, default=0, help="1: allow loading a full pickled model (runs code from the file!)")
@@ -40,7 +40,7 @@ def _predict(args) -> int:
     from core.errors import UserError
     from core.predict import Predictor, choose_images
 
-    if args.topk < 1 or args.n < 1 or args.batch_size < 1:
+    if args.topk < 1 or args.n < 1 or (args.batch_size is not None and args.batch_size < 1):
         raise UserError("--topk, --n and --batch-size must be >= 1")
     if args.arch is not None and args.arch not in ARCHS:
         raise UserError(f"--arch {args.arch!r} is not supported; choose {' or '.join(ARCHS)}")

@@ -1,10 +1,13 @@
 """In-process prediction measurements, run as a child of bench/run_bench.py.
 
 single: Predictor.predict_image(path) and predict_image(PIL image), warm, interleaved
-        with a bare `model(x)` on the same model (the module the Predictor runs) and an already preprocessed
-        1x3x224x224 tensor (channels_last, inference_mode: the best a caller could do).
-folder: Predictor.predict_paths(paths) (batched) vs `[predict_image(p) for p in paths]`,
-        interleaved passes; also checks both give the same top-1 labels.
+        with bare forward passes on an already preprocessed 1x3x224x224 tensor (channels_last,
+        inference_mode: the best a caller could do) of (a) the trained model as loaded and (b) the
+        BatchNorm-folded copy the Predictor runs internally (so (b) isolates the pre/post-processing cost).
+folder: Predictor.predict_paths(paths) (batched, decode-ahead) vs two one-image-at-a-time loops:
+        `[predict_image(p) for p in paths]` (our own single-image path) and the reference's loop
+        (PIL open + transforms.Compose(Resize, CenterCrop, ToTensor, Normalize) + model(x) under
+        no_grad, model as loaded, contiguous); interleaved passes; checks all give the same top-1.
 Prints one JSON object on the last line of stdout."""
 from __future__ import annotations
 
@@ -17,7 +20,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import copy  # noqa: E402
+
 import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+from torchvision import transforms  # noqa: E402
 
 from core.images import load_rgb  # noqa: E402
 from core.predict import Predictor, list_images  # noqa: E402
@@ -37,15 +44,21 @@ def single(pred: Predictor, image: str, n: int) -> dict:
         pred.predict_image(image)
         with torch.inference_mode():
             model(x)
-    t_path, t_pil, t_bare = [], [], []
-    c_path, c_pil, c_bare = [], [], []  # process CPU time: less sensitive to other processes' load
+            pred.model(x)
+    t_path, t_pil, t_bare, t_loaded = [], [], [], []
+    c_path, c_pil, c_bare, c_loaded = [], [], [], []  # process CPU time: less sensitive to other processes' load
 
     def bare():
         with torch.inference_mode():
             model(x)
-    for _ in range(n):  # interleaved so machine load hits all three alike
+
+    def bare_loaded():
+        with torch.inference_mode():
+            pred.model(x)
+    for _ in range(n):  # interleaved so machine load hits all alike
         for fn, tl, cl in ((lambda: pred.predict_image(image), t_path, c_path),
-                           (lambda: pred.predict_image(pil), t_pil, c_pil), (bare, t_bare, c_bare)):
+                           (lambda: pred.predict_image(pil), t_pil, c_pil), (bare, t_bare, c_bare),
+                           (bare_loaded, t_loaded, c_loaded)):
             c, t = time.process_time(), time.perf_counter()
             fn()
             tl.append(time.perf_counter() - t)
@@ -54,6 +67,8 @@ def single(pred: Predictor, image: str, n: int) -> dict:
     r_pil = med(t_pil) / med(t_bare)
     return {"n": n, "image": image, "size": list(pil.size), "predict_path_ms": med(t_path) * 1e3,
             "predict_pil_ms": med(t_pil) * 1e3, "bare_forward_ms": med(t_bare) * 1e3,
+            "bare_loaded_ms": med(t_loaded) * 1e3, "ratio_path_loaded": med(t_path) / med(t_loaded),
+            "min_ratio_path_loaded": min(t_path) / min(t_loaded),
             "ratio_path": r_path, "ratio_pil": r_pil,
             "pair_ratio_path": med([a / b for a, b in zip(t_path, t_bare)]),
             "cpu_ms": {"path": med(c_path) * 1e3, "pil": med(c_pil) * 1e3, "bare": med(c_bare) * 1e3},
@@ -64,28 +79,51 @@ def single(pred: Predictor, image: str, n: int) -> dict:
                            for k, v in (("path", t_path), ("pil", t_pil), ("bare", t_bare))}}
 
 
-def folder(pred: Predictor, paths: list[str], repeats: int, batch_size: int) -> dict:
-    batched = list(pred.predict_paths(paths[:batch_size], batch_size=batch_size))  # warm-up
-    t_b, t_l, c_b, c_l = [], [], [], []
-    agree = None
+REFERENCE_TF = transforms.Compose([transforms.Resize(256), transforms.CenterCrop(224), transforms.ToTensor(),
+                                   transforms.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
+
+
+def reference_loop(model, paths: list[str]) -> list[int]:
+    """The reference predict.py, one image at a time."""
+    out = []
+    for p in paths:
+        x = REFERENCE_TF(Image.open(p).convert("RGB")).unsqueeze(0)
+        with torch.no_grad():
+            out.append(int(torch.softmax(model(x), 1).argmax(1)))
+    return out
+
+
+def folder(pred: Predictor, paths: list[str], repeats: int, batch_size: int | None) -> dict:
+    batched = list(pred.predict_paths(paths[:32], batch_size=batch_size))  # warm-up
+    ref_model = copy.deepcopy(pred.model).to(memory_format=torch.contiguous_format).eval()
+    reference_loop(ref_model, paths[:8])
+    t = {"b": [], "l": [], "r": []}
+    c = {"b": [], "l": [], "r": []}
     for r in range(repeats):
-        order = ("b", "l") if r % 2 == 0 else ("l", "b")
+        order = ("b", "l", "r") if r % 2 == 0 else ("r", "l", "b")
         for which in order:
-            c, t = time.process_time(), time.perf_counter()
+            c0, t0 = time.process_time(), time.perf_counter()
             if which == "b":
                 batched = list(pred.predict_paths(paths, batch_size=batch_size))
-                t_b.append(time.perf_counter() - t)
-                c_b.append(time.process_time() - c)
-            else:
+            elif which == "l":
                 loop = [pred.predict_image(p) for p in paths]
-                t_l.append(time.perf_counter() - t)
-                c_l.append(time.process_time() - c)
-        agree = sum(b.label == lp[0][0] for b, lp in zip(batched, loop))
-        max_dp = max(abs(b.p - lp[0][1]) for b, lp in zip(batched, loop) if b.label == lp[0][0])
-    return {"images": len(paths), "repeats": repeats, "batch_size": batch_size,
-            "batched_s": med(t_b), "loop_s": med(t_l),
-            "batched_img_per_s": len(paths) / med(t_b), "loop_img_per_s": len(paths) / med(t_l),
-            "speedup": med([l / b for b, l in zip(t_b, t_l)]), "min_speedup": min(t_l) / min(t_b), "cpu_speedup": med([l / b for b, l in zip(c_b, c_l)]), "top1_agree": agree, "max_abs_dp": max_dp}
+            else:
+                ref = reference_loop(ref_model, paths)
+            t[which].append(time.perf_counter() - t0)
+            c[which].append(time.process_time() - c0)
+    agree = sum(b.label == lp[0][0] for b, lp in zip(batched, loop))
+    agree_ref = sum(b.label == pred.class_names[i] for b, i in zip(batched, ref))
+    max_dp = max(abs(b.p - lp[0][1]) for b, lp in zip(batched, loop) if b.label == lp[0][0])
+    n = len(paths)
+    return {"images": n, "repeats": repeats, "batch_size": batch_size or "default",
+            "batched_s": med(t["b"]), "loop_s": med(t["l"]), "reference_s": med(t["r"]),
+            "batched_img_per_s": n / med(t["b"]), "loop_img_per_s": n / med(t["l"]),
+            "reference_img_per_s": n / med(t["r"]),
+            "speedup": med([l / b for b, l in zip(t["b"], t["l"])]), "min_speedup": min(t["l"]) / min(t["b"]),
+            "cpu_speedup": med([l / b for b, l in zip(c["b"], c["l"])]),
+            "speedup_reference": med([r / b for b, r in zip(t["b"], t["r"])]),
+            "min_speedup_reference": min(t["r"]) / min(t["b"]),
+            "top1_agree": agree, "top1_agree_reference": agree_ref, "max_abs_dp": max_dp}
 
 
 def main() -> None:
@@ -95,7 +133,7 @@ def main() -> None:
     ap.add_argument("--folders", nargs="+", required=True)
     ap.add_argument("--n", type=int, default=40)
     ap.add_argument("--folder-repeats", type=int, default=3)
-    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--batch-size", type=int, default=None, help="default: the Predictor's own (8 on CPU)")
     args = ap.parse_args()
     t = time.perf_counter()
     pred = Predictor.load(args.checkpoint, device="cpu")

@@ -155,9 +155,14 @@ def skipped_warning(skipped: list[tuple[str, str]], limit: int = 20) -> str:
 
 def decode_resized(path: str, resize_size: int) -> torch.Tensor:
     """File -> uint8 CHW tensor with the shorter side = resize_size (Resize(256))."""
-    img = load_rgb(path)
-    img = TF.resize(img, resize_size, interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
-    return TF.pil_to_tensor(img)
+    return resize_short_side(TF.pil_to_tensor(load_rgb(path, min_side=resize_size)), resize_size)
+
+
+def resize_short_side(img: torch.Tensor, size: int) -> torch.Tensor:
+    """uint8 CHW -> shorter side = size, bilinear with antialias (Resize(256)).
+    On uint8 tensors torchvision uses a vectorised kernel: ~6x faster than
+    resizing the PIL image, and within a grey level or two of it."""
+    return TF.resize(img, size, interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
 
 
 def decode_split(split: Split, resize_size: int, keep: bool, threads: int = 2, chunk: int = 64):

@@ -33,3 +33,10 @@ def amp_note(device: torch.device, amp: bool) -> str | None:
     if amp and device.type != "cuda":
         return f"--amp 1 has no effect on {device.type} (mixed precision is used on CUDA only); training in float32"
     return None
+
+
+def inference_batch_size(device: torch.device, train_batch: int = 16) -> int:
+    """Batch for forward-only passes (feature cache, validation, folder predict).
+    On CPU, batches of ~8 keep activations in cache: measured 10-20% faster per
+    image than 32 on a 2-core machine (MobileNetV2 at 32 is 2x slower)."""
+    return 8 if device.type == "cpu" else max(train_batch, 32)

@@ -10,8 +10,10 @@
 Speed: when a prefix of the network is frozen and the training input is
 deterministic (augment none, or light = flip-only kept as two views), the
 prefix runs once per image and view and the trainable suffix trains on the
-cached activations. Numerically the same as running the whole model (in
-float32; with --amp on CUDA the cached prefix stays float32)."""
+cached activations. Frozen layers always run as an eval-only copy with
+BatchNorm folded into the convolutions. Numerically the same as running the
+whole model (in float32, up to rounding; with --amp on CUDA the cached prefix
+stays float32)."""
 from __future__ import annotations
 
 import hashlib
@@ -32,9 +34,9 @@ from . import checkpoint as ck
 from .config import TrainConfig
 from .data import (DatasetInfo, Split, center_crop, decode_resized, decode_split, estimate_decoded_bytes,
                    normalize, random_resized_crop, scan_dataset, skipped_warning)
-from .device import amp_note, resolve_device
+from .device import amp_note, inference_batch_size, resolve_device
 from .errors import CheckpointError, ConfigError, DatasetError, UserError
-from .models import apply_policy, build_model, param_counts, set_train_mode, split_model
+from .models import apply_policy, build_model, fold_batchnorm, param_counts, set_train_mode, split_model
 
 
 # ---------------------------------------------------------------- events
@@ -272,6 +274,9 @@ def train(cfg: TrainConfig, stop: threading.Event | None = None) -> Iterator:
     prefix, suffix = split_model(model, cfg.arch, cfg.policy)
     use_cl = device.type != "mps"
     model.to(device, memory_format=torch.channels_last if use_cl else torch.contiguous_format)
+    # What the frozen layers compute, BatchNorm folded in: used for every frozen
+    # forward (feature cache, uncached frozen pass, validation).
+    frozen = fold_batchnorm(prefix) if len(prefix) else prefix
 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -323,7 +328,7 @@ def train(cfg: TrainConfig, stop: threading.Event | None = None) -> Iterator:
             with _CACHE_LOCK:
                 feats = _FEATURES.get(key)
             if feats is None:
-                feats = yield from compute_features(prefix, [(train_src, views), (val_src, 1)], cfg, device, stop)
+                feats = yield from compute_features(frozen, [(train_src, views), (val_src, 1)], cfg, device, stop)
                 _remember(_FEATURES, key, feats)
             train_src.features, val_src.features = feats[0], feats[1]
         del train_imgs, val_imgs
@@ -332,9 +337,9 @@ def train(cfg: TrainConfig, stop: threading.Event | None = None) -> Iterator:
         scaler = torch.amp.GradScaler("cuda") if cfg.amp and device.type == "cuda" else None
         for epoch in range(start_epoch, cfg.epochs + 1):
             t0 = time.perf_counter()
-            tr = yield from train_one_epoch(model, prefix, suffix, optimizer, loss_fn, train_src, cfg, device,
-                                            epoch, aug, stop, scaler)
-            va = yield from evaluate(model, prefix, suffix, loss_fn, val_src, cfg, device, epoch, stop)
+            tr = yield from train_one_epoch(model, prefix, frozen, suffix, optimizer, loss_fn, train_src, cfg,
+                                            device, epoch, aug, stop, scaler)
+            va = yield from evaluate(model, frozen, suffix, loss_fn, val_src, cfg, device, epoch, stop)
             improved_acc = is_better_acc(va[1], va[0], best)
             improved_loss = is_better_loss(va[0], best)
             if improved_acc:
@@ -458,23 +463,22 @@ class InputSource:
         return normalize(torch.stack(crops))
 
 
-def compute_features(prefix, sources, cfg, device, stop) -> Iterator:
+def compute_features(frozen, sources, cfg, device, stop) -> Iterator:
     """Run the frozen prefix once per image and view. Returns [train views, val views]."""
     out = []
     total = sum(len(src) * views for src, views in sources)
     done = 0
-    prefix.eval()
     for src, views in sources:
         per_view = []
         for view in range(views):
             chunks = []
-            for idx in torch.arange(len(src)).split(max(cfg.batch_size, 32)):
+            for idx in torch.arange(len(src)).split(inference_batch_size(device, cfg.batch_size)):
                 if stop.is_set():
                     raise _Stopped("stopped by request before the first epoch")
                 flips = torch.full((len(src),), bool(view))
                 x = src.batch(idx, flips if view else None, "none", None)
                 with torch.inference_mode():
-                    chunks.append(prefix(to_device(x, device)).float().cpu())
+                    chunks.append(frozen(to_device(x, device)).float().cpu())
                 done += len(idx)
                 yield BatchProgress("cache", 0, done, total)
             per_view.append(torch.cat(chunks))
@@ -493,15 +497,15 @@ def autocast(cfg, device):
     return torch.autocast("cuda", dtype=torch.float16, enabled=bool(cfg.amp and device.type == "cuda"))
 
 
-def forward(prefix, suffix, x, cached: bool):
-    if cached or len(prefix) == 0:
+def forward(frozen, suffix, x, cached: bool):
+    if cached or len(frozen) == 0:
         return suffix(x)
     with torch.no_grad():  # the frozen prefix needs no autograd graph
-        feats = prefix(x)
+        feats = frozen(x)
     return suffix(feats)
 
 
-def train_one_epoch(model, prefix, suffix, optimizer, loss_fn, src: InputSource, cfg, device, epoch, aug, stop, scaler):
+def train_one_epoch(model, prefix, frozen, suffix, optimizer, loss_fn, src: InputSource, cfg, device, epoch, aug, stop, scaler):
     # Seeded per epoch so a resumed run draws the same batches and flips as an uninterrupted one.
     gen = torch.Generator().manual_seed(cfg.seed * 100003 + epoch)
     torch.manual_seed(cfg.seed + epoch)  # dropout
@@ -517,7 +521,7 @@ def train_one_epoch(model, prefix, suffix, optimizer, loss_fn, src: InputSource,
         x = to_device(src.batch(idx, flips, aug, gen), device)
         y = src.labels[idx].to(device)
         with autocast(cfg, device):
-            logits = forward(prefix, suffix, x, cached)
+            logits = forward(frozen, suffix, x, cached)
             loss = loss_fn(logits.float(), y)
         if not torch.isfinite(loss) or loss.item() > EXPLODED_LOSS * max(1.0, math.log(logits.shape[1])):
             what = f"became {loss.item()}" if not torch.isfinite(loss) else f"exploded to {loss.item():.3g}"
@@ -538,10 +542,10 @@ def train_one_epoch(model, prefix, suffix, optimizer, loss_fn, src: InputSource,
     return loss_sum / seen, correct / seen
 
 
-def evaluate(model, prefix, suffix, loss_fn, src: InputSource, cfg, device, epoch, stop):
+def evaluate(model, frozen, suffix, loss_fn, src: InputSource, cfg, device, epoch, stop):
     model.eval()
     cached = src.features is not None
-    batches = torch.arange(len(src)).split(max(cfg.batch_size, 32))
+    batches = torch.arange(len(src)).split(inference_batch_size(device, cfg.batch_size))
     loss_sum, correct = 0.0, 0
     for step, idx in enumerate(batches, 1):
         if stop.is_set():
@@ -549,7 +553,7 @@ def evaluate(model, prefix, suffix, loss_fn, src: InputSource, cfg, device, epoc
         x = to_device(src.batch(idx, None, "none", None), device)
         y = src.labels[idx].to(device)
         with torch.inference_mode(), autocast(cfg, device):
-            logits = forward(prefix, suffix, x, cached).float()
+            logits = forward(frozen, suffix, x, cached).float()
             loss_sum += nn.functional.cross_entropy(logits, y, reduction="sum").item()
         correct += (logits.argmax(1) == y).sum().item()
         yield BatchProgress("val", epoch, step, len(batches))

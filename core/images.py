@@ -24,8 +24,13 @@ def is_image_name(path) -> bool:
     return str(path).lower().endswith(IMAGE_EXTENSIONS)
 
 
-def load_rgb(source) -> Image.Image:
+def load_rgb(source, min_side: int | None = None) -> Image.Image:
     """Open a path, file object or PIL image and return a fully decoded RGB image.
+
+    min_side: the caller will shrink the image to this shorter side anyway, so a
+    JPEG at least twice that size may be decoded at 1/2, 1/4 or 1/8 scale
+    (libjpeg's DCT scaling, never below min_side): a 12 MP phone photo decodes
+    ~10x faster, and every path that feeds the model uses the same rule.
 
     EXIF orientation is applied (phone photos), animated images give their first
     frame, transparency is composited on white, 16-bit and float images are
@@ -55,6 +60,8 @@ def load_rgb(source) -> Image.Image:
                 if w < 1 or h < 1:
                     raise ImageLoadError(name, f"image has no pixels ({w}x{h})")
                 img.seek(0)
+                if min_side and img.format == "JPEG" and min(w, h) >= 2 * min_side:
+                    img.draft(img.mode, (min_side, min_side))
                 img.load()
                 return to_rgb(_apply_exif_orientation(img))
     except ImageLoadError:
