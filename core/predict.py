@@ -1,6 +1,7 @@
 """Prediction: load any supported model file once, then classify images in batches."""
 from __future__ import annotations
 
+import copy
 import os
 import random
 import threading
@@ -41,7 +42,7 @@ class Predictor:
     def __init__(self, model, class_names, device="cpu", info: dict | None = None, resize=256, crop=224):
         self.device = resolve_device(device) if isinstance(device, str) else device
         self.model = model.eval().to(self.device, memory_format=torch.channels_last)
-        self._infer = fold_batchnorm(self.model)  # what forward passes run: same function, faster
+        self._infer = _inference_copy(self.model)  # what forward passes run: same function, faster
         self.class_names = list(class_names)
         self.info = info or {}
         self.resize, self.crop = resize, crop
@@ -123,6 +124,14 @@ class Predictor:
                 row = {p: self.topk(probs[i], k) for i, p in enumerate(good)}
                 for p in chunk:
                     yield Prediction(p, row.get(p, []), errors.get(p))
+
+
+def _inference_copy(model):
+    """BatchNorm-folded copy; a pickled custom model that cannot be deep-copied runs as is."""
+    try:
+        return fold_batchnorm(model)
+    except (RuntimeError, TypeError, copy.Error):
+        return model
 
 
 def _out_features(model) -> int:
