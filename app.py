@@ -43,7 +43,10 @@ def main(argv=None) -> int:
         print(f"error: --port must be 1..65535 (got {args.port})", file=sys.stderr)
         return 2
     sys.path.insert(0, str(ROOT))
+    from core.device import configure_threads
     from demo_app.ui import build_app, launch_options  # gradio/torch import after flags parsed
+
+    configure_threads()
 
     if not is_loopback(args.host):
         print(f"WARNING: listening on {args.host}: anyone who can reach port {args.port} can use this app, "

@@ -37,9 +37,11 @@ def main(argv=None) -> int:
 
 def _predict(args) -> int:
     from core.config import ARCHS
+    from core.device import configure_threads
     from core.errors import UserError
     from core.predict import Predictor, choose_images
 
+    configure_threads()
     if args.topk < 1 or args.n < 1 or (args.batch_size is not None and args.batch_size < 1):
         raise UserError("--topk, --n and --batch-size must be >= 1")
     if args.arch is not None and args.arch not in ARCHS:

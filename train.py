@@ -67,6 +67,8 @@ def main(argv=None) -> int:
 
 def _train(args) -> int:
     from cli.train_output import print_training  # torch imports only after flags parsed (fast --help)
+    from core.device import configure_threads
+    configure_threads()
     return print_training(config_from_args(args), print_model=bool(args.print_model))
 
 

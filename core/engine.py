@@ -34,7 +34,7 @@ from . import checkpoint as ck
 from .config import TrainConfig
 from .data import (DatasetInfo, Split, center_crop, decode_resized, decode_split, estimate_decoded_bytes,
                    normalize, random_resized_crop, scan_dataset, skipped_warning)
-from .device import amp_note, inference_batch_size, resolve_device
+from .device import amp_note, inference_batch_size, resolve_device, usable_cpus
 from .errors import CheckpointError, ConfigError, DatasetError, UserError
 from .models import apply_policy, build_model, fold_batchnorm, param_counts, set_train_mode, split_model
 
@@ -308,7 +308,7 @@ def train(cfg: TrainConfig, stop: threading.Event | None = None) -> Iterator:
         yield started
         keep_decoded = estimate_decoded_bytes(info.train, cfg.resize_size) + estimate_decoded_bytes(info.val, cfg.resize_size) \
             <= cfg.cache_budget_mb * 2**20
-        threads = cfg.num_workers or os.cpu_count() or 1  # decoding threads (--num-workers)
+        threads = cfg.num_workers or usable_cpus()  # decoding threads (--num-workers)
         known = set(info.skipped)  # skipped by name at scan time, already printed
         train_imgs = yield from decoded_images(info.train, cfg.resize_size, keep_decoded, threads, stop)
         val_imgs = yield from decoded_images(info.val, cfg.resize_size, keep_decoded, threads, stop)

@@ -2,6 +2,8 @@
 tensor resizing, and batched folder prediction with a decode-ahead thread."""
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -119,3 +121,30 @@ def test_predictor_runs_the_model_it_was_given(catfish_mini):
     with torch.inference_mode():
         want = torch.softmax(m(x), 1)[0]
     assert torch.allclose(pred.probabilities([img])[0], want, atol=1e-5)
+
+
+def test_cgroup_quota_caps_threads(tmp_path, monkeypatch):
+    """A container quota (cgroup v2 cpu.max or v1 cfs) limits torch's threads; no quota means the affinity mask."""
+    from core import device
+    v2 = tmp_path / "v2"
+    v2.mkdir()
+    (v2 / "cpu.max").write_text("150000 100000\n")
+    assert device.cgroup_cpu_quota(v2) == 1.5
+    (v2 / "cpu.max").write_text("max 100000\n")
+    assert device.cgroup_cpu_quota(v2) is None
+    v1 = tmp_path / "v1" / "cpu"
+    v1.mkdir(parents=True)
+    (v1 / "cpu.cfs_quota_us").write_text("100000\n")
+    (v1 / "cpu.cfs_period_us").write_text("100000\n")
+    assert device.cgroup_cpu_quota(tmp_path / "v1") == 1.0
+    (v1 / "cpu.cfs_quota_us").write_text("-1\n")
+    assert device.cgroup_cpu_quota(tmp_path / "v1") is None
+
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.setattr(device, "cgroup_cpu_quota", lambda: 1.0)
+        assert device.usable_cpus() == 1 and device.configure_threads() == 1 == torch.get_num_threads()
+        monkeypatch.setattr(device, "cgroup_cpu_quota", lambda: None)
+        assert 1 <= device.usable_cpus() <= (os.cpu_count() or 1)
+    finally:
+        torch.set_num_threads(before)
