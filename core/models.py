@@ -203,10 +203,9 @@ def fold_batchnorm(module: nn.Module) -> nn.Module:
             conv, bn = getattr(parent, conv_name), getattr(parent, bn_name)
             setattr(parent, conv_name, fuse_conv_bn_eval(conv, bn))
             setattr(parent, bn_name, nn.Identity())
-    for p in fused.parameters():
+    for p in fused.parameters():  # folded weights keep the original's memory format
         p.requires_grad_(False)
-    fmt = torch.channels_last if _is_channels_last(module) else torch.contiguous_format
-    return fused.to(memory_format=fmt)
+    return fused
 
 
 def _conv_bn_pairs(parent: nn.Module) -> list[tuple[str, str]]:
@@ -226,8 +225,3 @@ def _conv_bn_pairs(parent: nn.Module) -> list[tuple[str, str]]:
             if isinstance(kids.get(c), nn.Conv2d) and type(kids.get(b)) is nn.BatchNorm2d
             and kids[b].track_running_stats and kids[b].num_features == kids[c].out_channels]
 
-
-def _is_channels_last(module: nn.Module) -> bool:
-    w = next((m.weight for m in module.modules() if isinstance(m, nn.Conv2d)), None)
-    return w is not None and w.dim() == 4 and w.is_contiguous(memory_format=torch.channels_last) \
-        and not w.is_contiguous()

@@ -72,9 +72,10 @@ class Predictor:
             return cls(model, names, device, {"format": "state_dict", "path": str(path)})
         raise CheckpointError(f"{path} is not a checkpoint dict, a state_dict or a model")
 
-    def preprocess(self, img: Image.Image) -> torch.Tensor:
-        """RGB PIL image -> uint8 crop, exactly as training's validation transform."""
-        return center_crop(resize_short_side(TF.pil_to_tensor(load_rgb(img)), self.resize), self.crop)
+    def preprocess(self, image) -> torch.Tensor:
+        """Path or PIL image -> uint8 crop, exactly as training's validation transform."""
+        rgb = load_rgb(image, min_side=self.resize)
+        return center_crop(resize_short_side(TF.pil_to_tensor(rgb), self.resize), self.crop)
 
     def probabilities(self, images: list[Image.Image]) -> torch.Tensor:
         """(N, C) softmax probabilities for PIL images, in one batch."""
@@ -92,14 +93,13 @@ class Predictor:
 
     def predict_image(self, image, k: int = 5) -> list[tuple[str, float]]:
         """One PIL image or path -> top-k (label, probability)."""
-        img = image if isinstance(image, Image.Image) else load_rgb(image, min_side=self.resize)
-        return self.topk(self.probabilities([img])[0], k)
+        return self.topk(self._forward(self.preprocess(image)[None])[0], k)
 
     def _load_chunk(self, paths: list[str]) -> tuple[list[str], list[torch.Tensor], dict[str, str]]:
         good, crops, errors = [], [], {}
         for p in paths:
             try:
-                crops.append(self.preprocess(load_rgb(p, min_side=self.resize)))
+                crops.append(self.preprocess(p))
                 good.append(p)
             except ImageLoadError as e:
                 errors[p] = e.reason
