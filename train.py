@@ -31,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
       help="freeze policy; overrides the three 0/1 flags (head = fc only, last = layer4 + fc, full = all)")
     a("--seed", type=int, default=1337)
     a("--num-workers", type=int, default=0, help="image-decoding threads (0 = one per CPU core)")
-    a("--amp", type=bool01, default=0, help="1: mixed precision on CUDA (no-op elsewhere)")
+    a("--amp", type=bool01, default=0, help="1: mixed precision: float16 on CUDA, bfloat16 on CPUs with native bf16 (else float32, with a note)")
     a("--dropout", type=float, default=0.0, help="dropout before the new fc layer (0 = plain Linear)")
     a("--run-name", default=None, help="run folder prefix (default: the --arch name)")
     a("--print-model", type=bool01, default=0, help="1: print the base and transfer models and parameter counts")

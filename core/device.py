@@ -1,6 +1,7 @@
 """Device selection with clear errors for devices this machine does not have."""
 from __future__ import annotations
 
+import functools
 import math
 import os
 from pathlib import Path
@@ -32,10 +33,39 @@ def mps_available() -> bool:
     return bool(backend and backend.is_available())
 
 
+@functools.cache
+def cpu_has_native_bf16() -> bool:
+    """True when oneDNN runs bfloat16 in hardware (AVX512-BF16 or AMX). Elsewhere
+    bf16 is emulated and slower than float32, so --amp 1 stays float32 there."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def amp_dtype(device: torch.device, amp: bool) -> torch.dtype | None:
+    """The autocast dtype --amp 1 uses on this device, or None (float32):
+    float16 on CUDA, bfloat16 on CPUs with native bf16, nothing elsewhere."""
+    if not amp:
+        return None
+    if device.type == "cuda":
+        return torch.float16
+    if device.type == "cpu" and cpu_has_native_bf16():
+        return torch.bfloat16
+    return None
+
+
 def amp_note(device: torch.device, amp: bool) -> str | None:
-    """Mixed precision helps on CUDA; elsewhere it is a no-op and we say so."""
-    if amp and device.type != "cuda":
-        return f"--amp 1 has no effect on {device.type} (mixed precision is used on CUDA only); training in float32"
+    """Say what --amp 1 does here, including when it does nothing."""
+    if not amp:
+        return None
+    dtype = amp_dtype(device, amp)
+    if dtype is torch.bfloat16:
+        return "--amp 1: bfloat16 mixed precision on this CPU (weights and optimizer stay float32)"
+    if dtype is None and device.type == "cpu":
+        return "--amp 1 has no effect on this CPU (no native bfloat16: AVX512-BF16 or AMX); training in float32"
+    if dtype is None:
+        return f"--amp 1 has no effect on {device.type}; training in float32"
     return None
 
 

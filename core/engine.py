@@ -12,8 +12,10 @@ deterministic (augment none, or light = flip-only kept as two views), the
 prefix runs once per image and view and the trainable suffix trains on the
 cached activations. Frozen layers always run as an eval-only copy with
 BatchNorm folded into the convolutions. Numerically the same as running the
-whole model (in float32, up to rounding; with --amp on CUDA the cached prefix
-stays float32)."""
+whole model (in float32, up to rounding). With --amp 1 (float16 autocast on
+CUDA, bfloat16 on CPUs with native bf16) the prefix runs, and its cached
+activations are kept, in that dtype too: autocast would cast them down before
+the suffix's first convolution anyway."""
 from __future__ import annotations
 
 import hashlib
@@ -34,7 +36,7 @@ from . import checkpoint as ck
 from .config import TrainConfig
 from .data import (DatasetInfo, Split, center_crop, decode_resized, decode_split, estimate_decoded_bytes,
                    normalize, random_resized_crop, scan_dataset, skipped_warning)
-from .device import amp_note, inference_batch_size, resolve_device, usable_cpus
+from .device import amp_dtype, amp_note, inference_batch_size, resolve_device, usable_cpus
 from .errors import CheckpointError, ConfigError, DatasetError, UserError
 from .models import apply_policy, build_model, fold_batchnorm, param_counts, set_train_mode, split_model
 
@@ -324,7 +326,7 @@ def train(cfg: TrainConfig, stop: threading.Event | None = None) -> Iterator:
         val_src = InputSource(info.val, val_imgs, cfg)
         if cache_ok:
             key = (module_fingerprint(prefix), cfg.image_size, split_key(info.train, cfg.resize_size),
-                   split_key(info.val, cfg.resize_size), views)
+                   split_key(info.val, cfg.resize_size), views, str(amp_dtype(device, cfg.amp)))
             with _CACHE_LOCK:
                 feats = _FEATURES.get(key)
             if feats is None:
@@ -421,7 +423,8 @@ def plan_feature_cache(cfg, info, prefix, device, views) -> tuple[bool, str]:
         return False, "feature cache: not used (random-crop augmentation changes the input every epoch)"
     with torch.inference_mode():
         probe = prefix.eval()(torch.zeros(1, 3, cfg.image_size, cfg.image_size, device=device))
-    need = (len(info.train.samples) * views + len(info.val.samples)) * probe.numel() * 4
+    itemsize = (amp_dtype(device, cfg.amp) or torch.float32).itemsize  # see compute_features
+    need = (len(info.train.samples) * views + len(info.val.samples)) * probe.numel() * itemsize
     budget = cfg.cache_budget_mb * 2**20
     if need > budget:
         return False, (f"feature cache: would need {need / 2**20:.0f} MB > budget {cfg.cache_budget_mb} MB "
@@ -466,6 +469,7 @@ class InputSource:
 def compute_features(frozen, sources, cfg, device, stop) -> Iterator:
     """Run the frozen prefix once per image and view. Returns [train views, val views]."""
     out = []
+    dtype = amp_dtype(device, cfg.amp) or torch.float32  # kept as computed: half the memory under --amp
     total = sum(len(src) * views for src, views in sources)
     done = 0
     for src, views in sources:
@@ -477,8 +481,8 @@ def compute_features(frozen, sources, cfg, device, stop) -> Iterator:
                     raise _Stopped("stopped by request before the first epoch")
                 flips = torch.full((len(src),), bool(view))
                 x = src.batch(idx, flips if view else None, "none", None)
-                with torch.inference_mode():
-                    chunks.append(frozen(to_device(x, device)).float().cpu())
+                with torch.inference_mode(), autocast(cfg, device):
+                    chunks.append(frozen(to_device(x, device)).to(dtype).cpu())
                 done += len(idx)
                 yield BatchProgress("cache", 0, done, total)
             per_view.append(torch.cat(chunks))
@@ -494,7 +498,8 @@ def to_device(x: torch.Tensor, device) -> torch.Tensor:
 
 
 def autocast(cfg, device):
-    return torch.autocast("cuda", dtype=torch.float16, enabled=bool(cfg.amp and device.type == "cuda"))
+    dtype = amp_dtype(device, cfg.amp)
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
 
 def forward(frozen, suffix, x, cached: bool):

@@ -111,7 +111,7 @@ class Handlers:
         return modelview.policy_markdown(arch, policy, n_classes or 2)
 
     def make_config(self, data_dir, arch, weights_source, weights_path, policy, epochs, batch_size, lr,
-                    weight_decay, dropout, augment, seed, device, val_split, run_name) -> TrainConfig:
+                    weight_decay, dropout, augment, seed, device, val_split, run_name, amp=False) -> TrainConfig:
         if weights_source == "local file":
             weights = (weights_path or "").strip()
             if not weights:
@@ -127,7 +127,7 @@ class Handlers:
             data_dir=(data_dir or "").strip() or str(self.data_dir), arch=arch, weights=weights, policy=policy,
             epochs=_int(epochs, "epochs"), batch_size=_int(batch_size, "batch size"), lr=_float(lr, "learning rate"),
             weight_decay=_float(weight_decay, "weight decay"), dropout=_float(dropout or 0, "dropout"),
-            augment=augment or "auto", seed=_int(seed, "seed"), device=device or "auto",
+            augment=augment or "auto", seed=_int(seed, "seed"), device=device or "auto", amp=bool(amp),
             val_split=_float(val_split, "validation split") or None, output_dir=str(self.checkpoints_dir),
             run_name=(run_name or "").strip() or f"{arch}-{policy}", extra={"ui": "gradio"},
         ).validate()
@@ -158,12 +158,12 @@ class Handlers:
                 epochs_frame(h), "\n".join(log_lines), state, gr.skip(), gr.skip())
 
     def start(self, data_dir, arch, weights_source, weights_path, policy, epochs, batch_size, lr, weight_decay,
-              dropout, augment, seed, device, val_split, run_name, compare, progress=gr.Progress()):
+              dropout, augment, seed, device, val_split, run_name, amp, compare, progress=gr.Progress()):
         """Generator: one update when the run starts, one per epoch, one at the end;
         per-batch progress goes to gr.Progress."""
         try:
             cfg = self.make_config(data_dir, arch, weights_source, weights_path, policy, epochs, batch_size, lr,
-                                   weight_decay, dropout, augment, seed, device, val_split, run_name)
+                                   weight_decay, dropout, augment, seed, device, val_split, run_name, amp)
             handle = self.service.start(cfg)
         except UserError as e:
             raise user_error(e, "Training not started") from None

@@ -201,13 +201,15 @@ def test_stop_while_decoding_images(tiny_dataset, tmp_path):
     assert list(out.iterdir()) == []
 
 
-def test_val_split_run_and_amp_note_on_cpu(tmp_path):
+def test_val_split_run_and_amp_note_on_cpu(tmp_path, monkeypatch):
     from conftest import make_image_dataset
+    from core import device
+    monkeypatch.setattr(device, "cpu_has_native_bf16", lambda: False)  # the note this test reads
     data = make_image_dataset(tmp_path / "noval", n_train=6, val=False)
     events, epochs, end = run(cfg_for(data, tmp_path / "ck", epochs=1, val_split=0.34, amp=True))
     start = events[0]
     assert start.dataset.val_from_split == 0.34
     assert start.dataset.val.counts() == {"cat": 2, "fish": 2} and start.dataset.train.counts() == {"cat": 4, "fish": 4}
     assert "held out 34% of train" in "\n".join(start.header_lines())
-    assert any("--amp 1 has no effect on cpu" in n for n in start.notes)
+    assert any("--amp 1 has no effect on this CPU" in n for n in start.notes)
     assert end.status == "completed" and len(epochs) == 1
