@@ -73,6 +73,8 @@ def plan(args) -> list[dict]:
                     variants = [("default", [])]
                     if policy == "head" and not args.no_variants:  # the other cacheable choice (two flip views)
                         variants.append(("augment light", ["--augment", "light"]))
+                    if policy != "head" and not args.no_variants and not args.no_amp:  # bf16 on CPUs that have it
+                        variants.append(("amp 1", ["--amp", "1"]))
                     rows.append({"group": group, "ds": ds, "arch": arch, "policy": policy, "naive_epochs": n_ep,
                                  "proj_epochs": p_ep, "repeats": max(1, reps),
                                  "weights": str(MNV2_WEIGHTS) if arch == "mobilenet_v2" else "none",
@@ -412,7 +414,7 @@ def row_stats(row: dict, name: str) -> dict:
 
 
 def verdict(row: dict, name: str, s: dict) -> str:
-    if name != "default":
+    if name not in ("default", "amp 1"):
         return "(variant)"
     target = TARGETS.get((row["ds"], row["policy"]))
     if target is None or s["ratio10"] is None:
@@ -439,7 +441,8 @@ def render(results: dict) -> str:
          "- Naive = `bench/naive_reference.py` (ImageFolder + DataLoader, RandomResizedCrop+flip, full forward every batch, "
          "`model.train()` every epoch, AdamW, latest/best checkpoints each epoch). Project = `train.py` with its defaults "
          "(batch 16, lr 1e-3, `--augment auto`, which resolves per policy as shown in the *project variant* column). "
-         "Both are whole processes, timed from spawn to exit.",
+         "Both are whole processes, timed from spawn to exit. Variant rows add the flag named in the *project variant* column "
+         "(`amp 1` = `--amp 1`, bfloat16 autocast on this CPU, which has native bf16).",
          "- mobilenet_v2 rows use the shared ImageNet weights; resnet18 rows use random weights (timing only).",
          ""]
     versions = sorted({m.get("code") for r in rows for m in r["naive"] + [x for v in r["project"].values() for x in v]
@@ -523,6 +526,12 @@ def render(results: dict) -> str:
                 r, st = max(pr, key=lambda t: t[1]["proj_rss"])
                 ok = "met" if st["proj_rss"] < 2048 else "**MISSED**"
                 L.append(f"  - {pol}: {st['proj_rss']:.0f} MB ({r['arch']}; naive {f(st['naive_rss'], '{:.0f}')} MB) — {ok}")
+            amp = [(r, row_stats(r, "amp 1")) for r, _ in pr if "amp 1" in r["project"]]
+            amp = [(r, st) for r, st in amp if st["proj_rss"]]
+            if amp:
+                r, st = max(amp, key=lambda t: t[1]["proj_rss"])
+                ok = "met" if st["proj_rss"] < 2048 else "**MISSED**"
+                L.append(f"  - {pol} with `--amp 1` (bfloat16): {st['proj_rss']:.0f} MB ({r['arch']}) — {ok}")
         L.append("  - `import torch, torchvision` alone peaks near 800 MB with this CUDA build of torch.")
     if a:
         if a.get("first_page_s") is not None:
@@ -549,7 +558,9 @@ def main() -> int:
     ap.add_argument("--archs", default="mobilenet_v2,resnet18")
     ap.add_argument("--policies", default="head,last,full")
     ap.add_argument("--epochs", type=int, default=None, help="force this many epochs for every row")
-    ap.add_argument("--no-variants", action="store_true", help="skip the extra 'augment light' project run on head rows")
+    ap.add_argument("--no-variants", action="store_true",
+                    help="skip the extra project runs ('augment light' on head rows, '--amp 1' on last/full rows)")
+    ap.add_argument("--no-amp", action="store_true", help="skip only the '--amp 1' project runs")
     ap.add_argument("--sections", default="predict,app,train", help="any of predict,app,train, run in this order")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     ap.add_argument("--md", default=None, help="markdown output (default bench/RESULTS.md; --quick: OUT/RESULTS-quick.md)")
