@@ -4,6 +4,7 @@ core message; nothing here re-implements training, prediction or summaries."""
 from __future__ import annotations
 
 import html
+import time
 from pathlib import Path
 
 import gradio as gr
@@ -19,6 +20,11 @@ from .session import Failed, TrainingService
 
 EPOCH_COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds", "best"]
 PRED_COLUMNS = ["file", "top-1", "p", "top-k", "error"]
+# Head-only epochs on a small set can end several times a second; each frame
+# redraws two Plotly charts, and a browser that falls behind shows Stop late.
+# Epoch frames are therefore spaced at least this far apart (the rows are
+# never lost: every frame carries the whole history).
+MIN_FRAME_S = 0.25
 LAYER_COLUMNS = ["layer", "type", "output shape", "params", "trains", "note"]
 WEIGHT_SOURCES = [("ImageNet (torchvision)", "imagenet"), ("None (random init)", "none"), ("Local file", "local file")]
 
@@ -173,7 +179,11 @@ class Handlers:
         yield self._train_frame("▶ Setting up: scanning the dataset, loading weights, building the model…",
                                 state, overlays, log_lines)
         ended, failed = None, None
+        last_frame, pending = 0.0, None  # pending: an epoch frame held back by MIN_FRAME_S
         for ev in handle.follow():
+            if pending and time.monotonic() - last_frame >= MIN_FRAME_S and not isinstance(ev, RunEnded):
+                yield self._train_frame(pending, state, overlays, log_lines)
+                last_frame, pending = time.monotonic(), None
             if isinstance(ev, BatchProgress):
                 if ev.phase == "cache":
                     progress((ev.step, ev.total), desc="running the frozen layers once per image", unit="img")
@@ -199,7 +209,11 @@ class Handlers:
                 star = " ★ new best" if ev.best_acc else ""
                 msg = (f"▶ Epoch {ev.epoch}/{ev.epochs}: val_acc {ev.val_acc:.3f}, val_loss {ev.val_loss:.4f}{star} "
                        f"({ev.seconds:.1f} s)")
+                if time.monotonic() - last_frame < MIN_FRAME_S:
+                    pending = msg
+                    continue
                 yield self._train_frame(msg, state, overlays, log_lines)
+                last_frame, pending = time.monotonic(), None
             elif isinstance(ev, RunEnded):
                 ended = ev
             elif isinstance(ev, Failed):

@@ -108,6 +108,23 @@ def test_train_streams_one_update_per_epoch(trained, app):
     assert not app["service"].busy
 
 
+@pytest.mark.parametrize("min_frame_s", [0.0, 3600.0])
+def test_fast_epochs_are_coalesced_into_fewer_frames_without_losing_rows(tmp_path, monkeypatch, min_frame_s):
+    """Epoch frames are spaced MIN_FRAME_S apart; every frame carries the whole
+    history, so held-back epochs appear in the next frame and all in the last."""
+    from demo_app import handlers
+    monkeypatch.setattr(handlers, "MIN_FRAME_S", min_frame_s)
+    data = make_image_dataset(tmp_path / "ds")
+    h = handlers.Handlers(tmp_path / "ck", data, tmp_path / "up")
+    frames = list(h.start(str(data), "resnet18", "none", None, "head", 5, 4, 1e-3, 1e-4, 0, "auto", 7, "cpu", 0,
+                          "", False, []))
+    epoch_frames = [f for f in frames if f[0].startswith("▶ Epoch")]
+    rows = [len(f[3]) for f in frames]
+    assert len(epoch_frames) == (5 if min_frame_s == 0 else 1)
+    assert rows == sorted(rows) and rows[-1] == 5 and "Completed" in frames[-1][0]
+    assert all(f"EPOCH {e}/5" in frames[-1][4] for e in range(1, 6))
+
+
 def test_stop_mid_epoch_keeps_completed_epochs_and_refuses_a_second_start(trained, app):
     from core.checkpoint import read_checkpoint
     client = app["client"]
