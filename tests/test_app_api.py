@@ -125,6 +125,18 @@ def test_fast_epochs_are_coalesced_into_fewer_frames_without_losing_rows(tmp_pat
     assert all(f"EPOCH {e}/5" in frames[-1][4] for e in range(1, 6))
 
 
+def test_mixed_precision_checkbox_reaches_the_engine(tmp_path):
+    from demo_app import handlers
+    data = make_image_dataset(tmp_path / "ds")
+    h = handlers.Handlers(tmp_path / "ck", data, tmp_path / "up")
+    frames = list(h.start(str(data), "resnet18", "none", None, "last", 1, 4, 1e-3, 1e-4, 0, "auto", 7, "cpu", 0,
+                          "", True, []))
+    assert "Completed" in frames[-1][0]
+    assert "NOTE: --amp 1" in frames[-1][4]  # bf16 here, or "no effect" on a CPU without it: said either way
+    run = run_dir_of(frames[-1][0])
+    assert json.loads((run / "args.json").read_text())["amp"] is True
+
+
 def test_stop_mid_epoch_keeps_completed_epochs_and_refuses_a_second_start(trained, app):
     from core.checkpoint import read_checkpoint
     client = app["client"]
