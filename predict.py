@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from cli.common import bool01, run_cli
+from cli.common import bool01, exit_fast, run_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -79,4 +79,4 @@ def _predict(args) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_fast(main())

@@ -9,9 +9,8 @@ Flags and output lines match the reference chapter's train.py; the extra flags
 from __future__ import annotations
 
 import argparse
-import sys
 
-from cli.common import bool01, run_cli
+from cli.common import bool01, exit_fast, run_cli
 from core.config import TrainConfig, policy_from_flags
 
 
@@ -73,4 +72,4 @@ def _train(args) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_fast(main())

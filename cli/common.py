@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import io
 import os
 import sys
@@ -15,6 +16,17 @@ def bool01(value: str) -> int:
     if v in ("0", "false", "no", "off"):
         return 0
     raise argparse.ArgumentTypeError(f"expected 0 or 1, got {value!r}")
+
+
+def exit_fast(code: int) -> None:
+    """sys.exit(code) without the ~0.7 s the interpreter spends at exit
+    garbage-collecting torch's and torchvision's tens of thousands of module
+    objects: gc.freeze() moves them out of the collector's reach. Every file is
+    already written and closed; atexit handlers and stream flushes still run.
+    Only for the __main__ path (a long-lived caller such as a test session
+    keeps its normal collector)."""
+    gc.freeze()
+    sys.exit(code)
 
 
 def run_cli(fn) -> int:

@@ -187,3 +187,16 @@ def test_bad_flags_and_absent_device_are_clear(tiny_dataset, tmp_path):
         r = cli("train.py", "--data-dir", str(tiny_dataset), "--output-dir", str(tmp_path / "o"), *extra)
         assert r.returncode == 2, (extra, r.stdout, r.stderr)
         assert msg in r.stderr and "Traceback" not in r.stderr, (extra, r.stderr)
+
+
+def test_exit_fast_keeps_the_exit_code_and_takes_module_objects_out_of_the_final_gc():
+    import gc
+
+    from cli.common import exit_fast
+    try:
+        with pytest.raises(SystemExit) as e:
+            exit_fast(3)
+        assert e.value.code == 3
+        assert gc.get_freeze_count() > 10_000  # torch's modules among them: the final collection skips them
+    finally:
+        gc.unfreeze()  # this test session keeps its normal collector
