@@ -432,8 +432,8 @@ def render(results: dict) -> str:
     loads = [row_stats(r, "default")["load"] for r in rows]
     L = ["# Benchmark results", "",
          f"Run {m.get('date', '?')} at commit {m.get('git', '?')} with `{results.get('argv', '')}`.", "",
-         *[f"Rows of the {', '.join(x['rows']) or 'non-training'} polic{'y' if len(x['rows']) == 1 else 'ies'} "
-           f"replaced by a later run, {x['date']} at commit {x['git']} with `{x['argv']}` ({x['file']})." + "\n"
+         *[f"Training rows ({', '.join(x['rows']) or 'none'}) replaced by a later run, {x['date']} at commit "
+           f"{x['git']} with `{x['argv']}` ({x['file']})." + "\n"
            for x in results.get("merged", []) if isinstance(x, dict)],
          f"- Machine: {m.get('cpu')} CPU, {m.get('cores')} cores visible ({m.get('affinity')} usable), {m.get('mem')} RAM. "
          f"**Shared** with other engineers' test runs: the 1-min load average at each run is in the *load* column "
@@ -582,7 +582,7 @@ def main() -> int:
                 if "train_rows" in part and "train_rows" in results:  # rows of later files replace same rows
                     key = lambda r: (r["ds"], r["arch"], r["policy"])
                     new_rows = {key(r): r for r in part.pop("train_rows")}
-                    merged["rows"] = sorted({f"{r['policy']}" for r in new_rows.values()})
+                    merged["rows"] = sorted({f"{DS_LABEL[r['ds']]} {r['policy']}" for r in new_rows.values()})
                     rows = [new_rows.pop(key(r), r) for r in results["train_rows"]]
                     results["train_rows"] = rows + list(new_rows.values())
                 results.setdefault("merged", []).append(merged)
