@@ -71,3 +71,18 @@ def make_image_dataset(root: Path, classes=("cat", "fish"), n_train=4, n_val=2, 
 @pytest.fixture
 def tiny_dataset(tmp_path) -> Path:
     return make_image_dataset(tmp_path / "ds")
+
+
+def train_config(data, out, **kw):
+    """A small, fast CPU TrainConfig for engine tests (random weights, seed 7)."""
+    from core.config import TrainConfig
+    base = dict(data_dir=str(data), output_dir=str(out), weights="none", epochs=2, batch_size=4, device="cpu", seed=7)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def train_run(cfg, stop=None):
+    """Every event of one engine run: (events, the EpochEnded ones, the final RunEnded)."""
+    from core.engine import EpochEnded, train
+    events = list(train(cfg, stop))
+    return events, [e for e in events if isinstance(e, EpochEnded)], events[-1]

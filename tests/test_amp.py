@@ -9,23 +9,11 @@ import re
 import pytest
 import torch
 
+from conftest import train_config as cfg_for, train_run as run
 from core import checkpoint as ck
 from core import device as dev
-from core.config import TrainConfig
-from core.engine import EpochEnded, train
 
 METRICS = ("train_loss", "train_acc", "val_loss", "val_acc")
-
-
-def run(cfg: TrainConfig):
-    events = list(train(cfg))
-    return events[0], [e for e in events if isinstance(e, EpochEnded)], events[-1]
-
-
-def cfg_for(data, out, **kw) -> TrainConfig:
-    base = dict(data_dir=str(data), output_dir=str(out), weights="none", epochs=2, batch_size=4, device="cpu", seed=7)
-    base.update(kw)
-    return TrainConfig(**base)
 
 
 def cache_mb(start) -> float:
@@ -40,9 +28,9 @@ def bf16_cpu(monkeypatch):
 
 def test_amp_on_cpu_without_bf16_is_float32_and_says_so(tiny_dataset, tmp_path, monkeypatch):
     monkeypatch.setattr(dev, "cpu_has_native_bf16", lambda: False)
-    start, amp_epochs, _ = run(cfg_for(tiny_dataset, tmp_path / "a", policy="last", amp=True))
+    events, amp_epochs, _ = run(cfg_for(tiny_dataset, tmp_path / "a", policy="last", amp=True))
     _, plain_epochs, _ = run(cfg_for(tiny_dataset, tmp_path / "p", policy="last"))
-    assert any("--amp 1 has no effect on this CPU" in n for n in start.notes)
+    assert any("--amp 1 has no effect on this CPU" in n for n in events[0].notes)
     assert [[getattr(e, k) for k in METRICS] for e in amp_epochs] == [[getattr(e, k) for k in METRICS] for e in plain_epochs]
 
 
@@ -51,8 +39,8 @@ def test_bf16_cache_matches_uncached_path_in_half_the_memory(tiny_dataset, tmp_p
     cached = run(cfg_for(tiny_dataset, tmp_path / "c", policy=policy, augment="light", amp=True, epochs=3))
     plain = run(cfg_for(tiny_dataset, tmp_path / "p", policy=policy, augment="light", amp=True, cache="off", epochs=3))
     fp32 = run(cfg_for(tiny_dataset, tmp_path / "f", policy=policy, augment="light", epochs=3))
-    assert any("bfloat16 mixed precision" in n for n in cached[0].notes)
-    assert cache_mb(cached[0]) == pytest.approx(cache_mb(fp32[0]) / 2, rel=0.01)  # activations kept as bf16
+    assert any("bfloat16 mixed precision" in n for n in cached[0][0].notes)
+    assert cache_mb(cached[0][0]) == pytest.approx(cache_mb(fp32[0][0]) / 2, rel=0.01)  # activations kept as bf16
     for a, b in zip(cached[1], plain[1]):
         for k in METRICS:  # the same bf16 ops either way, up to batch-size-dependent kernels
             assert getattr(a, k) == pytest.approx(getattr(b, k), abs=0.02), k
@@ -69,8 +57,8 @@ def test_bf16_keeps_accuracy_on_real_photos(catfish_mini, mobilenet_weights, tmp
     """Real ImageNet features, layer4-style policy: mixed precision must not cost accuracy."""
     kw = dict(arch="mobilenet_v2", weights=str(mobilenet_weights), policy="last", epochs=3, batch_size=16)
     _, amp_epochs, amp_end = run(cfg_for(catfish_mini, tmp_path / "a", amp=True, **kw))
-    start, fp32_epochs, _ = run(cfg_for(catfish_mini, tmp_path / "f", **kw))
-    n_val = len(start.dataset.val.samples)
+    events, fp32_epochs, _ = run(cfg_for(catfish_mini, tmp_path / "f", **kw))
+    n_val = len(events[0].dataset.val.samples)
     assert amp_end.status == "completed"
     assert max(e.val_acc for e in amp_epochs) >= max(e.val_acc for e in fp32_epochs) - 1 / n_val
     assert amp_epochs[-1].val_loss == pytest.approx(fp32_epochs[-1].val_loss, abs=0.05)

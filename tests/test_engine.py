@@ -9,20 +9,10 @@ import pytest
 import torch
 
 from core import checkpoint as ck
-from core.config import TrainConfig
 from core.engine import BatchProgress, EpochEnded, RunEnded, RunStarted, empty_best, is_better_acc, is_better_loss, train
 from core.models import build_model, split_model
 
-
-def run(cfg: TrainConfig, stop=None):
-    events = list(train(cfg, stop))
-    return events, [e for e in events if isinstance(e, EpochEnded)], events[-1]
-
-
-def cfg_for(data, out, **kw) -> TrainConfig:
-    base = dict(data_dir=str(data), output_dir=str(out), weights="none", epochs=2, batch_size=4, device="cpu", seed=7)
-    base.update(kw)
-    return TrainConfig(**base)
+from conftest import train_config as cfg_for, train_run as run
 
 
 def snapshot(module: torch.nn.Module) -> dict:
