@@ -259,6 +259,25 @@ def test_failed_write_keeps_the_old_file_and_leaves_no_temp(tmp_path, monkeypatc
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latest.pt"]
 
 
+def test_checkpoints_skip_the_crc_but_load_exactly_and_leave_the_setting_alone(tmp_path):
+    """latest.pt is written without torch's per-record CRC32 (torch.load never
+    checks it); tensors must still round-trip bit for bit, and the process-wide
+    CRC switch must be back as it was afterwards, also when the write fails."""
+    import zipfile
+    state = {"w": torch.randn(300, 200), "step": torch.tensor(7), "epoch": 3}
+    before = torch.serialization.get_crc32_options()
+    ck.atomic_torch_save(state, tmp_path / "a.pt")
+    assert torch.serialization.get_crc32_options() == before
+    back = torch.load(tmp_path / "a.pt", weights_only=True)
+    assert torch.equal(back["w"], state["w"]) and back["step"].item() == 7 and back["epoch"] == 3
+    with zipfile.ZipFile(tmp_path / "a.pt") as z:  # the saving really is skipped
+        assert all(i.CRC == 0 for i in z.infolist() if i.file_size)
+
+    with pytest.raises(Exception):  # fails inside torch.save: a lambda cannot be pickled
+        ck.atomic_torch_save({"f": lambda: 0}, tmp_path / "b.pt")
+    assert torch.serialization.get_crc32_options() == before and not (tmp_path / "b.pt").exists()
+
+
 def test_written_files_get_normal_permissions(tmp_path):
     """mkstemp makes 0600 files; checkpoints must get what open() gives (umask)."""
     umask = os.umask(0o022)
