@@ -276,9 +276,6 @@ def train(cfg: TrainConfig, stop: threading.Event | None = None) -> Iterator:
     prefix, suffix = split_model(model, cfg.arch, cfg.policy)
     use_cl = device.type != "mps"
     model.to(device, memory_format=torch.channels_last if use_cl else torch.contiguous_format)
-    # What the frozen layers compute, BatchNorm folded in: used for every frozen
-    # forward (feature cache, uncached frozen pass, validation).
-    frozen = fold_batchnorm(prefix) if len(prefix) else prefix
 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -324,15 +321,21 @@ def train(cfg: TrainConfig, stop: threading.Event | None = None) -> Iterator:
                                    f"(see the warning above)")
         train_src = InputSource(info.train, train_imgs, cfg)
         val_src = InputSource(info.val, val_imgs, cfg)
+        # What the frozen layers compute, BatchNorm folded in: every frozen forward
+        # runs it. Not needed (None) when the features come from the in-process cache.
+        frozen = None
         if cache_ok:
             key = (module_fingerprint(prefix), cfg.image_size, split_key(info.train, cfg.resize_size),
                    split_key(info.val, cfg.resize_size), views, str(amp_dtype(device, cfg.amp)))
             with _CACHE_LOCK:
                 feats = _FEATURES.get(key)
             if feats is None:
+                frozen = fold_frozen(prefix)
                 feats = yield from compute_features(frozen, [(train_src, views), (val_src, 1)], cfg, device, stop)
                 _remember(_FEATURES, key, feats)
             train_src.features, val_src.features = feats[0], feats[1]
+        else:
+            frozen = fold_frozen(prefix)
         del train_imgs, val_imgs
 
         loss_fn = nn.CrossEntropyLoss()
@@ -500,6 +503,10 @@ def to_device(x: torch.Tensor, device) -> torch.Tensor:
 def autocast(cfg, device):
     dtype = amp_dtype(device, cfg.amp)
     return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+
+def fold_frozen(prefix: nn.Sequential) -> nn.Sequential:
+    return fold_batchnorm(prefix) if len(prefix) else prefix
 
 
 def forward(frozen, suffix, x, cached: bool):

@@ -74,6 +74,22 @@ def test_feature_cache_matches_uncached_path(tiny_dataset, tmp_path, policy, aug
             assert getattr(a, k) == pytest.approx(getattr(b, k), abs=1e-4), k
 
 
+def test_rerun_takes_features_from_memory_without_refolding(tiny_dataset, tmp_path, monkeypatch):
+    """An identical second run in the same process (the app's Train button again)
+    reuses the frozen-layer activations: no cache pass, no folded copy of the
+    frozen layers built, and the same metrics as the first run."""
+    from core import engine
+    monkeypatch.setattr(engine, "_FEATURES", {})
+    folds = []
+    real_fold = engine.fold_batchnorm
+    monkeypatch.setattr(engine, "fold_batchnorm", lambda m: folds.append(m) or real_fold(m))
+    first = run(cfg_for(tiny_dataset, tmp_path / "a", policy="last", augment="light", epochs=2))
+    assert len(folds) == 1 and any(isinstance(e, BatchProgress) and e.phase == "cache" for e in first[0])
+    second = run(cfg_for(tiny_dataset, tmp_path / "b", policy="last", augment="light", epochs=2))
+    assert len(folds) == 1 and not any(isinstance(e, BatchProgress) and e.phase == "cache" for e in second[0])
+    assert [e.as_row() | {"seconds": 0} for e in first[1]] == [e.as_row() | {"seconds": 0} for e in second[1]]
+
+
 def test_cache_over_budget_falls_back_and_says_so(tiny_dataset, tmp_path):
     events, epochs, end = run(cfg_for(tiny_dataset, tmp_path, policy="last", cache_budget_mb=0, epochs=1))
     assert "using the uncached path" in " ".join(events[0].notes)
