@@ -4,6 +4,7 @@ core message; nothing here re-implements training, prediction or summaries."""
 from __future__ import annotations
 
 import html
+import math
 import time
 from pathlib import Path
 
@@ -179,7 +180,9 @@ class Handlers:
         yield self._train_frame("▶ Setting up: scanning the dataset, loading weights, building the model…",
                                 state, overlays, log_lines)
         ended, failed = None, None
-        last_frame, pending = 0.0, None  # pending: an epoch frame held back by MIN_FRAME_S
+        # pending: an epoch frame held back by MIN_FRAME_S. -inf, not 0: monotonic()
+        # counts from boot, so a machine up for less than MIN_FRAME_S held the first back.
+        last_frame, pending = -math.inf, None
         for ev in handle.follow():
             if pending and time.monotonic() - last_frame >= MIN_FRAME_S and not isinstance(ev, RunEnded):
                 yield self._train_frame(pending, state, overlays, log_lines)
