@@ -112,6 +112,26 @@ def test_resume_continues_exactly(tiny_dataset, tmp_path):
     assert latest["epoch"] == 4 and len(latest["history"]) == 4
 
 
+def test_optimizer_is_fused_on_cpu_and_resume_from_an_unfused_checkpoint_switches(tiny_dataset, tmp_path):
+    """AdamW runs its fused kernel on CPU. A checkpoint saved by a plain AdamW (the
+    reference, or this project before the change) resumes fine and continues fused,
+    with the same results as resuming the fused checkpoint (up to float rounding)."""
+    first = run(cfg_for(tiny_dataset, tmp_path / "a", epochs=1))[2]
+    saved = ck.read_checkpoint(f"{first.run_dir}/latest.pt")
+    assert all(g["fused"] is True for g in saved["optimizer_state"]["param_groups"])
+    for g in saved["optimizer_state"]["param_groups"]:
+        g.update(fused=None, foreach=None)
+    ck.atomic_torch_save(saved, tmp_path / "unfused.pt")
+    from_fused = run(cfg_for(tiny_dataset, tmp_path / "x", epochs=2, resume=f"{first.run_dir}/latest.pt"))[2]
+    from_unfused = run(cfg_for(tiny_dataset, tmp_path / "y", epochs=2, resume=str(tmp_path / "unfused.pt")))[2]
+    assert from_unfused.status == "completed" and from_unfused.epochs_done == 2
+    for a, b in zip(from_fused.history, from_unfused.history):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], abs=1e-6)
+        assert a["val_loss"] == pytest.approx(b["val_loss"], abs=1e-6)
+    after = ck.read_checkpoint(tmp_path / "latest.pt")
+    assert all(g["fused"] is True for g in after["optimizer_state"]["param_groups"])
+
+
 def test_stop_flag_ends_run_between_batches(tiny_dataset, tmp_path):
     stop = threading.Event()
     events = []
