@@ -11,6 +11,7 @@ import os
 import pickle
 import tempfile
 import threading
+from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO, Callable
 
@@ -61,9 +62,37 @@ def atomic_write(path, write: Callable[[BinaryIO], object]) -> Path:
     finally:
         with _ACTIVE_LOCK:
             _ACTIVE_TEMPS.discard(os.path.abspath(tmp))
-    _fsync_dir(path.parent)
+    _sync_dir_now_or_later(path.parent)
     remove_stale_temps(path)
     return path
+
+
+_DEFERRED = threading.local()  # .dirs: folders whose fsync one_dir_sync() will do
+
+
+@contextmanager
+def one_dir_sync():
+    """Inside, atomic writes skip their own folder fsync; on leaving, each folder
+    written to is fsynced once, which makes all those renames durable together
+    (save_epoch: latest.pt, best links and metrics.csv cost 1 folder fsync, not 4).
+    Each file's own data is still fsynced before its rename."""
+    outer = getattr(_DEFERRED, "dirs", None)
+    _DEFERRED.dirs = set() if outer is None else outer
+    try:
+        yield
+    finally:
+        if outer is None:
+            dirs, _DEFERRED.dirs = _DEFERRED.dirs, None
+            for folder in sorted(dirs):
+                _fsync_dir(folder)
+
+
+def _sync_dir_now_or_later(folder) -> None:
+    dirs = getattr(_DEFERRED, "dirs", None)
+    if dirs is None:
+        _fsync_dir(folder)
+    else:
+        dirs.add(str(folder))
 
 
 def atomic_write_bytes(path, data: bytes) -> Path:
@@ -175,7 +204,7 @@ def atomic_link_or_copy(src, dst) -> Path:
         _unlink_quietly(tmp)
         atomic_write_bytes(dst, src.read_bytes())
         return dst
-    _fsync_dir(dst.parent)
+    _sync_dir_now_or_later(dst.parent)
     remove_stale_temps(dst)
     return dst
 

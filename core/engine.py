@@ -588,12 +588,13 @@ def save_epoch(run_dir: Path, model, optimizer, epoch, best, classes, cfg, histo
                               dropout=cfg.dropout, policy=cfg.policy, resize_size=cfg.resize_size,
                               image_size=cfg.image_size)
     try:
-        latest = ck.atomic_torch_save(ckpt, run_dir / "latest.pt")
-        if improved_acc:
-            ck.atomic_link_or_copy(latest, run_dir / "best_acc.pt")
-        if improved_loss:
-            ck.atomic_link_or_copy(latest, run_dir / "best_loss.pt")
-        ck.atomic_write_csv(run_dir / "metrics.csv", history)
+        with ck.one_dir_sync():
+            latest = ck.atomic_torch_save(ckpt, run_dir / "latest.pt")
+            if improved_acc:
+                ck.atomic_link_or_copy(latest, run_dir / "best_acc.pt")
+            if improved_loss:
+                ck.atomic_link_or_copy(latest, run_dir / "best_loss.pt")
+            ck.atomic_write_csv(run_dir / "metrics.csv", history)
     except OSError as e:
         raise UserError(f"could not write checkpoints to {run_dir}: {e.strerror or e} "
                         f"(disk full or not writable?). Files from earlier epochs are intact.") from None

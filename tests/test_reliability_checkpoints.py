@@ -278,6 +278,39 @@ def test_checkpoints_skip_the_crc_but_load_exactly_and_leave_the_setting_alone(t
     assert torch.serialization.get_crc32_options() == before and not (tmp_path / "b.pt").exists()
 
 
+def test_an_epoch_save_fsyncs_its_folder_once_after_all_renames(tmp_path, monkeypatch):
+    """save_epoch renames latest.pt, links best_acc/best_loss and renames
+    metrics.csv: each file's data is fsynced before its rename, and the folder
+    once at the end (not after every rename). A write outside one_dir_sync
+    still fsyncs its folder itself, and an error inside still syncs what was done."""
+    from core.config import TrainConfig
+    from core.engine import empty_best, save_epoch
+    calls = []
+    real_dir_sync = ck._fsync_dir
+    monkeypatch.setattr(ck, "_fsync_dir", lambda d: calls.append(("dir", str(d))) or real_dir_sync(d))
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(model.parameters())
+    best = {**empty_best(), "acc": 1.0, "acc_epoch": 1, "loss": 0.1, "loss_epoch": 1}
+    cfg = TrainConfig(data_dir=str(tmp_path), weights="none")
+    save_epoch(tmp_path, model, opt, 1, best, ["a", "b"], cfg, [{"epoch": 1, "val_acc": 1.0}], True, True)
+    assert calls == [("dir", str(tmp_path))]
+    assert os.path.samefile(tmp_path / "latest.pt", tmp_path / "best_acc.pt")
+    assert os.path.samefile(tmp_path / "latest.pt", tmp_path / "best_loss.pt")
+    assert (tmp_path / "metrics.csv").read_text().startswith("epoch,val_acc")
+
+    calls.clear()
+    ck.atomic_write_text(tmp_path / "x.txt", "x")
+    assert calls == [("dir", str(tmp_path))]
+    calls.clear()
+    with pytest.raises(RuntimeError):
+        with ck.one_dir_sync():
+            with ck.one_dir_sync():  # nested: only the outermost syncs
+                ck.atomic_write_text(tmp_path / "y.txt", "y")
+            assert calls == []
+            raise RuntimeError("boom")
+    assert calls == [("dir", str(tmp_path))] and (tmp_path / "y.txt").read_text() == "y"
+
+
 def test_written_files_get_normal_permissions(tmp_path):
     """mkstemp makes 0600 files; checkpoints must get what open() gives (umask)."""
     umask = os.umask(0o022)
