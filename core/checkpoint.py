@@ -73,7 +73,7 @@ _DEFERRED = threading.local()  # .dirs: folders whose fsync one_dir_sync() will 
 @contextmanager
 def one_dir_sync():
     """Inside, atomic writes skip their own folder fsync; on leaving, each folder
-    written to is fsynced once, which makes all those renames durable together
+    written to is fsynced once, so all those renames are durable by then
     (save_epoch: latest.pt, best links and metrics.csv cost 1 folder fsync, not 4).
     Each file's own data is still fsynced before its rename."""
     outer = getattr(_DEFERRED, "dirs", None)
@@ -152,13 +152,17 @@ def _fsync_dir(folder) -> None:
         os.close(fd)
 
 
-_CRC_LOCK = threading.Lock()  # the CRC switch is process-wide: one save at a time flips it
+# torch's CRC switch is process-wide: our saves take turns flipping it off, and a
+# torch.save elsewhere in the process during that window also skips its CRC.
+_CRC_LOCK = threading.Lock()
 
 
 def torch_save_without_crc(obj, f) -> None:
     """torch.save minus the per-record CRC32, which torch.load never checks
     (a corrupted tensor byte loads silently either way) and which costs ~50 ms
-    of CPU per 100 MB: a third of a ResNet-18 `last` checkpoint write here."""
+    of CPU per 100 MB: a third of a ResNet-18 `last` checkpoint write here.
+    Zip tools (unzip -t, Python's zipfile) do check it and report such files as
+    damaged, so files made for use elsewhere (exports) keep it."""
     with _CRC_LOCK:
         before = torch.serialization.get_crc32_options()
         torch.serialization.set_crc32_options(False)
@@ -168,9 +172,10 @@ def torch_save_without_crc(obj, f) -> None:
             torch.serialization.set_crc32_options(before)
 
 
-def atomic_torch_save(obj, path) -> Path:
-    # Straight into the temp file: no in-memory copies of a 45-135 MB checkpoint.
-    return atomic_write(path, lambda f: torch_save_without_crc(obj, f))
+def atomic_torch_save(obj, path, crc: bool = False) -> Path:
+    """Straight into the temp file: no in-memory copies of a 45-135 MB checkpoint.
+    Without CRC (per-epoch checkpoints) unless `crc` (exports)."""
+    return atomic_write(path, lambda f: torch.save(obj, f) if crc else torch_save_without_crc(obj, f))
 
 
 def atomic_write_text(path, text: str) -> Path:
@@ -403,7 +408,7 @@ def model_from_state_dict(state: dict, arch: str | None, class_names: list[str] 
 
 def export_state_dict(model: nn.Module, path) -> Path:
     """Weights only. To load you must rebuild the same architecture yourself."""
-    return atomic_torch_save({k: v.detach().cpu() for k, v in model.state_dict().items()}, path)
+    return atomic_torch_save({k: v.detach().cpu() for k, v in model.state_dict().items()}, path, crc=True)
 
 
 def export_full_model(model: nn.Module, class_names: list[str], path) -> Path:
@@ -411,4 +416,4 @@ def export_full_model(model: nn.Module, class_names: list[str], path) -> Path:
     unsafe to load from strangers. Kept because the reference teaches it."""
     model = model.cpu().eval()
     model.class_names = list(class_names)
-    return atomic_torch_save(model, path)
+    return atomic_torch_save(model, path, crc=True)

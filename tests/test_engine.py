@@ -125,11 +125,14 @@ def test_optimizer_is_fused_on_cpu_and_resume_from_an_unfused_checkpoint_switche
     from_fused = run(cfg_for(tiny_dataset, tmp_path / "x", epochs=2, resume=f"{first.run_dir}/latest.pt"))[2]
     from_unfused = run(cfg_for(tiny_dataset, tmp_path / "y", epochs=2, resume=str(tmp_path / "unfused.pt")))[2]
     assert from_unfused.status == "completed" and from_unfused.epochs_done == 2
+    assert from_unfused.run_dir == str(tmp_path)  # resumed in the folder of unfused.pt
     for a, b in zip(from_fused.history, from_unfused.history):
         assert a["train_loss"] == pytest.approx(b["train_loss"], abs=1e-6)
         assert a["val_loss"] == pytest.approx(b["val_loss"], abs=1e-6)
     after = ck.read_checkpoint(tmp_path / "latest.pt")
     assert all(g["fused"] is True for g in after["optimizer_state"]["param_groups"])
+    assert all(st["step"].dtype == torch.float32 and st["step"].item() > 0
+               for st in after["optimizer_state"]["state"].values())
 
 
 def test_stop_flag_ends_run_between_batches(tiny_dataset, tmp_path):

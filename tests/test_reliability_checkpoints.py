@@ -273,6 +273,11 @@ def test_checkpoints_skip_the_crc_but_load_exactly_and_leave_the_setting_alone(t
     with zipfile.ZipFile(tmp_path / "a.pt") as z:  # the saving really is skipped
         assert all(i.CRC == 0 for i in z.infolist() if i.file_size)
 
+    import torchvision
+    exported = ck.export_state_dict(torchvision.models.resnet18(num_classes=2), tmp_path / "export.pt")
+    with zipfile.ZipFile(exported) as z:  # exports, made for use elsewhere, keep the CRC that zip tools check
+        assert z.testzip() is None
+
     with pytest.raises(Exception):  # fails inside torch.save: a lambda cannot be pickled
         ck.atomic_torch_save({"f": lambda: 0}, tmp_path / "b.pt")
     assert torch.serialization.get_crc32_options() == before and not (tmp_path / "b.pt").exists()
