@@ -324,21 +324,20 @@ def train(cfg: TrainConfig, stop: threading.Event | None = None) -> Iterator:
                                    f"(see the warning above)")
         train_src = InputSource(info.train, train_imgs, cfg)
         val_src = InputSource(info.val, val_imgs, cfg)
-        # What the frozen layers compute, BatchNorm folded in: every frozen forward
-        # runs it. Not needed (None) when the features come from the in-process cache.
-        frozen: nn.Sequential | None = None
+        feats = None
         if cache_ok:
             key = (module_fingerprint(prefix), cfg.image_size, split_key(info.train, cfg.resize_size),
                    split_key(info.val, cfg.resize_size), views, str(amp_dtype(device, cfg.amp)))
             with _CACHE_LOCK:
                 feats = _FEATURES.get(key)
-            if feats is None:
-                frozen = fold_frozen(prefix)
-                feats = yield from compute_features(frozen, [(train_src, views), (val_src, 1)], cfg, device, stop)
-                _remember(_FEATURES, key, feats)
-            train_src.features, val_src.features = feats[0], feats[1]
-        else:
-            frozen = fold_frozen(prefix)
+        # What the frozen layers compute, BatchNorm folded in: every frozen forward
+        # runs it. Not built (None) when the features come from the in-process cache.
+        frozen: nn.Sequential | None = fold_batchnorm(prefix) if feats is None else None
+        if cache_ok and feats is None:
+            feats = yield from compute_features(frozen, [(train_src, views), (val_src, 1)], cfg, device, stop)
+            _remember(_FEATURES, key, feats)
+        if feats is not None:
+            train_src.features, val_src.features = feats
         del train_imgs, val_imgs
 
         loss_fn = nn.CrossEntropyLoss()
@@ -515,10 +514,6 @@ def to_device(x: torch.Tensor, device) -> torch.Tensor:
 def autocast(cfg, device):
     dtype = amp_dtype(device, cfg.amp)
     return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
-
-
-def fold_frozen(prefix: nn.Sequential) -> nn.Sequential:
-    return fold_batchnorm(prefix) if len(prefix) else prefix
 
 
 def forward(frozen, suffix, x, cached: bool):
