@@ -274,8 +274,9 @@ def train(cfg: TrainConfig, stop: threading.Event | None = None) -> Iterator:
         model = build_model(cfg.arch, len(info.classes), cfg.dropout, cfg.weights)
     apply_policy(model, cfg.arch, cfg.policy)
     prefix, suffix = split_model(model, cfg.arch, cfg.policy)
-    use_cl = device.type != "mps"
-    model.to(device, memory_format=torch.channels_last if use_cl else torch.contiguous_format)
+    image_fmt, suffix_fmt = memory_formats(cfg, device)
+    model.to(device, memory_format=image_fmt)
+    suffix.to(memory_format=suffix_fmt)
 
     optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], cfg, device)
     if resume and resume.get("optimizer_state"):
@@ -381,6 +382,19 @@ def train(cfg: TrainConfig, stop: threading.Event | None = None) -> Iterator:
                    history, exports)
 
 
+def memory_formats(cfg: TrainConfig, device: torch.device) -> tuple[torch.memory_format, torch.memory_format]:
+    """(model and images, trainable suffix and its cached inputs). channels_last
+    is the faster layout for convolutions on CPU and CUDA (not MPS). Exception:
+    ResNet-18's layer4 trained alone on CPU (policy 'last'), whose 7x7 maps
+    train ~12% faster per step in NCHW, in float32 and bfloat16 (oneDNN's
+    blocked kernels; measured on 2-core Xeon, bench/NOTES.md); MobileNetV2's
+    depthwise layers stay faster in channels_last."""
+    image_fmt = torch.contiguous_format if device.type == "mps" else torch.channels_last
+    if device.type == "cpu" and cfg.arch == "resnet18" and cfg.policy == "last":
+        return image_fmt, torch.contiguous_format
+    return image_fmt, image_fmt
+
+
 def make_optimizer(params, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
     """AdamW with its fused kernel on CPU and CUDA (other devices keep torch's
     default): one vectorised pass per step instead of a loop over tensors, e.g.
@@ -484,6 +498,7 @@ def compute_features(frozen, sources, cfg, device, stop) -> Iterator:
     """Run the frozen prefix once per image and view. Returns [train views, val views]."""
     out = []
     dtype = amp_dtype(device, cfg.amp) or torch.float32  # kept as computed: half the memory under --amp
+    image_fmt, suffix_fmt = memory_formats(cfg, device)
     total = sum(len(src) * views for src, views in sources)
     done = 0
     for src, views in sources:
@@ -496,7 +511,7 @@ def compute_features(frozen, sources, cfg, device, stop) -> Iterator:
                 flips = torch.full((len(src),), bool(view))
                 x = src.batch(idx, flips if view else None, "none", None)
                 with torch.inference_mode(), autocast(cfg, device):
-                    chunks.append(frozen(to_device(x, device)).to(dtype).cpu())
+                    chunks.append(in_format(frozen(to_device(x, device, image_fmt)).to(dtype).cpu(), suffix_fmt))
                 done += len(idx)
                 yield BatchProgress("cache", 0, done, total)
             per_view.append(torch.cat(chunks))
@@ -504,11 +519,13 @@ def compute_features(frozen, sources, cfg, device, stop) -> Iterator:
     return out
 
 
-def to_device(x: torch.Tensor, device) -> torch.Tensor:
-    x = x.to(device, non_blocking=True)
-    if x.dim() == 4 and device.type != "mps":
-        x = x.contiguous(memory_format=torch.channels_last)
-    return x
+def to_device(x: torch.Tensor, device, fmt: torch.memory_format) -> torch.Tensor:
+    return in_format(x.to(device, non_blocking=True), fmt)
+
+
+def in_format(x: torch.Tensor, fmt: torch.memory_format) -> torch.Tensor:
+    """x in memory layout `fmt` if it is a batch of maps (4-D); pooled features as they are."""
+    return x.contiguous(memory_format=fmt) if x.dim() == 4 else x
 
 
 def autocast(cfg, device):
@@ -516,12 +533,12 @@ def autocast(cfg, device):
     return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
 
-def forward(frozen, suffix, x, cached: bool):
+def forward(frozen, suffix, x, cached: bool, suffix_fmt: torch.memory_format):
     if cached or len(frozen) == 0:
         return suffix(x)
     with torch.no_grad():  # the frozen prefix needs no autograd graph
         feats = frozen(x)
-    return suffix(feats)
+    return suffix(in_format(feats, suffix_fmt))
 
 
 def train_one_epoch(model, prefix, frozen, suffix, optimizer, loss_fn, src: InputSource, cfg, device, epoch, aug, stop, scaler):
@@ -532,15 +549,16 @@ def train_one_epoch(model, prefix, frozen, suffix, optimizer, loss_fn, src: Inpu
     flips = torch.rand(len(src), generator=gen) < 0.5 if aug in ("light", "standard") else None
     set_train_mode(model, prefix)
     cached = src.features is not None
+    image_fmt, suffix_fmt = memory_formats(cfg, device)
     batches = perm.split(cfg.batch_size)
     loss_sum, correct, seen = 0.0, 0, 0
     for step, idx in enumerate(batches, 1):
         if stop.is_set():
             raise _Stopped(f"stopped by request during epoch {epoch}; checkpoints of completed epochs are kept")
-        x = to_device(src.batch(idx, flips, aug, gen), device)
+        x = to_device(src.batch(idx, flips, aug, gen), device, suffix_fmt if cached else image_fmt)
         y = src.labels[idx].to(device)
         with autocast(cfg, device):
-            logits = forward(frozen, suffix, x, cached)
+            logits = forward(frozen, suffix, x, cached, suffix_fmt)
             loss = loss_fn(logits.float(), y)
         if not torch.isfinite(loss) or loss.item() > EXPLODED_LOSS * max(1.0, math.log(logits.shape[1])):
             what = f"became {loss.item()}" if not torch.isfinite(loss) else f"exploded to {loss.item():.3g}"
@@ -564,15 +582,16 @@ def train_one_epoch(model, prefix, frozen, suffix, optimizer, loss_fn, src: Inpu
 def evaluate(model, frozen, suffix, loss_fn, src: InputSource, cfg, device, epoch, stop):
     model.eval()
     cached = src.features is not None
+    image_fmt, suffix_fmt = memory_formats(cfg, device)
     batches = torch.arange(len(src)).split(inference_batch_size(device, cfg.batch_size))
     loss_sum, correct = 0.0, 0
     for step, idx in enumerate(batches, 1):
         if stop.is_set():
             raise _Stopped(f"stopped by request during validation of epoch {epoch}; checkpoints of completed epochs are kept")
-        x = to_device(src.batch(idx, None, "none", None), device)
+        x = to_device(src.batch(idx, None, "none", None), device, suffix_fmt if cached else image_fmt)
         y = src.labels[idx].to(device)
         with torch.inference_mode(), autocast(cfg, device):
-            logits = forward(frozen, suffix, x, cached).float()
+            logits = forward(frozen, suffix, x, cached, suffix_fmt).float()
             loss_sum += nn.functional.cross_entropy(logits, y, reduction="sum").item()
         correct += (logits.argmax(1) == y).sum().item()
         yield BatchProgress("val", epoch, step, len(batches))

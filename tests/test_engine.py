@@ -74,6 +74,34 @@ def test_feature_cache_matches_uncached_path(tiny_dataset, tmp_path, policy, aug
             assert getattr(a, k) == pytest.approx(getattr(b, k), abs=1e-4), k
 
 
+@pytest.mark.parametrize("arch,cache", [("resnet18", "auto"), ("resnet18", "off"), ("mobilenet_v2", "auto")])
+def test_trainable_layers_run_in_their_faster_memory_layout(tiny_dataset, tmp_path, monkeypatch, arch, cache):
+    """On CPU, ResNet-18's layer4 trains in NCHW (faster there, bench/NOTES.md): its
+    weights and its inputs, cached or fresh from the frozen layers, in training and
+    validation. MobileNetV2's last stages keep channels_last, as do frozen layers."""
+    from core import engine
+    seen = []
+    real_split = engine.split_model
+
+    def split_and_watch(model, a, policy):
+        prefix, suffix = real_split(model, a, policy)
+        first = suffix[0]  # layer4 / features[14]
+        first.register_forward_pre_hook(lambda m, args: seen.append(
+            (m.training, args[0].is_contiguous(), args[0].is_contiguous(memory_format=torch.channels_last))))
+        return prefix, suffix
+
+    monkeypatch.setattr(engine, "split_model", split_and_watch)
+    end = run(cfg_for(tiny_dataset, tmp_path, arch=arch, policy="last", cache=cache, epochs=1))[2]
+    state = ck.read_checkpoint(f"{end.run_dir}/latest.pt")["model_state"]
+    nchw = arch == "resnet18"
+    assert {training for training, *_ in seen} == {True, False}  # train and val batches seen
+    assert all((contig, cl) == ((True, False) if nchw else (False, True)) for _, contig, cl in seen), seen
+    if nchw:  # (MobileNetV2's 1x1 and depthwise weights look the same in both layouts)
+        assert state["layer4.0.conv1.weight"].is_contiguous()
+    frozen_w = state["layer3.0.conv1.weight" if nchw else "features.0.0.weight"]
+    assert frozen_w.is_contiguous(memory_format=torch.channels_last) and not frozen_w.is_contiguous()
+
+
 def test_rerun_takes_features_from_memory_without_refolding(tiny_dataset, tmp_path, monkeypatch):
     """An identical second run in the same process (the app's Train button again)
     reuses the frozen-layer activations: no cache pass, no folded copy of the
