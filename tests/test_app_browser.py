@@ -1,12 +1,16 @@
 """The Gradio app in a real browser: Playwright (Python) driving Debian's Chromium.
 
 Needs `pip install playwright` and `apt-get install chromium` (/usr/bin/chromium);
-`playwright install` cannot download browsers on offline machines. Saves a
-screenshot of each tab to assets/ (train.png, predict.png, model.png)."""
+`playwright install` cannot download browsers on offline machines. Takes a
+screenshot of each tab (train.png, predict.png, model.png): into a temporary
+folder, or into assets/ (the README's images) with UPDATE_SCREENSHOTS=1, so an
+ordinary test run leaves the checkout unchanged."""
 from __future__ import annotations
 
+import os
 import re
 import socket
+import tempfile
 import time
 from pathlib import Path
 
@@ -14,7 +18,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM = Path("/usr/bin/chromium")
-ASSETS = ROOT / "assets"
+ASSETS = (ROOT / "assets" if os.environ.get("UPDATE_SCREENSHOTS") == "1"
+          else Path(tempfile.gettempdir()) / "tl-resnet18-screenshots")
+ASSETS.mkdir(parents=True, exist_ok=True)
 
 pytestmark = pytest.mark.browser
 
