@@ -290,6 +290,12 @@ def train(cfg: TrainConfig, stop: threading.Event | None = None) -> Iterator:
         for p, st in optimizer.state.items():  # fused kernels want the step count beside the weights
             if torch.is_tensor(st.get("step")):
                 st["step"] = st["step"].to(p.device if fused else "cpu", torch.float32)
+            for k in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+                # ...and the moments in the weights' memory layout, which differs when the run was saved on
+                # another device or by an older version (see memory_formats): no per-step copies, and CUDA's
+                # fused kernel requires equal strides.
+                if torch.is_tensor(st.get(k)) and st[k].stride() != p.stride():
+                    st[k] = torch.empty_like(p).copy_(st[k])
 
     run_dir = Path(cfg.resume).resolve().parent if resume else new_run_dir(cfg.output_dir, cfg.run_name)
     if resume:

@@ -140,6 +140,25 @@ def test_resume_continues_exactly(tiny_dataset, tmp_path):
     assert latest["epoch"] == 4 and len(latest["history"]) == 4
 
 
+def test_resume_puts_optimizer_moments_in_the_weights_layout(tiny_dataset, tmp_path):
+    """A checkpoint whose AdamW moments are channels_last (saved by an older version,
+    or on a GPU) while this run's layer4 weights are NCHW: resuming converts the
+    moments to the weights' layout, with the same results as an NCHW checkpoint."""
+    first = run(cfg_for(tiny_dataset, tmp_path / "a", policy="last", epochs=1))[2]
+    saved = ck.read_checkpoint(f"{first.run_dir}/latest.pt")
+    moments = [st for st in saved["optimizer_state"]["state"].values() if st["exp_avg"].dim() == 4]
+    assert moments and all(st["exp_avg"].is_contiguous() for st in moments)
+    for st in moments:
+        for k in ("exp_avg", "exp_avg_sq"):
+            st[k] = st[k].contiguous(memory_format=torch.channels_last)
+    ck.atomic_torch_save(saved, tmp_path / "other_layout.pt")
+    same = run(cfg_for(tiny_dataset, tmp_path / "x", policy="last", epochs=2, resume=f"{first.run_dir}/latest.pt"))[2]
+    other = run(cfg_for(tiny_dataset, tmp_path / "y", policy="last", epochs=2, resume=str(tmp_path / "other_layout.pt")))[2]
+    assert [h["train_loss"] for h in other.history] == pytest.approx([h["train_loss"] for h in same.history], abs=1e-6)
+    after = ck.read_checkpoint(tmp_path / "latest.pt")["optimizer_state"]["state"].values()
+    assert all(st[k].is_contiguous() for st in after if st["exp_avg"].dim() == 4 for k in ("exp_avg", "exp_avg_sq"))
+
+
 def test_optimizer_is_fused_on_cpu_and_resume_from_an_unfused_checkpoint_switches(tiny_dataset, tmp_path):
     """AdamW runs its fused kernel on CPU. A checkpoint saved by a plain AdamW (the
     reference, or this project before the change) resumes fine and continues fused,
