@@ -589,7 +589,7 @@ def evaluate(model, frozen, suffix, loss_fn, src: InputSource, cfg, device, epoc
     model.eval()
     cached = src.features is not None
     image_fmt, suffix_fmt = memory_formats(cfg, device)
-    batches = torch.arange(len(src)).split(inference_batch_size(device, cfg.batch_size))
+    batches = torch.arange(len(src)).split(inference_batch_size(device, cfg.batch_size, cached))
     loss_sum, correct = 0.0, 0
     for step, idx in enumerate(batches, 1):
         if stop.is_set():

@@ -102,6 +102,17 @@ def test_trainable_layers_run_in_their_faster_memory_layout(tiny_dataset, tmp_pa
     assert frozen_w.is_contiguous(memory_format=torch.channels_last) and not frozen_w.is_contiguous()
 
 
+def test_validation_on_cached_maps_uses_larger_batches(tmp_path):
+    """On CPU, whole images are validated in batches of 8 (cache-friendly for a whole
+    network); cached layer3 maps in batches of 32, faster per image for layer4."""
+    from conftest import make_image_dataset
+    data = make_image_dataset(tmp_path / "ds", n_train=2, n_val=6)  # 12 val images
+    for cache, batches in (("auto", 1), ("off", 2)):
+        events = run(cfg_for(data, tmp_path / cache, policy="last", cache=cache, epochs=1))[0]
+        val = [e for e in events if isinstance(e, BatchProgress) and e.phase == "val"]
+        assert [e.total for e in val] == [batches] * batches, cache
+
+
 def test_rerun_takes_features_from_memory_without_refolding(tiny_dataset, tmp_path, monkeypatch):
     """An identical second run in the same process (the app's Train button again)
     reuses the frozen-layer activations: no cache pass, no folded copy of the
