@@ -280,22 +280,7 @@ def train(cfg: TrainConfig, stop: threading.Event | None = None) -> Iterator:
 
     optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], cfg, device)
     if resume and resume.get("optimizer_state"):
-        try:
-            optimizer.load_state_dict(resume["optimizer_state"])
-        except (ValueError, KeyError) as e:
-            raise CheckpointError(f"optimizer state in {cfg.resume} does not fit this model/policy: {e}") from None
-        fused = optimizer.defaults["fused"]
-        for g in optimizer.param_groups:  # loading copied the saved run's settings; this run's apply
-            g.update(lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused, foreach=optimizer.defaults["foreach"])
-        for p, st in optimizer.state.items():  # fused kernels want the step count beside the weights
-            if torch.is_tensor(st.get("step")):
-                st["step"] = st["step"].to(p.device if fused else "cpu", torch.float32)
-            for k in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
-                # ...and the moments in the weights' memory layout, which differs when the run was saved on
-                # another device or by an older version (see memory_formats): no per-step copies, and CUDA's
-                # fused kernel requires equal strides.
-                if torch.is_tensor(st.get(k)) and st[k].stride() != p.stride():
-                    st[k] = torch.empty_like(p).copy_(st[k])
+        restore_optimizer(optimizer, resume["optimizer_state"], cfg)
 
     run_dir = Path(cfg.resume).resolve().parent if resume else new_run_dir(cfg.output_dir, cfg.run_name)
     if resume:
@@ -410,6 +395,27 @@ def make_optimizer(params, cfg: TrainConfig, device: torch.device) -> torch.opti
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
 
 
+def restore_optimizer(optimizer: torch.optim.AdamW, saved: dict, cfg: TrainConfig) -> None:
+    """Load a checkpoint's optimizer state into this run's optimizer, keeping
+    this run's lr, weight decay and kernel choice."""
+    try:
+        optimizer.load_state_dict(saved)
+    except (ValueError, KeyError) as e:
+        raise CheckpointError(f"optimizer state in {cfg.resume} does not fit this model/policy: {e}") from None
+    fused = optimizer.defaults["fused"]
+    for g in optimizer.param_groups:  # loading copied the saved run's settings; this run's apply
+        g.update(lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused, foreach=optimizer.defaults["foreach"])
+    for p, st in optimizer.state.items():  # fused kernels want the step count beside the weights
+        if torch.is_tensor(st.get("step")):
+            st["step"] = st["step"].to(p.device if fused else "cpu", torch.float32)
+        for k in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+            # ...and the moments in the weights' memory layout, which differs when the run was saved on
+            # another device or by an older version (see memory_formats): no per-step copies, and CUDA's
+            # fused kernel requires equal strides.
+            if torch.is_tensor(st.get(k)) and st[k].stride() != p.stride():
+                st[k] = torch.empty_like(p).copy_(st[k])
+
+
 def read_resume(cfg: TrainConfig) -> tuple[dict, list[str]]:
     """The checkpoint to resume, with cfg's arch/policy/dropout set to the
     checkpoint's (they must match to restore the optimizer state)."""
@@ -517,7 +523,8 @@ def compute_features(frozen, sources, cfg, device, stop) -> Iterator:
                 flips = torch.full((len(src),), bool(view))
                 x = src.batch(idx, flips if view else None, "none", None)
                 with torch.inference_mode(), autocast(cfg, device):
-                    chunks.append(in_format(frozen(to_device(x, device, image_fmt)).to(dtype).cpu(), suffix_fmt))
+                    feats = frozen(in_format(to_device(x, device), image_fmt))
+                    chunks.append(in_format(feats.to(dtype).cpu(), suffix_fmt))
                 done += len(idx)
                 yield BatchProgress("cache", 0, done, total)
             per_view.append(torch.cat(chunks))
@@ -525,8 +532,8 @@ def compute_features(frozen, sources, cfg, device, stop) -> Iterator:
     return out
 
 
-def to_device(x: torch.Tensor, device, fmt: torch.memory_format) -> torch.Tensor:
-    return in_format(x.to(device, non_blocking=True), fmt)
+def to_device(x: torch.Tensor, device) -> torch.Tensor:
+    return x.to(device, non_blocking=True)
 
 
 def in_format(x: torch.Tensor, fmt: torch.memory_format) -> torch.Tensor:
@@ -539,11 +546,14 @@ def autocast(cfg, device):
     return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
 
-def forward(frozen, suffix, x, cached: bool, suffix_fmt: torch.memory_format):
-    if cached or len(frozen) == 0:
-        return suffix(x)
+def forward(frozen, suffix, x, cached: bool, formats: tuple[torch.memory_format, torch.memory_format]):
+    """suffix(frozen(x)), or suffix(x) on cached activations, each part fed in
+    its memory layout (memory_formats)."""
+    image_fmt, suffix_fmt = formats
+    if cached or len(frozen) == 0:  # (no frozen layers: suffix_fmt is image_fmt)
+        return suffix(in_format(x, suffix_fmt))
     with torch.no_grad():  # the frozen prefix needs no autograd graph
-        feats = frozen(x)
+        feats = frozen(in_format(x, image_fmt))
     return suffix(in_format(feats, suffix_fmt))
 
 
@@ -555,16 +565,16 @@ def train_one_epoch(model, prefix, frozen, suffix, optimizer, loss_fn, src: Inpu
     flips = torch.rand(len(src), generator=gen) < 0.5 if aug in ("light", "standard") else None
     set_train_mode(model, prefix)
     cached = src.features is not None
-    image_fmt, suffix_fmt = memory_formats(cfg, device)
+    formats = memory_formats(cfg, device)
     batches = perm.split(cfg.batch_size)
     loss_sum, correct, seen = 0.0, 0, 0
     for step, idx in enumerate(batches, 1):
         if stop.is_set():
             raise _Stopped(f"stopped by request during epoch {epoch}; checkpoints of completed epochs are kept")
-        x = to_device(src.batch(idx, flips, aug, gen), device, suffix_fmt if cached else image_fmt)
+        x = to_device(src.batch(idx, flips, aug, gen), device)
         y = src.labels[idx].to(device)
         with autocast(cfg, device):
-            logits = forward(frozen, suffix, x, cached, suffix_fmt)
+            logits = forward(frozen, suffix, x, cached, formats)
             loss = loss_fn(logits.float(), y)
         if not torch.isfinite(loss) or loss.item() > EXPLODED_LOSS * max(1.0, math.log(logits.shape[1])):
             what = f"became {loss.item()}" if not torch.isfinite(loss) else f"exploded to {loss.item():.3g}"
@@ -588,16 +598,16 @@ def train_one_epoch(model, prefix, frozen, suffix, optimizer, loss_fn, src: Inpu
 def evaluate(model, frozen, suffix, loss_fn, src: InputSource, cfg, device, epoch, stop):
     model.eval()
     cached = src.features is not None
-    image_fmt, suffix_fmt = memory_formats(cfg, device)
+    formats = memory_formats(cfg, device)
     batches = torch.arange(len(src)).split(inference_batch_size(device, cfg.batch_size, cached))
     loss_sum, correct = 0.0, 0
     for step, idx in enumerate(batches, 1):
         if stop.is_set():
             raise _Stopped(f"stopped by request during validation of epoch {epoch}; checkpoints of completed epochs are kept")
-        x = to_device(src.batch(idx, None, "none", None), device, suffix_fmt if cached else image_fmt)
+        x = to_device(src.batch(idx, None, "none", None), device)
         y = src.labels[idx].to(device)
         with torch.inference_mode(), autocast(cfg, device):
-            logits = forward(frozen, suffix, x, cached, suffix_fmt).float()
+            logits = forward(frozen, suffix, x, cached, formats).float()
             loss_sum += nn.functional.cross_entropy(logits, y, reduction="sum").item()
         correct += (logits.argmax(1) == y).sum().item()
         yield BatchProgress("val", epoch, step, len(batches))
