@@ -223,6 +223,10 @@ def recover_run_folder(run_dir, latest: dict, source=None) -> list[str]:
     - save_epoch replaces latest.pt, then links best_acc.pt / best_loss.pt to
       it; killed in between, a best file is older than the epoch latest.pt
       calls best. When the resumed checkpoint is that best epoch, link again.
+    - metrics.csv is written after latest.pt; killed in between, it lacks the
+      last epoch. Two such kills in a row (resume, kill, resume, kill) would
+      leave it two rows behind, so rewrite it from the checkpoint's history.
+      A longer csv (resuming an older checkpoint) is kept until the next save.
     - temp files of killed writers (`.<name>.<pid>.*.tmp`, up to 45 MB each).
     Returns what was done, e.g. ['best_acc.pt', 'removed .latest.pt.123.x.tmp']."""
     run_dir = Path(run_dir)
@@ -241,9 +245,21 @@ def recover_run_folder(run_dir, latest: dict, source=None) -> list[str]:
             continue
         atomic_link_or_copy(src, dst)
         done.append(name)
+    history = latest.get("history") or []
+    if history and _csv_rows(run_dir / "metrics.csv") < len(history):
+        atomic_write_csv(run_dir / "metrics.csv", history)
+        done.append("metrics.csv")
     for name in RUN_FILES:
         done += [f"removed {p.name}" for p in remove_stale_temps(run_dir / name)]
     return done
+
+
+def _csv_rows(path) -> int:
+    try:
+        with open(path, newline="") as f:
+            return max(sum(1 for _ in csv.reader(f)) - 1, 0)  # minus the header
+    except OSError:
+        return 0
 
 
 def _saved_epoch(path):

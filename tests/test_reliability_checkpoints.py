@@ -5,6 +5,7 @@ clear error; --trust-pickle 1 is the only way to load a full-model pickle.
 Also the atomic-write guarantees of core.checkpoint."""
 from __future__ import annotations
 
+import csv
 import errno
 import os
 import pickle
@@ -367,3 +368,28 @@ def test_recover_run_folder_repairs_a_kill_between_latest_and_best(tmp_path):
     assert torch.load(run / "best_loss.pt", weights_only=True)["epoch"] == 1
     assert sorted(p.name for p in run.iterdir()) == ["best_acc.pt", "best_loss.pt", "latest.pt"]
     assert ck.recover_run_folder(run, latest) == []
+
+
+def test_recover_run_folder_catches_metrics_csv_up_with_the_checkpoint(tmp_path):
+    """metrics.csv is written after latest.pt. Two resumed runs each killed in
+    that gap left it two rows behind latest.pt (CI, stop 10); resuming must
+    rewrite it from the checkpoint's history, and a longer csv (resuming an
+    older checkpoint) must not be cut before the next save."""
+    def rows(n):
+        return [{"epoch": e, "train_loss": 1.0 / e, "val_acc": 0.5} for e in range(1, n + 1)]
+
+    run = tmp_path
+    ck.atomic_write_csv(run / "metrics.csv", rows(3))
+    latest = {"epoch": 5, "best_epoch": 1, "best_loss_epoch": 1, "history": rows(5)}
+    ck.atomic_torch_save(latest, run / "latest.pt")
+    assert ck.recover_run_folder(run, latest) == ["metrics.csv"]
+    with (run / "metrics.csv").open() as f:
+        got = list(csv.DictReader(f))
+    assert [int(r["epoch"]) for r in got] == [1, 2, 3, 4, 5]
+    assert float(got[4]["train_loss"]) == pytest.approx(0.2)
+    assert ck.recover_run_folder(run, latest) == []
+
+    older = dict(latest, epoch=2, history=rows(2))
+    assert "metrics.csv" not in ck.recover_run_folder(run, older)
+    with (run / "metrics.csv").open() as f:
+        assert len(list(csv.DictReader(f))) == 5
