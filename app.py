@@ -54,13 +54,18 @@ def main(argv=None) -> int:
               f"Use --host 127.0.0.1 unless you mean it.", file=sys.stderr)
     if args.share:
         print("WARNING: --share opens a public link through gradio.live (needs internet).", file=sys.stderr)
+    try:
+        options = launch_options(args.checkpoints_dir, args.data_dir, ROOT / "uploads")
+    except OSError as e:
+        print(f"error: cannot create the folder {e.filename}: {e.strerror}; "
+              f"pass writable --checkpoints-dir and --data-dir folders", file=sys.stderr)
+        return 2
     demo = build_app(args.checkpoints_dir, args.data_dir)
     shown = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
     print(f"Transfer-learning app: http://{shown}:{args.port}  (Ctrl-C to quit)", flush=True)
     try:
         demo.queue(default_concurrency_limit=1).launch(
-            server_name=args.host, server_port=args.port, share=args.share, inbrowser=False, quiet=True,
-            **launch_options(args.checkpoints_dir, args.data_dir, ROOT / "uploads"))
+            server_name=args.host, server_port=args.port, share=args.share, inbrowser=False, quiet=True, **options)
     except OSError as e:
         print(f"error: cannot start the server on {args.host}:{args.port}: {e}", file=sys.stderr)
         return 1

@@ -36,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--print-model", type=bool01, default=0, help="1: print the base and transfer models and parameter counts")
     a("--arch", default="resnet18", help="resnet18 | mobilenet_v2")
     a("--weights", default="imagenet", help="imagenet (torchvision cache) | none | PATH to a state_dict")
-    a("--augment", default="auto", help="auto | none | light | standard (auto: light for head/last, standard for full)")
+    a("--augment", default="auto", help="auto | none | light | standard (auto: none for head, light for last, standard for full)")
     a("--val-split", type=float, default=None, help="hold out this fraction of train/ when there is no val/ folder")
     a("--output-dir", default="checkpoints")
     a("--resume", default=None, help="continue a run from its latest.pt")

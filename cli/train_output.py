@@ -14,7 +14,7 @@ from core.engine import BatchProgress, EpochEnded, Notice, RunEnded, RunStarted,
 def print_training(cfg: TrainConfig, print_model: bool = False) -> int:
     stop = threading.Event()
     # First Ctrl-C: finish cleanly between batches (completed epochs stay saved); second: abort.
-    previous = signal.signal(signal.SIGINT, lambda *_: _request_stop(stop, previous))
+    previous = signal.signal(signal.SIGINT, lambda *_: _request_stop(stop))
     bar = None
     try:
         for ev in train(cfg, stop):
@@ -37,7 +37,7 @@ def print_training(cfg: TrainConfig, print_model: bool = False) -> int:
     return 0
 
 
-def _request_stop(stop: threading.Event, previous) -> None:
+def _request_stop(stop: threading.Event) -> None:
     if stop.is_set():
         raise KeyboardInterrupt
     print("\nstopping after the current batch (Ctrl-C again to abort)...", file=sys.stderr, flush=True)

@@ -18,7 +18,8 @@ from typing import BinaryIO, Callable
 import torch
 from torch import nn
 
-from .errors import CheckpointError
+from .errors import CheckpointError, first_line
+from .config import ARCHS
 from .models import build_model
 
 FORMAT_VERSION = 1
@@ -189,7 +190,8 @@ def atomic_write_json(path, obj) -> Path:
 def atomic_write_csv(path, rows: list[dict]) -> Path:
     buf = io.StringIO()
     if rows:
-        w = csv.DictWriter(buf, fieldnames=list(rows[0].keys()), lineterminator="\n")
+        columns = list(dict.fromkeys(k for r in rows for k in r))  # a resumed reference run adds columns
+        w = csv.DictWriter(buf, fieldnames=columns, restval="", lineterminator="\n")
         w.writeheader()
         w.writerows(rows)
     return atomic_write_text(path, buf.getvalue())
@@ -241,7 +243,9 @@ def recover_run_folder(run_dir, latest: dict, source=None) -> list[str]:
                 continue
         except OSError:
             pass
-        if dst.is_file() and _saved_epoch(dst) == epoch:  # a copy (file system without hard links)
+        # The same epoch (a copy, on file systems without hard links) or a later
+        # one (from a run that went further) is not crash damage: keep it.
+        if dst.is_file() and (saved_epoch(dst) or 0) >= epoch:
             continue
         atomic_link_or_copy(src, dst)
         done.append(name)
@@ -262,9 +266,14 @@ def _csv_rows(path) -> int:
         return 0
 
 
-def _saved_epoch(path):
+def saved_epoch(path) -> int | None:
+    """The epoch a checkpoint file holds; None if unreadable. Memory-mapped,
+    so a 100 MB checkpoint is not read in full for one number."""
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:  # not a zip-format file
+            obj = torch.load(path, map_location="cpu", weights_only=True)
         return obj.get("epoch") if isinstance(obj, dict) else None
     except Exception:
         return None
@@ -296,7 +305,7 @@ def load_file(path, trust_pickle: bool = False):
         return torch.load(p, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         if not looks_like_code_pickle(e):
-            raise CheckpointError(f"{p} is not a valid PyTorch file ({_first_line(e)})") from None
+            raise CheckpointError(f"{p} is not a valid PyTorch file ({first_line(e)})") from None
         if not trust_pickle:
             raise CheckpointError(
                 f"{p} contains pickled Python objects (e.g. a full-model save), not just tensors; "
@@ -306,11 +315,11 @@ def load_file(path, trust_pickle: bool = False):
     except MemoryError:
         raise CheckpointError(f"{p} is too large to load into memory") from None
     except Exception as e:  # truncated zip, random bytes, wrong format: torch raises many types
-        raise CheckpointError(f"{p} is not a readable PyTorch checkpoint (truncated or not a .pt file: {_first_line(e)})") from None
+        raise CheckpointError(f"{p} is not a readable PyTorch checkpoint (truncated or not a .pt file: {first_line(e)})") from None
     try:
         return torch.load(p, map_location="cpu", weights_only=False)
     except Exception as e:
-        raise CheckpointError(f"{p} could not be unpickled even with --trust-pickle: {_first_line(e)}") from None
+        raise CheckpointError(f"{p} could not be unpickled even with --trust-pickle: {first_line(e)}") from None
 
 
 def looks_like_code_pickle(e: Exception) -> bool:
@@ -318,11 +327,6 @@ def looks_like_code_pickle(e: Exception) -> bool:
     Python objects, as opposed to random bytes or a truncated file."""
     msg = str(e)
     return "Unsupported global" in msg or "Weights only load failed" in msg and "GLOBAL" in msg
-
-
-def _first_line(e: Exception) -> str:
-    s = str(e).strip()
-    return (s.splitlines()[0] if s else type(e).__name__)[:200]
 
 
 # ---------------------------------------------------------------- checkpoint dicts
@@ -380,9 +384,23 @@ def normalise_checkpoint(ckpt: dict, path="<checkpoint>") -> dict:
     if len(names) != ckpt["head"]["num_classes"]:
         raise CheckpointError(f"{path}: {len(names)} class_names but the head has {ckpt['head']['num_classes']} outputs")
     ckpt["class_names"] = list(names)
+    if ckpt["arch"] not in ARCHS:
+        raise CheckpointError(f"{path} is a {ckpt['arch']!r} model; this tool loads {', '.join(ARCHS)}")
     ckpt.setdefault("preprocess", {"resize": 256, "crop": 224})
-    ckpt.setdefault("history", [])
+    ckpt["history"] = history_rows(ckpt.get("history"))
     return ckpt
+
+
+def history_rows(history) -> list[dict]:
+    """Per-epoch rows. The reference keeps history as a dict of lists
+    ({'train_loss': [...], ...}); anything else unreadable becomes []."""
+    if isinstance(history, dict):
+        columns = {k: v for k, v in history.items() if isinstance(v, (list, tuple))}
+        n = min((len(v) for v in columns.values()), default=0)
+        return [{"epoch": i + 1, **{k: v[i] for k, v in columns.items() if k != "epoch"}} for i in range(n)]
+    if isinstance(history, (list, tuple)):
+        return [dict(h) for h in history if isinstance(h, dict)]
+    return []
 
 
 def infer_arch(state: dict) -> str:
@@ -401,23 +419,25 @@ def head_out_features(state: dict) -> int:
 
 
 def model_from_checkpoint(ckpt: dict) -> nn.Module:
-    model = build_model(ckpt["arch"], ckpt["head"]["num_classes"], ckpt["head"]["dropout"], "none")
+    # Built on the meta device and given the saved tensors: no random init that
+    # the weights would overwrite, and torch's global RNG (a training run's
+    # dropout in another thread of the app) is left alone.
+    with torch.device("meta"):
+        model = build_model(ckpt["arch"], ckpt["head"]["num_classes"], ckpt["head"]["dropout"], "none")
     try:
-        model.load_state_dict(ckpt["model_state"])
+        model.load_state_dict(ckpt["model_state"], assign=True)
     except RuntimeError as e:
-        raise CheckpointError(f"model_state does not fit {ckpt['arch']}: {_first_line(e)}") from None
-    return model.eval()
+        raise CheckpointError(f"model_state does not fit {ckpt['arch']}: {first_line(e)}") from None
+    return model.float().eval()  # float16 weights (someone's export) still run in float32
 
 
 def model_from_state_dict(state: dict, arch: str | None, class_names: list[str] | None, path="<file>"):
     """A bare state_dict: the arch comes from --arch (or the keys), class names from --classes."""
-    arch = arch or infer_arch(state)
     n = head_out_features(state)
     if class_names and len(class_names) != n:
         raise CheckpointError(f"--classes lists {len(class_names)} names but {path} has {n} outputs")
-    dropout = 0.5 if any(k.startswith("fc.1.") for k in state) else 0.0
-    ckpt = {"arch": arch, "head": {"dropout": dropout, "num_classes": n}, "model_state": state}
-    return model_from_checkpoint(ckpt), list(class_names or [f"class_{i}" for i in range(n)])
+    ckpt = normalise_checkpoint({"model_state": state, "arch": arch or infer_arch(state), "class_names": class_names}, path)
+    return model_from_checkpoint(ckpt), ckpt["class_names"]
 
 
 # ---------------------------------------------------------------- exports (the other formats the reference teaches)

@@ -15,6 +15,7 @@ POLICIES = ("head", "last", "full")
 AUGMENTS = ("auto", "none", "light", "standard")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 CACHE_MODES = ("auto", "off")
+MAX_CLASSES = 10_000  # past this a new head alone needs gigabytes; no folder-of-images task has so many
 
 POLICY_HELP = {
     "head": "Head only: the pretrained backbone is frozen, only the new fc layer learns. Fast, best for small datasets.",

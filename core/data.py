@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 import torchvision.transforms.v2.functional as TF
 
+from .config import MAX_CLASSES
 from .errors import DatasetError, ImageLoadError
 from .images import IMAGE_EXTENSIONS, is_image_name, load_rgb
 
@@ -85,6 +86,9 @@ def scan_dataset(data_dir, val_split: float | None = None, seed: int = 0) -> Dat
     if len(train.classes) < 2:
         raise DatasetError(f"{train_dir} has {len(train.classes)} class folder(s) {train.classes}; at least 2 are needed "
                            f"(one sub-folder per class, e.g. train/cat and train/fish)")
+    if len(train.classes) > MAX_CLASSES:
+        raise DatasetError(f"{train_dir} has {len(train.classes):,} class folders; at most {MAX_CLASSES:,} are supported "
+                           f"(is --data-dir pointing at the right folder?)")
     if val_dir.is_dir():
         val_classes = list_classes(val_dir)
         if val_classes != train.classes:

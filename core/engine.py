@@ -282,13 +282,17 @@ def train(cfg: TrainConfig, stop: threading.Event | None = None) -> Iterator:
     if resume and resume.get("optimizer_state"):
         restore_optimizer(optimizer, resume["optimizer_state"], cfg)
 
-    run_dir = Path(cfg.resume).resolve().parent if resume else new_run_dir(cfg.output_dir, cfg.run_name)
     if resume:
-        ck.recover_run_folder(run_dir, resume, source=Path(cfg.resume).resolve())
+        run_dir, new_folder = resume_run_dir(cfg, resume)
+        if new_folder:
+            notes.append(f"--resume: {Path(cfg.resume).resolve().parent / 'latest.pt'} is past epoch {resume['epoch']}; "
+                         f"continuing in a new folder so its later epochs are kept")
+    else:
+        run_dir, new_folder = new_run_dir(cfg.output_dir, cfg.run_name), True
     history = list(resume["history"]) if resume else []
     best = resume_best(resume) if resume else empty_best()
     start_epoch = int(resume["epoch"]) + 1 if resume else 1
-    if not resume:
+    if new_folder:
         ck.atomic_write_json(run_dir / "args.json", cfg.to_dict())
     trainable, total = param_counts(model)
     started = RunStarted(str(run_dir), info, cfg, str(device), trainable, total, start_epoch, notes)
@@ -338,7 +342,7 @@ def train(cfg: TrainConfig, stop: threading.Event | None = None) -> Iterator:
             t0 = time.perf_counter()
             tr = yield from train_one_epoch(model, prefix, frozen, suffix, optimizer, loss_fn, train_src, cfg,
                                             device, epoch, aug, stop, scaler)
-            va = yield from evaluate(model, frozen, suffix, loss_fn, val_src, cfg, device, epoch, stop)
+            va = yield from evaluate(model, frozen, suffix, val_src, cfg, device, epoch, stop)
             improved_acc = is_better_acc(va[1], va[0], best)
             improved_loss = is_better_loss(va[0], best)
             if improved_acc:
@@ -351,7 +355,7 @@ def train(cfg: TrainConfig, stop: threading.Event | None = None) -> Iterator:
             save_epoch(run_dir, model, optimizer, epoch, best, info.classes, cfg, history, improved_acc, improved_loss)
             epochs_done = epoch
             yield ended
-            if stop.is_set():
+            if stop.is_set() and epoch < cfg.epochs:  # a stop after the last epoch changes nothing
                 raise _Stopped("stopped by request after epoch %d" % epoch)
     except _Stopped as e:
         status, message = "stopped", str(e)
@@ -359,7 +363,7 @@ def train(cfg: TrainConfig, stop: threading.Event | None = None) -> Iterator:
         status, message = "diverged", str(e)
     finally:
         stop.clear()
-        if epochs_done == 0 and not resume:
+        if epochs_done == 0 and new_folder:
             remove_empty_run(run_dir)
     try:
         exports = export_formats(run_dir, cfg, info.classes)  # from best_acc.pt, whatever the status
@@ -416,6 +420,18 @@ def restore_optimizer(optimizer: torch.optim.AdamW, saved: dict, cfg: TrainConfi
                 st[k] = torch.empty_like(p).copy_(st[k])
 
 
+def resume_run_dir(cfg: TrainConfig, resume: dict) -> tuple[Path, bool]:
+    """(folder, is_new): a resumed run continues in its checkpoint's folder,
+    unless that folder's latest.pt is further along (resuming best_acc.pt or an
+    older copy), whose epochs the next save would overwrite: then a new folder."""
+    source = Path(cfg.resume).resolve()
+    latest = source.parent / "latest.pt"
+    if latest.is_file() and not os.path.samefile(latest, source) and (ck.saved_epoch(latest) or 0) > int(resume["epoch"]):
+        return new_run_dir(source.parent.parent, cfg.run_name), True
+    ck.recover_run_folder(source.parent, resume, source=source)
+    return source.parent, False
+
+
 def read_resume(cfg: TrainConfig) -> tuple[dict, list[str]]:
     """The checkpoint to resume, with cfg's arch/policy/dropout set to the
     checkpoint's (they must match to restore the optimizer state)."""
@@ -433,6 +449,12 @@ def read_resume(cfg: TrainConfig) -> tuple[dict, list[str]]:
         if value is not None and getattr(cfg, name) != value:
             notes.append(f"--resume: using the checkpoint's {name}={value} (not {getattr(cfg, name)})")
             setattr(cfg, name, value)
+    # The weights were loaded when the run began; keep recording where they came from.
+    cfg.weights = str(ckpt.get("weights") or args.get("weights") or cfg.weights)
+    try:
+        cfg.validate()
+    except ConfigError as e:
+        raise CheckpointError(f"{cfg.resume} holds settings this tool cannot use: {e}") from None
     return ckpt, notes
 
 
@@ -440,7 +462,7 @@ def resume_best(ckpt: dict) -> dict:
     acc_epoch = int(ckpt.get("best_epoch", 0))
     rows = [h for h in ckpt.get("history") or [] if isinstance(h, dict) and h.get("epoch") == acc_epoch]
     return {"acc": float(ckpt.get("best_val_acc", 0.0)), "acc_epoch": acc_epoch,
-            "acc_loss": float(rows[0]["val_loss"]) if rows else float("inf"),
+            "acc_loss": float(rows[0].get("val_loss", float("inf"))) if rows else float("inf"),  # the reference kept no val_loss
             "loss": float(ckpt.get("best_val_loss", float("inf"))),
             "loss_epoch": int(ckpt.get("best_loss_epoch", acc_epoch))}
 
@@ -595,7 +617,7 @@ def train_one_epoch(model, prefix, frozen, suffix, optimizer, loss_fn, src: Inpu
     return loss_sum / seen, correct / seen
 
 
-def evaluate(model, frozen, suffix, loss_fn, src: InputSource, cfg, device, epoch, stop):
+def evaluate(model, frozen, suffix, src: InputSource, cfg, device, epoch, stop):
     model.eval()
     cached = src.features is not None
     formats = memory_formats(cfg, device)

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from .errors import ImageLoadError
+from .errors import ImageLoadError, first_line
 
 # torchvision's ImageFolder extensions
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
@@ -81,7 +81,7 @@ def load_rgb(source, min_side: int | None = None) -> Image.Image:
     except Exception as e:
         # Decoders fed hostile bytes raise OSError, SyntaxError, ValueError,
         # EOFError, struct.error, IndexError, ...: all mean "cannot decode".
-        raise ImageLoadError(name, f"cannot decode image ({_short(e)})") from None
+        raise ImageLoadError(name, f"cannot decode image ({first_line(e, 160)})") from None
 
 
 _ORIENTATION_TRANSPOSE = {
@@ -179,6 +179,3 @@ def _high_depth_to_rgb(img: Image.Image) -> Image.Image:
     return gray.convert("RGB")
 
 
-def _short(e: Exception) -> str:
-    msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    return msg[:160]

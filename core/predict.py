@@ -54,8 +54,10 @@ class Predictor:
         or a full pickled model (only with trust_pickle)."""
         obj = ck.load_file(path, trust_pickle=trust_pickle)
         if isinstance(obj, torch.nn.Module):
-            names = classes or getattr(obj, "class_names", None)
             n = _out_features(obj)
+            if classes and len(classes) != n:
+                raise CheckpointError(f"--classes lists {len(classes)} names but {path} has {n} outputs")
+            names = classes or getattr(obj, "class_names", None)
             if not names or len(names) != n:
                 names = [f"class_{i}" for i in range(n)]
             return cls(obj, names, device, {"format": "full model (pickle)", "path": str(path)})

@@ -4,9 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .models import apply_policy, build_base_model, build_model, param_counts, trainable_names
-
-HIGHLIGHTS = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4", "avgpool", "fc")
+from .models import HEAD_NAME, apply_policy, build_base_model, build_model, param_counts, trainable_names
 
 NOTES = {
     "BatchNorm2d": "BatchNorm: normalises each channel with batch statistics while training and with stored "
@@ -54,30 +52,30 @@ def _shape_hook(store, name):
     return hook
 
 
-def highlight_lines(model: nn.Module) -> list[str]:
-    """conv1, bn1, relu, maxpool, layer1-4, avgpool, fc with their repr (ResNet)."""
-    children = dict(model.named_children())
+def highlight_lines(model: nn.Module, arch: str) -> list[str]:
+    """Each top-level part (ResNet: conv1, bn1, relu, maxpool, layer1-4, avgpool,
+    fc; MobileNetV2: features, classifier): its repr, or a count for a stage."""
     lines = []
-    for name in HIGHLIGHTS:
-        if name in children:
-            m = children[name]
-            desc = repr(m) if not isinstance(m, nn.Sequential) or name == "fc" else \
-                f"Sequential of {len(m)} {type(m[0]).__name__}(s), {sum(p.numel() for p in m.parameters()):,} params"
-            lines.append(f"  {name}: {' '.join(desc.split())}")
+    for name, m in model.named_children():
+        desc = repr(m) if not isinstance(m, nn.Sequential) or name == HEAD_NAME[arch] else \
+            f"Sequential of {len(m)} {type(m[0]).__name__}(s), {sum(p.numel() for p in m.parameters()):,} params"
+        lines.append(f"  {name}: {' '.join(desc.split())}")
     return lines
 
 
 def policy_table(arch: str, num_classes: int, dropout: float = 0.0) -> list[tuple[str, int, int]]:
-    model = build_model(arch, num_classes, dropout, "none")
+    with torch.device("meta"):  # counts only: no memory, no random init
+        model = build_model(arch, num_classes, dropout, "none")
     return [(pol, *param_counts(apply_policy(model, arch, pol))) for pol in ("head", "last", "full")]
 
 
 def print_model_report(arch: str, model: nn.Module, num_classes: int, dropout: float) -> list[str]:
     """Text for --print-model: base model, transfer model, highlights, counts."""
-    base = build_base_model(arch)
+    with torch.device("meta"):  # shown, never run
+        base = build_base_model(arch)
     out = [f"BASE MODEL ({arch}, ImageNet head with {_head_out(base)} outputs):", repr(base), "",
            f"TRANSFER MODEL (new head with {num_classes} outputs):", repr(model), "", "HIGHLIGHTS:"]
-    out += highlight_lines(model)
+    out += highlight_lines(model, arch)
     out += ["", "PARAMETERS (trainable / total) per policy:"]
     for pol, tr, tot in policy_table(arch, num_classes, dropout):
         out.append(f"  {pol:<5} trainable={tr:,} / total={tot:,} ({100 * tr / tot:.2f}%)")

@@ -10,7 +10,7 @@ import zipfile
 from datetime import datetime
 from pathlib import Path, PurePosixPath
 
-from .errors import DatasetError
+from .errors import DatasetError, first_line
 
 MAX_TOTAL_BYTES = 2 * 2**30   # uncompressed size limit
 MAX_FILES = 50_000
@@ -92,16 +92,16 @@ def extract_dataset_zip(zip_path, dest_root, name: str | None = None) -> Path:
     except DatasetError:
         raise
     except zipfile.BadZipFile as e:
-        raise DatasetError(f"{zip_path.name} is a damaged zip file ({_first_line(e)})") from None
+        raise DatasetError(f"{zip_path.name} is a damaged zip file ({first_line(e)})") from None
     except MemoryError:
         raise DatasetError(f"{zip_path.name} could not be read: out of memory") from None
     except OSError as e:
         if e.errno == errno.ENOSPC:
             raise DatasetError(f"not enough disk space to extract {zip_path.name}") from None
-        raise DatasetError(f"could not extract {zip_path.name}: {e.strerror or _first_line(e)}"
+        raise DatasetError(f"could not extract {zip_path.name}: {e.strerror or first_line(e)}"
                            f"{' (' + os.path.basename(str(e.filename)) + ')' if e.filename else ''}") from None
     except Exception as e:  # zlib.error, EOFError, NotImplementedError (compression method), struct.error, ...
-        raise DatasetError(f"{zip_path.name} is a damaged or unsupported zip file ({_first_line(e)})") from None
+        raise DatasetError(f"{zip_path.name} is a damaged or unsupported zip file ({first_line(e)})") from None
     return target / root if root else target
 
 
@@ -143,6 +143,3 @@ def _size(n: int) -> str:
     return f"{n / 2**30:.0f} GB" if n >= 2**30 else f"{n / 2**20:.0f} MB" if n >= 2**20 else f"{n:,} bytes"
 
 
-def _first_line(e: Exception) -> str:
-    s = str(e).strip()
-    return (s.splitlines()[0] if s else type(e).__name__)[:200]

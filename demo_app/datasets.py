@@ -37,7 +37,7 @@ def import_zip(zip_path: str, uploads_dir) -> Path:
 
 def example_images(data_dir: str, per_class: int = 4) -> list[tuple[str, str]]:
     """(path, caption) of a few validation images per class, for click-to-predict."""
-    root = Path(str(data_dir).strip())
+    root = Path(str(data_dir).strip()).expanduser()  # as the dataset scan does
     split = root / "val" if (root / "val").is_dir() else root / "train"
     if not split.is_dir():
         return []

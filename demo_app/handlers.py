@@ -11,7 +11,7 @@ from pathlib import Path
 import gradio as gr
 import pandas as pd
 
-from core.config import TrainConfig
+from core.config import MAX_CLASSES, TrainConfig
 from core.engine import BatchProgress, EpochEnded, Notice, RunEnded, RunStarted
 from core.errors import UserError
 from core.images import load_rgb
@@ -48,7 +48,7 @@ def _int(value, name: str) -> int:
         f = float(value)
     except (TypeError, ValueError):
         raise UserError(f"{name} must be a whole number (got {value!r})") from None
-    if f != int(f):
+    if not math.isfinite(f) or f != int(f):
         raise UserError(f"{name} must be a whole number (got {value})")
     return int(f)
 
@@ -78,8 +78,10 @@ class Handlers:
     def check_dataset(self, data_dir, val_split=0, seed=1337):
         """-> (summary markdown, number of classes)."""
         try:
-            info = datasets.check(data_dir or self.data_dir, _float(val_split or 0, "validation split"),
-                                  _int(seed or 0, "seed"))
+            split = _float(val_split or 0, "validation split")
+            if split and not 0 < split < 1:  # the same rule Start applies, shown before it
+                raise UserError(f"validation split must be a fraction between 0 and 1, e.g. 0.2 (got {split:g})")
+            info = datasets.check(data_dir or self.data_dir, split, _int(seed or 0, "seed"))
         except UserError as e:
             raise user_error(e, "Dataset problem") from None
         return datasets.summary_markdown(info), len(info.classes)
@@ -222,7 +224,7 @@ class Handlers:
             elif isinstance(ev, Failed):
                 failed = ev
         if failed is None and ended is None:  # cannot happen with core's engine; never leave the UI hanging
-            failed = Failed("the training run ended without a result; details are in the server log", internal=True)
+            failed = Failed("the training run ended without a result; details are in the server log")
         if failed is not None:
             log_lines.append(f"ERROR: {failed.message}")
             status = error_markdown("Could not train", failed.message)
@@ -328,7 +330,12 @@ class Handlers:
 
     @staticmethod
     def model_tab(arch, policy, n_classes, dropout=0.0):
-        n = max(2, _int(n_classes or 2, "classes"))
+        try:
+            n = max(2, _int(n_classes or 2, "classes"))
+            if n > MAX_CLASSES:
+                raise UserError(f"classes must be from 2 to {MAX_CLASSES:,} (got {n:,})")
+        except UserError as e:
+            raise user_error(e, "Model") from None
         v = modelview.model_view(arch, policy, n, float(dropout or 0))
         df = pd.DataFrame([[r["name"], r["type"], r["output_shape"], r["params"],
                             "✔ trains" if r["trains"] else "frozen", r["note"]] for r in v.rows],

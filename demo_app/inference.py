@@ -13,7 +13,6 @@ from core.errors import CheckpointError, ImageLoadError, UserError
 from core.images import load_rgb
 from core.predict import Prediction, Predictor, cached_predictor, list_images
 
-from .session import RNG_LOCK
 
 NO_CHECKPOINT = ("No checkpoint selected yet: train a model in the Train tab (its best_acc.pt then appears in the "
                  "list; press ↻ to refresh), or upload a checkpoint file (.pt / .pth).")
@@ -30,8 +29,7 @@ def choose_checkpoint(selected: str | None, uploaded: str | None) -> str:
 
 def load(selected: str | None, uploaded: str | None, trust_pickle: bool) -> Predictor:
     path = choose_checkpoint(selected, uploaded)
-    with RNG_LOCK:  # building the model draws random init (see session.RNG_LOCK)
-        return cached_predictor(path, "auto", bool(trust_pickle))
+    return cached_predictor(path, "auto", bool(trust_pickle))
 
 
 def describe(pred: Predictor, path: str) -> str:

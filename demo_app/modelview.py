@@ -4,11 +4,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import lru_cache
 
+import torch
+
 from core.config import POLICY_HELP
 from core.models import HEAD_NAME, apply_policy, build_base_model, build_model, param_counts
 from core.summary import layer_rows, policy_table
 
-from .session import RNG_LOCK
 
 POLICY_LABELS = {"head": "Head only", "last": "Last stage + head", "full": "Full fine-tune"}
 
@@ -31,26 +32,24 @@ def _head_repr(model, arch: str) -> str:
 
 @lru_cache(maxsize=4)
 def _base(arch: str) -> tuple[int, str, str]:
-    with RNG_LOCK:
+    with torch.device("meta"):  # structure and counts only: no memory, no random init
         base = build_base_model(arch)
     return param_counts(base)[1], _head_repr(base, arch), repr(base)
 
 
 @lru_cache(maxsize=16)
 def model_view(arch: str, policy: str, n_classes: int, dropout: float = 0.0) -> ModelView:
-    with RNG_LOCK:
+    with torch.device("meta"):  # output shapes still propagate through a meta forward pass
         model = apply_policy(build_model(arch, int(n_classes), float(dropout), "none"), arch, policy)
-        rows = layer_rows(model, arch, policy)
-        trainable, total = param_counts(model)
-        base_total, base_head, base_repr = _base(arch)
-        return ModelView(rows, trainable, total, base_total, base_head, _head_repr(model, arch),
-                         base_repr, repr(model))
+    rows = layer_rows(model, arch, policy)
+    trainable, total = param_counts(model)
+    base_total, base_head, base_repr = _base(arch)
+    return ModelView(rows, trainable, total, base_total, base_head, _head_repr(model, arch), base_repr, repr(model))
 
 
 @lru_cache(maxsize=16)
 def _policy_counts(arch: str, n_classes: int) -> dict[str, tuple[int, int]]:
-    with RNG_LOCK:
-        return {pol: (tr, tot) for pol, tr, tot in policy_table(arch, int(n_classes), 0.0)}
+    return {pol: (tr, tot) for pol, tr, tot in policy_table(arch, int(n_classes), 0.0)}
 
 
 def policy_markdown(arch: str, policy: str, n_classes: int) -> str:

@@ -19,11 +19,6 @@ class RunInfo:
     mtime: float = 0.0
 
     @property
-    def best_acc_path(self) -> Path | None:
-        p = self.path / "best_acc.pt"
-        return p if p.is_file() else None
-
-    @property
     def best_val_acc(self) -> float | None:
         accs = [r["val_acc"] for r in self.history if r.get("val_acc") is not None]
         return max(accs) if accs else None
@@ -57,6 +52,8 @@ def read_metrics(path) -> list[dict]:
             for row in csv.DictReader(f):
                 out = {}
                 for k, v in row.items():
+                    if v in ("", None):  # a column an older or the reference's history lacks
+                        continue
                     try:
                         out[k] = float(v)
                     except (TypeError, ValueError):

@@ -6,7 +6,6 @@ tab never leaves the engine half-iterated holding the lock, and Stop works from
 any session (there is only one run to stop)."""
 from __future__ import annotations
 
-import itertools
 import logging
 import queue
 import threading
@@ -22,12 +21,10 @@ from core.errors import UserError
 log = logging.getLogger("demo_app")
 
 
-# Model builds draw their random init from torch's global RNG. The engine seeds
-# it and builds the model during setup; a model built at the same moment by
-# another thread (Model tab, loading a predictor) would shift that init and make
-# the run differ from the same command in the CLI. Everything in the app that
-# builds a model holds this lock, and so does a run until its setup is done.
-RNG_LOCK = threading.RLock()
+# A run's random init and dropout come from torch's global RNG, seeded by the
+# engine. Nothing else in the app draws from it (the Model tab and predictors
+# build their models on the meta device), so a run in the app matches the same
+# command in the CLI.
 
 
 class BusyError(UserError):
@@ -38,7 +35,6 @@ class BusyError(UserError):
 class Failed:
     """The run could not start or crashed; `message` is for the user."""
     message: str
-    internal: bool = False
     kind: str = "UserError"  # the core.errors class name
 
 
@@ -58,18 +54,18 @@ class RunHandle:
     ended: RunEnded | None = None
     failed: Failed | None = None
 
-    def follow(self, timeout: float | None = None) -> Iterator:
+    def follow(self) -> Iterator:
         """Every engine event (and a final Failed, if any) until the worker is done."""
         while True:
-            ev = self.events.get(timeout=timeout)
+            ev = self.events.get()
             if ev is _DONE:
                 return
             yield ev
 
     def describe(self) -> str:
         name = self.run_dir.rsplit("/", 1)[-1] if self.run_dir else self.cfg.run_name
-        where = "setting up" if self.phase == "setup" else \
-            "computing features" if self.phase == "cache" else f"epoch {max(self.epoch, 1)}/{self.cfg.epochs}"
+        where = {"setup": "setting up", "run": "setting up", "decode": "decoding images",
+                 "cache": "computing features"}.get(self.phase, f"epoch {max(self.epoch, 1)}/{self.cfg.epochs}")
         return f"{name} ({self.cfg.policy}, {where}, started {time.time() - self.started_at:.0f} s ago)"
 
 
@@ -107,10 +103,7 @@ class TrainingService:
 
     def _work(self, h: RunHandle) -> None:
         try:
-            events = train(h.cfg, h.stop_event)
-            with RNG_LOCK:  # setup: seed, build the model, load weights
-                first = next(events, None)
-            for ev in itertools.chain([first] if first is not None else [], events):
+            for ev in train(h.cfg, h.stop_event):
                 if isinstance(ev, RunStarted):
                     h.run_dir, h.phase = ev.run_dir, "run"
                 elif isinstance(ev, BatchProgress):
@@ -126,7 +119,7 @@ class TrainingService:
             h.failed = Failed("out of memory: try a smaller batch size")
         except Exception as e:  # a bug, not a user error: keep the traceback in the server log
             log.error("training crashed:\n%s", traceback.format_exc())
-            h.failed = Failed(f"internal error ({type(e).__name__}: {e}); details are in the server log", internal=True)
+            h.failed = Failed(f"internal error ({type(e).__name__}: {e}); details are in the server log")
         finally:
             if h.failed:
                 h.events.put(h.failed)

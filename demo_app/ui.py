@@ -6,7 +6,7 @@ from pathlib import Path
 
 import gradio as gr
 
-from core.config import ARCHS, AUGMENTS, DEVICES
+from core.config import ARCHS, AUGMENTS, DEVICES, MAX_CLASSES
 from .components import SafeImage
 from .handlers import EPOCH_COLUMNS, LAYER_COLUMNS, PRED_COLUMNS, WEIGHT_SOURCES, Handlers
 from .plots import accuracy_figure, loss_figure
@@ -192,7 +192,7 @@ def build_app(checkpoints_dir, data_dir, uploads_dir=None, service: TrainingServ
                     m_arch = gr.Dropdown(list(ARCHS), value="resnet18", label="Architecture", elem_id="model-arch")
                     m_policy = gr.Radio(POLICY_CHOICES, value="head", label="Freeze policy", elem_id="model-policy",
                                         scale=2)
-                    m_classes = gr.Number(2, label="Classes (new head outputs)", precision=0, minimum=2,
+                    m_classes = gr.Number(2, label="Classes (new head outputs)", precision=0, minimum=2, maximum=MAX_CLASSES,
                                           elem_id="model-classes")
                 m_totals = gr.Markdown("", elem_id="model-totals")
                 with gr.Row(equal_height=True):

@@ -214,6 +214,9 @@ def test_check_dataset_counts_and_errors(app):
     assert "| cat | 20 | 16 |" in summary and "| fish | 20 | 16 |" in summary
     with pytest.raises(AppError, match="does not exist"):
         app["client"].predict(str(DATA / "missing"), 0, 1337, api_name="/check_dataset")
+    for bad in (5, -0.5):  # refused when checked, not first at Start
+        with pytest.raises(AppError, match="fraction between 0 and 1"):
+            app["client"].predict(str(DATA), bad, 1337, api_name="/check_dataset")
 
 
 def test_dataset_zip_upload(app, tmp_path):
@@ -328,6 +331,33 @@ def test_model_summary_rows_and_totals(app):
     assert "out_features=1000" in base_raw and "out_features=2" in transfer_raw
     full = app["client"].predict("resnet18", "full", 2, api_name="/model_summary")
     assert "100.00%" in full[1]
+    mnv2 = app["client"].predict("mobilenet_v2", "last", 10_000, api_name="/model_summary")
+    assert "10000 outputs" in mnv2[3] or "10,000 outputs" in mnv2[3]
+    with pytest.raises(AppError, match="greater than maximum value 10000"):  # Gradio checks the Number's range
+        app["client"].predict("resnet18", "head", 10**8, api_name="/model_summary")
+    import gradio as gr
+
+    from demo_app.handlers import Handlers
+    for bad in (10**8, float("inf"), "lots"):  # and the handler itself, for other callers
+        with pytest.raises(gr.Error, match="classes must be"):
+            Handlers.model_tab("resnet18", "head", bad)
+
+
+def test_model_tab_and_predictor_loads_leave_the_training_rng_alone(trained):
+    """A run's dropout draws from torch's global RNG. The Model tab and loading a
+    predictor (done while a run trains, from other threads) must not draw from it,
+    or the app's run would stop matching the same command in the CLI."""
+    import torch
+
+    from core.predict import Predictor
+    from demo_app import modelview
+    before = torch.random.get_rng_state()
+    modelview.model_view.cache_clear()
+    modelview.model_view("mobilenet_v2", "last", 3, 0.2)
+    modelview.policy_markdown("resnet18", "full", 7)
+    pred = Predictor.load(trained["final"][CHECKPOINT]["value"])
+    assert torch.equal(before, torch.random.get_rng_state())
+    assert pred.model.fc.weight.device.type == "cpu" and pred.model.fc.weight.dtype == torch.float32
 
 
 # ---------------------------------------------------------------- security and CLI
@@ -355,6 +385,11 @@ def test_app_cli_help_and_flags():
     args = app_module.build_parser().parse_args([])
     assert args.host == "127.0.0.1" and args.port == 7860 and args.share is False
     assert app_module.is_loopback("127.0.0.1") and not app_module.is_loopback("0.0.0.0")
+    # a folder that cannot be created is named as such, before any server starts
+    out = subprocess.run([sys.executable, str(ROOT / "app.py"), "--checkpoints-dir", "/proc/no/such", "--port", "1"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "cannot create the folder /proc/no" in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr and "Transfer-learning app:" not in out.stdout
 
 
 def test_app_run_matches_the_engine_run(trained, tmp_path):

@@ -90,6 +90,10 @@ def test_exports_and_every_load_path(tiny_dataset, tmp_path):
     assert p.returncode == 2 and "--trust-pickle 1" in p.stderr and "Traceback" not in p.stderr
     p, full = top(["--checkpoint", str(run_dir / "full_model.pt"), "--trust-pickle", "1"])
     assert p.returncode == 0 and full == ref, p.stderr
+    # --classes must fit the model's outputs for a full model too, as for a state_dict
+    for f in ("state_dict.pt", "full_model.pt"):
+        p, _ = top(["--checkpoint", str(run_dir / f), "--trust-pickle", "1", "--arch", "resnet18", "--classes", "a,b,c"])
+        assert p.returncode == 2 and "--classes lists 3 names" in p.stderr and "2 outputs" in p.stderr, (f, p.stderr)
 
 
 def test_reference_written_checkpoint_loads_and_predicts(tmp_path, tiny_dataset):
@@ -121,6 +125,20 @@ def test_reference_written_checkpoint_loads_and_predicts(tmp_path, tiny_dataset)
         expected = torch.softmax(model(x), 1)[0]
     got = pred.probabilities([img])[0]
     assert torch.allclose(got, expected, atol=1e-5)
+
+    # ...and --resume continues it: its history (a dict of lists) becomes epochs 1-3 of metrics.csv
+    run = tmp_path / "ref_run"
+    run.mkdir()
+    torch.save(ckpt, run / "ref_best.pt")
+    r = cli("train.py", "--data-dir", str(tiny_dataset), "--device", "cpu", "--epochs", "4", "--policy", "full",
+            "--resume", str(run / "ref_best.pt"))
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    assert "RESUME: continuing at epoch 4/4" in r.stdout and "EPOCH 4/4" in r.stdout
+    import csv
+    with (run / "metrics.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [r["epoch"] for r in rows] == ["1", "2", "3", "4"] and rows[2]["val_acc"] == "0.8125"
+    assert rows[0]["val_loss"] == "" and float(rows[3]["val_loss"]) >= 0  # a column the reference did not keep
 
 
 def test_predict_folder_modes_and_csv(tiny_dataset, tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -170,6 +171,40 @@ def test_resume_puts_optimizer_moments_in_the_weights_layout(tiny_dataset, tmp_p
     assert all(st[k].is_contiguous() for st in after if st["exp_avg"].dim() == 4 for k in ("exp_avg", "exp_avg_sq"))
 
 
+def test_resuming_an_older_checkpoint_continues_in_a_new_folder(tiny_dataset, tmp_path):
+    """Resuming best_acc.pt (or any earlier copy) from a folder whose latest.pt
+    went further must not overwrite those later epochs: latest.pt, metrics.csv
+    and the best files there stay as they were, and the run goes to a new folder."""
+    out = tmp_path / "ck"
+    first = run(cfg_for(tiny_dataset, out, epochs=3))[2]
+    folder = Path(first.run_dir)
+    early = ck.read_checkpoint(folder / "latest.pt")
+    early = {**early, "epoch": 1, "history": early["history"][:1], "best_epoch": 1, "best_loss_epoch": 1}
+    ck.atomic_torch_save(early, folder / "epoch1.pt")
+    before = {name: (folder / name).read_bytes() for name in ("latest.pt", "best_acc.pt", "best_loss.pt", "metrics.csv")}
+    events, epochs, end = run(cfg_for(tiny_dataset, tmp_path / "ignored", epochs=2, resume=str(folder / "epoch1.pt")))
+    assert end.status == "completed" and [e.epoch for e in epochs] == [2]
+    assert end.run_dir != first.run_dir and Path(end.run_dir).parent == out
+    assert any("latest.pt is past epoch 1" in n and "new folder" in n for n in events[0].notes), events[0].notes
+    assert {name: (folder / name).read_bytes() for name in before} == before
+    new = ck.read_checkpoint(f"{end.run_dir}/latest.pt")
+    assert new["epoch"] == 2 and [h["epoch"] for h in new["history"]] == [1, 2]
+    assert (Path(end.run_dir) / "args.json").is_file()
+    # resuming the folder's own latest.pt still continues in place
+    again = run(cfg_for(tiny_dataset, tmp_path / "ignored", epochs=4, resume=str(folder / "latest.pt")))[2]
+    assert again.run_dir == first.run_dir and again.epochs_done == 4
+
+
+def test_resume_keeps_recording_where_the_weights_came_from(tiny_dataset, tmp_path):
+    first = run(cfg_for(tiny_dataset, tmp_path / "a", epochs=1, weights="none"))[2]
+    cfg = cfg_for(tiny_dataset, tmp_path / "a", epochs=2, resume=f"{first.run_dir}/latest.pt")
+    cfg.weights = "imagenet"  # the CLI default when --weights is not repeated
+    events, _, end = run(cfg)
+    assert any(line.startswith("MODEL: arch=resnet18 weights=none ") for line in events[0].header_lines())
+    latest = ck.read_checkpoint(f"{end.run_dir}/latest.pt")
+    assert latest["weights"] == "none" and latest["args"]["weights"] == "none"
+
+
 def test_optimizer_is_fused_on_cpu_and_resume_from_an_unfused_checkpoint_switches(tiny_dataset, tmp_path):
     """AdamW runs its fused kernel on CPU. A checkpoint saved by a plain AdamW (the
     reference, or this project before the change) resumes fine and continues fused,
@@ -205,6 +240,16 @@ def test_stop_flag_ends_run_between_batches(tiny_dataset, tmp_path):
     end = events[-1]
     assert isinstance(end, RunEnded) and end.status == "stopped" and end.epochs_done == 1
     assert ck.read_checkpoint(f"{end.run_dir}/latest.pt")["epoch"] == 1
+
+
+def test_stop_requested_after_the_last_epoch_still_counts_as_completed(tiny_dataset, tmp_path):
+    stop = threading.Event()
+    events = []
+    for ev in train(cfg_for(tiny_dataset, tmp_path, epochs=2, batch_size=2), stop):
+        events.append(ev)
+        if isinstance(ev, EpochEnded) and ev.epoch == 2:
+            stop.set()  # e.g. Stop clicked as the last epoch's line appears
+    assert events[-1].status == "completed" and events[-1].epochs_done == 2
 
 
 def test_stop_during_first_epoch_leaves_no_run_folder(tiny_dataset, tmp_path):
