@@ -9,9 +9,10 @@ Flags and output lines match the reference chapter's train.py; the extra flags
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
 from cli.common import bool01, exit_fast, run_cli
-from core.config import TrainConfig, policy_from_flags
+from core.config import TrainConfig, policy_from_flags, resumed_settings
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,28 +48,49 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def config_from_args(args: argparse.Namespace) -> TrainConfig:
+def given_flags(argv) -> set[str]:
+    """Destinations of the flags actually typed (not left at their defaults)."""
+    p, unset = build_parser(), object()  # not a string: argparse would type-convert that
+    p.set_defaults(**{a.dest: unset for a in p._actions})
+    return {k for k, v in vars(p.parse_args(argv)).items() if v is not unset}
+
+
+def config_from_args(args: argparse.Namespace, given: set[str] = frozenset()) -> tuple[TrainConfig, list[str]]:
+    """(config, notes). With --resume, settings not given again continue the saved run's."""
     policy = args.policy or policy_from_flags(args.freeze_backbone, args.unfreeze_last, args.unfreeze_all)
-    return TrainConfig(
+    cfg = TrainConfig(
         data_dir=args.data_dir, arch=args.arch, weights=args.weights, policy=policy, epochs=args.epochs,
         batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay, dropout=args.dropout,
         augment=args.augment, seed=args.seed, device=args.device, num_workers=args.num_workers, amp=bool(args.amp),
         val_split=args.val_split, output_dir=args.output_dir, run_name=args.run_name or args.arch, resume=args.resume,
         export_state_dict=bool(args.export_state_dict), export_full_model=bool(args.export_full_model),
         cache=args.cache, cache_budget_mb=args.cache_budget_mb,
-    ).validate()
+    )
+    notes = []
+    if args.resume:
+        from core.checkpoint import saved_args
+        saved = saved_args(args.resume)
+        restored = resumed_settings(saved, given, cfg)
+        if "data_dir" in given and saved.get("data_dir") and saved["data_dir"] != cfg.data_dir:
+            notes.append(f"--resume: training on {cfg.data_dir}; the saved run trained on {saved['data_dir']}")
+        if restored:
+            cfg = dataclasses.replace(cfg, **restored)
+            notes.append("--resume: continuing the run's " + ", ".join(f"{k}={v}" for k, v in restored.items())
+                         + " (give a flag again to change it)")
+    return cfg.validate(), notes
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    return run_cli(lambda: _train(args))
+    return run_cli(lambda: _train(args, given_flags(argv)))
 
 
-def _train(args) -> int:
+def _train(args, given) -> int:
     from cli.train_output import print_training  # torch imports only after flags parsed (fast --help)
     from core.device import configure_threads
     configure_threads()
-    return print_training(config_from_args(args), print_model=bool(args.print_model))
+    cfg, notes = config_from_args(args, given)
+    return print_training(cfg, print_model=bool(args.print_model), notes=notes)
 
 
 if __name__ == "__main__":

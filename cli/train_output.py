@@ -11,7 +11,7 @@ from core.config import TrainConfig
 from core.engine import BatchProgress, EpochEnded, Notice, RunEnded, RunStarted, train
 
 
-def print_training(cfg: TrainConfig, print_model: bool = False) -> int:
+def print_training(cfg: TrainConfig, print_model: bool = False, notes=()) -> int:
     stop = threading.Event()
     # First Ctrl-C: finish cleanly between batches (completed epochs stay saved); second: abort.
     previous = signal.signal(signal.SIGINT, lambda *_: _request_stop(stop))
@@ -19,7 +19,7 @@ def print_training(cfg: TrainConfig, print_model: bool = False) -> int:
     try:
         for ev in train(cfg, stop):
             if isinstance(ev, RunStarted):
-                print_start(ev, print_model)
+                print_start(ev, print_model, notes)
             elif isinstance(ev, BatchProgress):
                 bar = update_bar(bar, ev)
             elif isinstance(ev, Notice):
@@ -44,7 +44,7 @@ def _request_stop(stop: threading.Event) -> None:
     stop.set()
 
 
-def print_start(ev: RunStarted, print_model: bool) -> None:
+def print_start(ev: RunStarted, print_model: bool, notes=()) -> None:
     cfg, classes = ev.config, ev.dataset.classes
     print("\n".join(ev.header_lines()))
     if print_model:
@@ -54,7 +54,7 @@ def print_start(ev: RunStarted, print_model: bool) -> None:
         print("\n".join(print_model_report(cfg.arch, model, len(classes), cfg.dropout)))
     for w in ev.dataset.warnings:
         print(f"WARNING: {w}", file=sys.stderr)
-    for n in ev.notes:
+    for n in [*notes, *ev.notes]:
         print(f"NOTE: {n}")
     sys.stdout.flush()
 

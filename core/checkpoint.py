@@ -266,17 +266,28 @@ def _csv_rows(path) -> int:
         return 0
 
 
-def saved_epoch(path) -> int | None:
-    """The epoch a checkpoint file holds; None if unreadable. Memory-mapped,
-    so a 100 MB checkpoint is not read in full for one number."""
+def _peek(path) -> dict:
+    """A checkpoint dict for reading a field or two; {} if unreadable. Memory-
+    mapped, so a 100 MB checkpoint is not read in full for one number."""
     try:
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except RuntimeError:  # not a zip-format file
             obj = torch.load(path, map_location="cpu", weights_only=True)
-        return obj.get("epoch") if isinstance(obj, dict) else None
+        return obj if isinstance(obj, dict) else {}
     except Exception:
-        return None
+        return {}
+
+
+def saved_epoch(path) -> int | None:
+    """The epoch a checkpoint file holds; None if unreadable."""
+    return _peek(path).get("epoch")
+
+
+def saved_args(path) -> dict:
+    """The settings the checkpoint's run was started with; {} if none."""
+    args = _peek(Path(path).expanduser()).get("args")
+    return args if isinstance(args, dict) else {}
 
 
 def _unlink_quietly(p) -> None:

@@ -33,6 +33,31 @@ POLICY_HELP = {
 AUTO_AUGMENT = {"head": "none", "last": "light", "full": "standard"}
 
 
+# A resumed run continues the same run: these settings come from its checkpoint
+# unless given again (arch, policy, dropout and the data pipeline always do,
+# see engine.read_resume). The device is this machine's business.
+RESUMED_SETTINGS = ("data_dir", "epochs", "batch_size", "lr", "weight_decay", "amp", "num_workers", "cache",
+                    "cache_budget_mb", "export_state_dict", "export_full_model", "run_name")
+
+
+def resumed_settings(saved_args: dict, given: set[str], current: "TrainConfig") -> dict:
+    """The saved run's RESUMED_SETTINGS not in `given`, where they differ from
+    `current`, converted to current's types (a reference checkpoint's args may
+    hold ints for flags)."""
+    out = {}
+    for name in RESUMED_SETTINGS:
+        if name in given or saved_args.get(name) is None:
+            continue
+        now = getattr(current, name)
+        try:
+            value = type(now)(saved_args[name]) if now is not None else saved_args[name]
+        except (TypeError, ValueError):
+            continue
+        if value != now:
+            out[name] = value
+    return out
+
+
 def policy_from_flags(freeze_backbone: int, unfreeze_last: int, unfreeze_all: int) -> str:
     """Map the reference's three 0/1 flags onto a policy name."""
     if unfreeze_all or not freeze_backbone:

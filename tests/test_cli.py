@@ -218,3 +218,37 @@ def test_exit_fast_keeps_the_exit_code_and_takes_module_objects_out_of_the_final
         assert gc.get_freeze_count() > 10_000  # torch's modules among them: the final collection skips them
     finally:
         gc.unfreeze()  # this test session keeps its normal collector
+
+
+def test_resume_continues_the_saved_runs_settings_unless_given_again(tiny_dataset, tmp_path):
+    """`--resume RUN/latest.pt` alone continues on the run's own dataset with its
+    own batch size, learning rate and epoch total; a flag typed again wins, and a
+    different --data-dir is pointed out."""
+    r = cli("train.py", "--data-dir", str(tiny_dataset), "--device", "cpu", "--weights", "none", "--epochs", "3",
+            "--batch-size", "2", "--lr", "0.002", "--output-dir", str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    run = run_dir_of(r.stdout)
+    half = ck_with_epochs(run / "latest.pt", 1, tmp_path / "epoch1.pt")
+    r = cli("train.py", "--device", "cpu", "--resume", str(half))
+    assert r.returncode == 0, r.stderr
+    assert f"  root: {tiny_dataset}" in r.stdout and "RESUME: continuing at epoch 2/3" in r.stdout
+    assert "NOTE: --resume: continuing the run's" in r.stdout and "epochs=3" in r.stdout and "batch_size=2" in r.stdout
+    latest = torch.load(tmp_path / "latest.pt", weights_only=True)
+    assert latest["args"]["batch_size"] == 2 and latest["args"]["lr"] == 0.002 and latest["epoch"] == 3
+    other = tmp_path / "other"
+    import shutil
+    shutil.copytree(tiny_dataset, other)
+    r = cli("train.py", "--device", "cpu", "--resume", str(half), "--batch-size", "4", "--data-dir", str(other))
+    assert r.returncode == 0, r.stderr
+    assert f"training on {other}; the saved run trained on {tiny_dataset}" in r.stdout
+    # tmp_path/latest.pt is now at epoch 3, so this resume of epoch 1 went to a new folder
+    assert run_dir_of(r.stdout) != tmp_path and torch.load(tmp_path / "latest.pt", weights_only=True)["epoch"] == 3
+    assert torch.load(run_dir_of(r.stdout) / "latest.pt", weights_only=True)["args"]["batch_size"] == 4
+
+
+def ck_with_epochs(src: Path, epoch: int, dst: Path) -> Path:
+    """A copy of checkpoint `src` cut back to `epoch` (as if the run had stopped there)."""
+    c = torch.load(src, weights_only=True)
+    c.update(epoch=epoch, history=c["history"][:epoch], best_epoch=1, best_loss_epoch=1)
+    torch.save(c, dst)
+    return dst
