@@ -43,8 +43,13 @@ def main(argv=None) -> int:
         print(f"error: --port must be 1..65535 (got {args.port})", file=sys.stderr)
         return 2
     sys.path.insert(0, str(ROOT))
-    from core.device import configure_threads
-    from demo_app.ui import build_app, launch_options  # gradio/torch import after flags parsed
+    from cli.common import missing_package
+    try:
+        from core.device import configure_threads
+        from demo_app.ui import build_app, launch_options  # gradio/torch import after flags parsed
+    except ModuleNotFoundError as e:
+        print(missing_package(e), file=sys.stderr)
+        return 1
 
     configure_threads()
 

@@ -43,6 +43,9 @@ def run_cli(fn) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
+    except ModuleNotFoundError as e:
+        print(missing_package(e), file=sys.stderr)
+        return 1
     except BrokenPipeError:  # output piped into `head` and closed: not an error worth a message
         _silence_stdout()
         return 1
@@ -61,6 +64,12 @@ def run_cli(fn) -> int:
         print(f"internal error: {type(e).__name__}{': ' + msg if msg else ''} "
               f"(a bug; run with TL_DEBUG=1 for the traceback and please report it)", file=sys.stderr)
         return 1
+
+
+def missing_package(e: ModuleNotFoundError) -> str:
+    """Not a bug: this Python is not the project's (README: setup, then .venv/bin/python)."""
+    return (f"error: the package '{(e.name or '?').split('.')[0]}' is not installed for {sys.executable}. "
+            f"Run `bash scripts/setup.sh` once, then use .venv/bin/python (or `source .venv/bin/activate` first).")
 
 
 def _silence_stdout() -> None:

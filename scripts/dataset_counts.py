@@ -8,10 +8,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from core.data import scan_split  # noqa: E402
-
 
 def count_lines(data_dir) -> list[str]:
+    from core.data import scan_split
     root = Path(data_dir)
     lines = []
     for name in ("train", "val", "test"):
@@ -33,8 +32,8 @@ def main(argv=None) -> int:
     if not Path(args.data_dir).is_dir():
         print(f"error: {args.data_dir} is not a folder", file=sys.stderr)
         return 2
-    print("\n".join(count_lines(args.data_dir)))
-    return 0
+    from cli.common import run_cli
+    return run_cli(lambda: print("\n".join(count_lines(args.data_dir))))
 
 
 if __name__ == "__main__":

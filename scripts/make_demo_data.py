@@ -478,11 +478,20 @@ def main(argv=None):
     p.add_argument("--force", action="store_true",
                    help="write even if the output holds other files (they are left in place)")
     args = p.parse_args(argv)
+    for name, value, low in (("--train-per-class", args.train_per_class, 1), ("--val-per-class", args.val_per_class, 1),
+                             ("--size", args.size, 32)):
+        if not low <= value <= 4096:
+            print(f"error: {name} must be from {low} to 4096 (got {value})", file=sys.stderr)
+            return 2
     try:
         written = generate(args.out, args.seed, args.train_per_class, args.val_per_class,
                            args.size, args.force)
     except ForeignFilesError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"error: cannot write {e.filename or args.out}: {e.strerror or e}; pass a writable --out folder",
+              file=sys.stderr)
         return 2
     counts = {"train": args.train_per_class, "val": args.val_per_class}
     for split, nbytes in written.items():

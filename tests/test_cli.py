@@ -252,3 +252,15 @@ def ck_with_epochs(src: Path, epoch: int, dst: Path) -> Path:
     c.update(epoch=epoch, history=c["history"][:epoch], best_epoch=1, best_loss_epoch=1)
     torch.save(c, dst)
     return dst
+
+
+def test_a_missing_package_is_named_not_called_a_bug(capsys):
+    """`python train.py` with a Python that lacks the project's packages (no venv)."""
+    from cli.common import run_cli
+
+    def needs_a_package():
+        import no_such_package_xyz.sub  # noqa: F401
+
+    assert run_cli(needs_a_package) == 1
+    err = capsys.readouterr().err
+    assert "'no_such_package_xyz' is not installed" in err and "scripts/setup.sh" in err and "bug" not in err

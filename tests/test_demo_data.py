@@ -100,3 +100,21 @@ def test_force_writes_but_keeps_foreign_file(gen, tmp_path):
     assert gen.main(small_args(tmp_path, "--force")) == 0
     assert foreign.read_bytes() == b"user data"
     assert (tmp_path / "val" / "fish" / "fish_000.jpg").exists()
+
+
+@pytest.mark.parametrize("extra,message", [(["--size", "-5"], "--size must be from 32"),
+                                           (["--size", "0"], "--size must be from 32"),
+                                           (["--train-per-class", "-1"], "--train-per-class must be from 1"),
+                                           (["--val-per-class", "0"], "--val-per-class must be from 1")])
+def test_bad_numbers_are_refused_in_one_line(gen, tmp_path, capsys, extra, message):
+    assert gen.main(small_args(tmp_path / "out", *extra)) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_unwritable_output_folder_is_named(gen, tmp_path, capsys):
+    blocker = tmp_path / "a_file.jpg"
+    blocker.write_bytes(b"x")
+    assert gen.main(small_args(blocker)) == 2
+    err = capsys.readouterr().err
+    assert "cannot write" in err and "a_file.jpg" in err and "--out" in err
