@@ -46,9 +46,16 @@ def _predict(args) -> int:
         raise UserError("--topk, --n and --batch-size must be >= 1")
     if args.arch is not None and args.arch not in ARCHS:
         raise UserError(f"--arch {args.arch!r} is not supported; choose {' or '.join(ARCHS)}")
+    if args.all and args.random:
+        raise UserError("--all 1 and --random 1 exclude each other: every image, or --n random ones")
+    if not args.checkpoint.strip():
+        raise UserError("--checkpoint is empty; give a .pt file (e.g. checkpoints/RUN/best_acc.pt)")
+    csv_path = check_csv_path(args.csv) if args.csv else None
     classes = [c.strip() for c in args.classes.split(",")] if args.classes else None
     images = choose_images(args.image, bool(args.random), args.n, bool(args.all), args.seed)
     pred = Predictor.load(args.checkpoint, args.device, bool(args.trust_pickle), args.arch, classes)
+    for note in prediction_notes(args, pred, classes, len(images)):
+        print(f"NOTE: {note}", file=sys.stderr)
     print(f"CHECKPOINT: {args.checkpoint}")
     print(f"format: {pred.info.get('format')}")
     if "best_epoch" in pred.info:
@@ -69,13 +76,44 @@ def _predict(args) -> int:
             print(f"  {i}) {label}  p={p:.4f}")
         rows.append({"file": r.path, "label": r.label, "p": f"{r.p:.4f}",
                      "topk": ";".join(f"{lab}:{p:.4f}" for lab, p in r.topk)})
-    if args.csv:
+    if csv_path:
         from core.checkpoint import atomic_write_csv
-        atomic_write_csv(args.csv, rows)
+        try:
+            atomic_write_csv(csv_path, rows)
+        except OSError as e:
+            raise UserError(f"could not write --csv {args.csv}: {e.strerror or e}") from None
         print(f"CSV: {args.csv} ({len(rows)} rows)")
     if failed and len(images) > 1:
         print(f"{failed} of {len(images)} image(s) could not be read", file=sys.stderr)
     return 2 if failed == len(images) else 0
+
+
+def check_csv_path(path: str):
+    """Fail before predicting a whole folder, not after."""
+    import os
+    from pathlib import Path
+
+    from core.errors import UserError
+    p = Path(path).expanduser()
+    if p.is_dir():
+        raise UserError(f"--csv {path} is a folder; give a file name, e.g. {p / 'predictions.csv'}")
+    if not p.parent.is_dir():
+        raise UserError(f"--csv {path}: the folder {p.parent} does not exist")
+    if not os.access(p.parent, os.W_OK):
+        raise UserError(f"--csv {path}: the folder {p.parent} is not writable")
+    return p
+
+
+def prediction_notes(args, pred, classes, n_images: int) -> list[str]:
+    fmt = pred.info.get("format")
+    notes = []
+    if classes and fmt == "checkpoint dict":
+        notes.append(f"--classes ignored: the checkpoint names its classes {pred.class_names}")
+    if not classes and fmt == "state_dict":
+        notes.append("a bare state_dict has no class names; pass --classes, e.g. --classes cat,fish")
+    if args.random and n_images < args.n:
+        notes.append(f"the folder has {n_images} image(s), fewer than --n {args.n}: predicting all of them")
+    return notes
 
 
 if __name__ == "__main__":

@@ -312,6 +312,9 @@ def load_file(path, trust_pickle: bool = False):
         raise CheckpointError(f"checkpoint {p} is not a regular file (device, pipe or socket)")
     if p.stat().st_size == 0:
         raise CheckpointError(f"{p} is empty (0 bytes); the file is damaged or was never written")
+    kind = non_torch_content(p)
+    if kind:  # else torch's own error would suggest weights_only=False, for a file that is no checkpoint at all
+        raise CheckpointError(f"{p} is not a PyTorch checkpoint (.pt/.pth file); it looks like {kind}")
     try:
         return torch.load(p, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -331,6 +334,27 @@ def load_file(path, trust_pickle: bool = False):
         return torch.load(p, map_location="cpu", weights_only=False)
     except Exception as e:
         raise CheckpointError(f"{p} could not be unpickled even with --trust-pickle: {first_line(e)}") from None
+
+
+def non_torch_content(p: Path) -> str | None:
+    """What a file is, when it is neither torch.save's zip format nor its
+    legacy pickle (which starts with a pickle protocol byte); None if it may be."""
+    try:
+        with open(p, "rb") as f:
+            head = f.read(512)
+    except OSError:
+        return None
+    if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
+        return None
+    for magic, kind in ((b"\xff\xd8\xff", "a JPEG image"), (b"\x89PNG", "a PNG image"), (b"GIF8", "a GIF image"),
+                        (b"%PDF", "a PDF document")):
+        if head.startswith(magic):
+            return kind
+    try:
+        text = head.decode("utf-8").lstrip()
+    except UnicodeDecodeError:
+        return "some other binary data"
+    return "JSON text" if text[:1] in ("{", "[") else "a text file (e.g. CSV)"
 
 
 def looks_like_code_pickle(e: Exception) -> bool:
@@ -429,7 +453,7 @@ def head_out_features(state: dict) -> int:
     raise CheckpointError("no classification head (fc.weight / fc.1.weight / classifier.1.weight) in the state_dict")
 
 
-def model_from_checkpoint(ckpt: dict) -> nn.Module:
+def model_from_checkpoint(ckpt: dict, path="the checkpoint") -> nn.Module:
     # Built on the meta device and given the saved tensors: no random init that
     # the weights would overwrite, and torch's global RNG (a training run's
     # dropout in another thread of the app) is left alone.
@@ -437,9 +461,19 @@ def model_from_checkpoint(ckpt: dict) -> nn.Module:
         model = build_model(ckpt["arch"], ckpt["head"]["num_classes"], ckpt["head"]["dropout"], "none")
     try:
         model.load_state_dict(ckpt["model_state"], assign=True)
-    except RuntimeError as e:
-        raise CheckpointError(f"model_state does not fit {ckpt['arch']}: {first_line(e)}") from None
-    return model.float().eval()  # float16 weights (someone's export) still run in float32
+    except RuntimeError as e:  # its first line is only "Error(s) in loading state_dict for ResNet:"
+        detail = next((line.strip() for line in str(e).splitlines()[1:] if line.strip()), first_line(e))
+        raise CheckpointError(f"{path} does not fit {ckpt['arch']} ({detail[:240]}). "
+                              f"Is it a different architecture (--arch)?") from None
+    return check_finite(model.float().eval(), path)  # float16 weights (someone's export) still run in float32
+
+
+def check_finite(model: nn.Module, path) -> nn.Module:
+    """Refuse NaN/inf weights: they predict p=nan for everything and cannot be trained further."""
+    if not all(torch.isfinite(t).all() for t in model.state_dict().values() if t.is_floating_point()):
+        raise CheckpointError(f"{path} holds NaN or infinite weights (its run diverged); "
+                              f"use the run's best_acc.pt or best_loss.pt, or an earlier checkpoint")
+    return model
 
 
 def model_from_state_dict(state: dict, arch: str | None, class_names: list[str] | None, path="<file>"):
@@ -448,7 +482,7 @@ def model_from_state_dict(state: dict, arch: str | None, class_names: list[str] 
     if class_names and len(class_names) != n:
         raise CheckpointError(f"--classes lists {len(class_names)} names but {path} has {n} outputs")
     ckpt = normalise_checkpoint({"model_state": state, "arch": arch or infer_arch(state), "class_names": class_names}, path)
-    return model_from_checkpoint(ckpt), ckpt["class_names"]
+    return model_from_checkpoint(ckpt, path), ckpt["class_names"]
 
 
 # ---------------------------------------------------------------- exports (the other formats the reference teaches)

@@ -100,6 +100,8 @@ class TrainConfig:
             if not cond:
                 raise ConfigError(msg)
 
+        if str(self.weights).strip().lower() in ("imagenet", "none"):  # --weights None / IMAGENET mean the keywords
+            self.weights = str(self.weights).strip().lower()
         need(self.arch in ARCHS, f"--arch {self.arch!r} is not supported; choose one of {', '.join(ARCHS)}")
         need(self.policy in POLICIES, f"--policy {self.policy!r} is not valid; choose head, last or full")
         need(self.augment in AUGMENTS, f"--augment {self.augment!r} is not valid; choose {', '.join(AUGMENTS)}")

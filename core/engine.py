@@ -125,6 +125,8 @@ class RunEnded:
         return lines + self.best_lines() + [f"EXPORTED: {p}" for p in self.exports]
 
     def best_lines(self) -> list[str]:
+        if not self.best_acc_path and not self.best_loss_path:
+            return ["BEST: none (no completed epoch with a finite validation loss)"]
         return [
             "BEST:",
             f"  best_acc={self.best['acc']:.4f} (epoch {self.best['acc_epoch']}) -> {self.best_acc_path or 'none'}",
@@ -269,7 +271,7 @@ def train(cfg: TrainConfig, stop: threading.Event | None = None) -> Iterator:
 
     torch.manual_seed(cfg.seed)
     if resume:
-        model = ck.model_from_checkpoint(resume)
+        model = ck.model_from_checkpoint(resume, cfg.resume)
     else:
         model = build_model(cfg.arch, len(info.classes), cfg.dropout, cfg.weights)
     apply_policy(model, cfg.arch, cfg.policy)
@@ -660,7 +662,7 @@ def export_formats(run_dir: Path, cfg: TrainConfig, classes) -> list[str]:
     """The reference's other save formats, made from the best-accuracy checkpoint."""
     if not (cfg.export_state_dict or cfg.export_full_model) or not (run_dir / "best_acc.pt").exists():
         return []
-    model = ck.model_from_checkpoint(ck.read_checkpoint(run_dir / "best_acc.pt"))
+    model = ck.model_from_checkpoint(ck.read_checkpoint(run_dir / "best_acc.pt"), run_dir / "best_acc.pt")
     out = []
     if cfg.export_state_dict:
         out.append(str(ck.export_state_dict(model, run_dir / "state_dict.pt")))

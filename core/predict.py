@@ -60,14 +60,14 @@ class Predictor:
             names = classes or getattr(obj, "class_names", None)
             if not names or len(names) != n:
                 names = [f"class_{i}" for i in range(n)]
-            return cls(obj, names, device, {"format": "full model (pickle)", "path": str(path)})
+            return cls(ck.check_finite(obj, path), names, device, {"format": "full model (pickle)", "path": str(path)})
         if isinstance(obj, dict) and "model_state" in obj:
             c = ck.normalise_checkpoint(obj, path)
             info = {"format": "checkpoint dict", "path": str(path), "epoch": c.get("epoch"),
                     "best_epoch": c.get("best_epoch"), "best_val_acc": c.get("best_val_acc"),
                     "arch": c["arch"], "weights": c.get("weights")}
             pre = c.get("preprocess") or {}
-            return cls(ck.model_from_checkpoint(c), c["class_names"], device, info,
+            return cls(ck.model_from_checkpoint(c, path), c["class_names"], device, info,
                        int(pre.get("resize", 256)), int(pre.get("crop", 224)))
         if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
             model, names = ck.model_from_state_dict(obj, arch, classes, path)
@@ -152,9 +152,13 @@ def list_images(folder, recursive: bool = True) -> list[str]:
 def choose_images(target, random_pick: bool = False, n: int = 5, all_images: bool = False, seed: int | None = None) -> list[str]:
     """The reference's rules: a file -> itself; a folder -> its first image, or
     `n` random ones (seedable), or every image with all_images."""
+    if not str(target).strip():
+        raise UserError("--image is empty; give an image file or a folder of images")
     p = Path(target).expanduser()
     if p.is_file():
         return [str(p)]
+    if p.exists() and not p.is_dir():
+        raise UserError(f"--image {p} is not a regular file or folder (a pipe or device?)")
     if not p.is_dir():
         raise UserError(f"--image {p} does not exist (give an image file or a folder of images)")
     images = list_images(p)

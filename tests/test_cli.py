@@ -264,3 +264,28 @@ def test_a_missing_package_is_named_not_called_a_bug(capsys):
     assert run_cli(needs_a_package) == 1
     err = capsys.readouterr().err
     assert "'no_such_package_xyz' is not installed" in err and "scripts/setup.sh" in err and "bug" not in err
+
+
+def test_predict_flag_mistakes_are_caught_before_any_work(tiny_dataset, tmp_path):
+    r = cli("train.py", "--data-dir", str(tiny_dataset), "--device", "cpu", "--epochs", "1", "--weights", "None",
+            "--export-state-dict", "1", "--output-dir", str(tmp_path))
+    assert r.returncode == 0 and "weights=none" in r.stdout, r.stderr  # keywords in any case
+    run = run_dir_of(r.stdout)
+    val = str(tiny_dataset / "val")
+
+    def predict(*args):
+        return cli("predict.py", "--device", "cpu", "--checkpoint", str(run / "best_acc.pt"), *args)
+
+    for args, message in ((["--image", val, "--all", "1", "--csv", str(tmp_path / "nodir" / "x.csv")],
+                           f"--csv {tmp_path / 'nodir' / 'x.csv'}: the folder {tmp_path / 'nodir'} does not exist"),
+                          (["--image", val, "--all", "1", "--csv", str(tmp_path)], "is a folder; give a file name"),
+                          (["--image", val, "--all", "1", "--random", "1"], "exclude each other"),
+                          (["--image", ""], "--image is empty")):
+        p = predict(*args)
+        assert p.returncode == 2 and message in p.stderr and "IMAGE:" not in p.stdout, (args, p.stderr)
+        assert "Traceback" not in p.stderr
+    p = predict("--image", val, "--random", "1", "--n", "500", "--classes", "a,b")
+    assert p.returncode == 0 and "fewer than --n 500: predicting all of them" in p.stderr
+    assert "--classes ignored: the checkpoint names its classes ['cat', 'fish']" in p.stderr
+    p = cli("predict.py", "--device", "cpu", "--checkpoint", str(run / "state_dict.pt"), "--image", val)
+    assert p.returncode == 0 and "pass --classes" in p.stderr and "class_0" in p.stdout

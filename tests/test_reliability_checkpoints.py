@@ -130,7 +130,8 @@ def test_every_library_load_path_refuses_pickled_code(kind, trained, tmp_path):
             load(evil)
         msg = str(e.value)
         assert "\n" not in msg
-        assert "arbitrary code" in msg or "not a valid PyTorch file" in msg or "not a readable" in msg, msg
+        assert any(m in msg for m in ("arbitrary code", "not a valid PyTorch file", "not a readable",
+                                      "not a PyTorch checkpoint")), msg
     assert not marker.exists()
 
 
@@ -215,6 +216,33 @@ def test_wrong_content_checkpoints_are_explained(trained, tmp_path):
         ck.read_checkpoint(trained["state_dict"])  # --resume with a bare state_dict
     with pytest.raises(WeightsError, match="not a state_dict"):
         read_weights_file(lst)
+    # files that are no checkpoint at all say what they look like (torch's own
+    # message would suggest weights_only=False)
+    (tmp_path / "args.json").write_text('{"arch": "resnet18"}')
+    (tmp_path / "metrics.csv").write_text("epoch,train_loss\n1,0.5\n")
+    for name, kind in (("args.json", "JSON text"), ("metrics.csv", "a text file"), (trained["image"], "a JPEG image")):
+        for load in (Predictor.load, read_weights_file):
+            with pytest.raises(UserError, match=f"is not a PyTorch checkpoint .* it looks like {kind}") as e:
+                load(tmp_path / name)
+            assert "weights_only" not in str(e.value)
+
+
+def test_unusable_models_in_a_checkpoint_are_explained(trained, tmp_path):
+    from core.predict import Predictor
+    good = torch.load(trained["latest"], weights_only=True)
+    foreign = dict(good, arch="resnet34")
+    torch.save(foreign, tmp_path / "foreign.pt")
+    with pytest.raises(CheckpointError, match="'resnet34' model; this tool loads resnet18, mobilenet_v2"):
+        Predictor.load(tmp_path / "foreign.pt")
+    diverged = dict(good, model_state={k: v.clone() for k, v in good["model_state"].items()})
+    diverged["model_state"]["fc.weight"][0, 0] = float("nan")
+    torch.save(diverged, tmp_path / "diverged.pt")
+    with pytest.raises(CheckpointError, match="diverged.pt holds NaN or infinite weights .* best_acc.pt"):
+        Predictor.load(tmp_path / "diverged.pt")
+    wrong_arch = {k: v for k, v in good["model_state"].items()}
+    torch.save(wrong_arch, tmp_path / "sd.pt")
+    with pytest.raises(CheckpointError, match=r"sd.pt does not fit mobilenet_v2 \(Missing key\(s\).*different architecture"):
+        Predictor.load(tmp_path / "sd.pt", arch="mobilenet_v2")
 
 
 def test_cli_damaged_checkpoint_is_a_one_line_error(trained, tmp_path, capsys):
