@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import os
+import socket
 import sys
 from pathlib import Path
 
@@ -33,6 +34,22 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def port_problem(host: str, port: int) -> str | None:
+    """Why the server could not listen there (e.g. another app holds the port); None if it can."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError as e:
+        return f"cannot resolve --host {host}: {e.strerror or e}"
+    family, kind, proto, _, addr = infos[0]
+    with socket.socket(family, kind, proto) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server will
+        try:
+            s.bind(addr)
+        except OSError as e:
+            return f"port {port} on {host} is not available ({e.strerror or e}); is the app already running? Try --port {port + 1}"
+    return None
 
 
 def main(argv=None) -> int:
@@ -64,6 +81,10 @@ def main(argv=None) -> int:
     except OSError as e:
         print(f"error: cannot create the folder {e.filename}: {e.strerror}; "
               f"pass writable --checkpoints-dir and --data-dir folders", file=sys.stderr)
+        return 2
+    problem = port_problem(args.host, args.port)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
         return 2
     demo = build_app(args.checkpoints_dir, args.data_dir)
     shown = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host

@@ -390,6 +390,15 @@ def test_app_cli_help_and_flags():
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and "cannot create the folder /proc/no" in out.stderr, out.stderr
     assert "Traceback" not in out.stderr and "Transfer-learning app:" not in out.stdout
+    # a port that another program listens on: one line with the flag to change, before any URL is printed
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        out = subprocess.run([sys.executable, str(ROOT / "app.py"), "--port", str(port)],
+                             capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and f"port {port} on 127.0.0.1 is not available" in out.stderr, out.stderr
+    assert f"--port {port + 1}" in out.stderr and "Transfer-learning app:" not in out.stdout
 
 
 def test_app_run_matches_the_engine_run(trained, tmp_path):
