@@ -415,3 +415,33 @@ def test_app_run_matches_the_engine_run(trained, tmp_path):
         assert mine[1] == pytest.approx(theirs["train_loss"], abs=1e-4)
         assert mine[3] == pytest.approx(theirs["val_loss"], abs=1e-4)
         assert mine[4] == pytest.approx(theirs["val_acc"], abs=1e-4)
+
+
+def test_busy_message_names_the_phase_a_run_is_in():
+    """The 'already in progress' message says what the running run is doing,
+    not 'epoch 1' while it is still decoding images."""
+    from core.config import TrainConfig
+    from demo_app.session import RunHandle
+    h = RunHandle(TrainConfig(epochs=5, run_name="cats"))
+    said = {}
+    for phase, epoch in (("setup", 0), ("run", 0), ("decode", 0), ("cache", 0), ("train", 2), ("val", 2)):
+        h.phase, h.epoch = phase, epoch
+        said[phase] = h.describe()
+    assert "setting up" in said["setup"] and "setting up" in said["run"]
+    assert "decoding images" in said["decode"] and "computing features" in said["cache"]
+    assert "epoch 2/5" in said["train"] and "epoch 2/5" in said["val"]
+
+
+def test_run_list_and_examples_tolerate_what_users_have(tmp_path, monkeypatch):
+    """A metrics.csv with blank cells (a resumed reference run) and a data folder
+    given as ~/...: the run list and the examples gallery still work."""
+    from demo_app import datasets, plots, runs
+    csv_file = tmp_path / "metrics.csv"
+    csv_file.write_text("epoch,train_loss,val_acc,val_loss\n1,0.7,0.5,\n2,0.6,0.75,0.55\n")
+    rows = runs.read_metrics(csv_file)
+    assert rows[0] == {"epoch": 1, "train_loss": 0.7, "val_acc": 0.5} and rows[1]["val_loss"] == 0.55
+    assert plots._series(rows, "val_loss") == ([2], [0.55])
+    monkeypatch.setenv("HOME", str(tmp_path))
+    make_image_dataset(tmp_path / "photos", n_train=2, n_val=2)
+    examples = datasets.example_images("~/photos")
+    assert len(examples) == 4 and all(Path(p).is_file() for p, _ in examples)

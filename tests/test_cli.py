@@ -289,3 +289,15 @@ def test_predict_flag_mistakes_are_caught_before_any_work(tiny_dataset, tmp_path
     assert "--classes ignored: the checkpoint names its classes ['cat', 'fish']" in p.stderr
     p = cli("predict.py", "--device", "cpu", "--checkpoint", str(run / "state_dict.pt"), "--image", val)
     assert p.returncode == 0 and "pass --classes" in p.stderr and "class_0" in p.stdout
+
+
+def test_print_model_highlights_every_architecture():
+    """--print-model's HIGHLIGHTS block was empty for MobileNetV2 (a ResNet-only name list)."""
+    from core.models import build_model
+    from core.summary import print_model_report
+    for arch, parts in (("resnet18", ["conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4",
+                                      "avgpool", "fc"]), ("mobilenet_v2", ["features", "classifier"])):
+        lines = print_model_report(arch, build_model(arch, 3, 0.0, "none"), 3, 0.0)
+        block = lines[lines.index("HIGHLIGHTS:") + 1:lines.index("PARAMETERS (trainable / total) per policy:") - 1]
+        assert [line.split(":")[0].strip() for line in block] == parts, block
+        assert "out_features=3" in block[-1]
