@@ -352,7 +352,9 @@ def non_torch_content(p: Path) -> str | None:
             return kind
     try:
         text = head.decode("utf-8").lstrip()
-    except UnicodeDecodeError:
+    except UnicodeDecodeError:  # (or text cut mid-character at byte 512: still not a checkpoint)
+        return "some other binary data"
+    if not all(c.isprintable() or c in "\t\r\n" for c in text):
         return "some other binary data"
     return "JSON text" if text[:1] in ("{", "[") else "a text file (e.g. CSV)"
 
