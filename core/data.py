@@ -81,7 +81,9 @@ def scan_dataset(data_dir, val_split: float | None = None, seed: int = 0) -> Dat
         raise DatasetError(f"dataset folder {root} does not exist; expected {root}/train/<class>/ and {root}/val/<class>/")
     train_dir, val_dir = root / "train", root / "val"
     if not train_dir.is_dir():
-        raise DatasetError(f"{train_dir} is missing: the dataset needs {root}/train/<class>/ folders with images")
+        hint = (f"; {root} looks like a split itself: pass its parent, --data-dir {root.parent}"
+                if root.name in ("train", "val") and (root.parent / "train").is_dir() else "")
+        raise DatasetError(f"{train_dir} is missing: the dataset needs {root}/train/<class>/ folders with images{hint}")
     train = scan_split(train_dir, "train")
     if len(train.classes) < 2:
         raise DatasetError(f"{train_dir} has {len(train.classes)} class folder(s) {train.classes}; at least 2 are needed "

@@ -259,7 +259,7 @@ def train(cfg: TrainConfig, stop: threading.Event | None = None) -> Iterator:
     cfg.validate()
     stop = stop or threading.Event()
     device = resolve_device(cfg.device)
-    notes = [n for n in [amp_note(device, cfg.amp)] if n]
+    notes = [n for n in [amp_note(device, cfg.amp), random_backbone_note(cfg)] if n]
 
     resume = None
     if cfg.resume:
@@ -420,6 +420,14 @@ def restore_optimizer(optimizer: torch.optim.AdamW, saved: dict, cfg: TrainConfi
             # fused kernel requires equal strides.
             if torch.is_tensor(st.get(k)) and st[k].stride() != p.stride():
                 st[k] = torch.empty_like(p).copy_(st[k])
+
+
+def random_backbone_note(cfg: TrainConfig) -> str | None:
+    if cfg.weights != "none" or cfg.policy == "full" or cfg.resume:
+        return None
+    return (f"--weights none with policy '{cfg.policy}': the frozen layers keep their random init, so expect "
+            f"chance-level accuracy (fine for a timing or plumbing test); for real results use ImageNet weights "
+            f"or --policy full")
 
 
 def resume_run_dir(cfg: TrainConfig, resume: dict) -> tuple[Path, bool]:

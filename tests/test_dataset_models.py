@@ -15,8 +15,15 @@ from core.models import apply_policy, build_model, imagenet_state_dict, load_bac
 
 def test_missing_train_folder_named(tmp_path):
     (tmp_path / "val" / "cat").mkdir(parents=True)
-    with pytest.raises(DatasetError, match=f"{tmp_path}/train is missing"):
+    with pytest.raises(DatasetError, match=f"{tmp_path}/train is missing") as e:
         scan_dataset(tmp_path)
+    assert "looks like a split" not in str(e.value)
+
+
+def test_a_split_given_as_the_dataset_points_at_its_parent(tmp_path):
+    data = make_image_dataset(tmp_path / "ds", n_train=1, n_val=1)
+    with pytest.raises(DatasetError, match=f"looks like a split itself: pass its parent, --data-dir {data}$"):
+        scan_dataset(data / "train")
 
 
 def test_missing_dataset_folder(tmp_path):

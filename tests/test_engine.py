@@ -130,6 +130,12 @@ def test_rerun_takes_features_from_memory_without_refolding(tiny_dataset, tmp_pa
     assert [e.as_row() | {"seconds": 0} for e in first[1]] == [e.as_row() | {"seconds": 0} for e in second[1]]
 
 
+def test_a_frozen_random_backbone_is_pointed_out(tiny_dataset, tmp_path):
+    notes = lambda **kw: next(iter(train(cfg_for(tiny_dataset, tmp_path, epochs=1, **kw)))).notes  # noqa: E731
+    assert any("chance-level accuracy" in n for n in notes(policy="head"))
+    assert not any("chance-level" in n for n in notes(policy="full"))
+
+
 def test_cache_over_budget_falls_back_and_says_so(tiny_dataset, tmp_path):
     events, epochs, end = run(cfg_for(tiny_dataset, tmp_path, policy="last", cache_budget_mb=0, epochs=1))
     assert "using the uncached path" in " ".join(events[0].notes)
