@@ -7,6 +7,7 @@ Runs offline; no share link unless --share is given."""
 from __future__ import annotations
 
 import argparse
+import errno
 import ipaddress
 import os
 import socket
@@ -37,18 +38,25 @@ def is_loopback(host: str) -> bool:
 
 
 def port_problem(host: str, port: int) -> str | None:
-    """Why the server could not listen there (e.g. another app holds the port); None if it can."""
+    """Why the server could not listen there (another app holds the port, the
+    host is not this machine's); None if it can. A pre-check, so the error
+    names our flags and comes before the app's URL is printed."""
+    bare = host.strip("[]")
+    family = socket.AF_INET6 if ":" in bare else socket.AF_INET  # what the server (uvicorn) binds
     try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except OSError as e:
-        return f"cannot resolve --host {host}: {e.strerror or e}"
-    family, kind, proto, _, addr = infos[0]
-    with socket.socket(family, kind, proto) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server will
-        try:
+        addr = socket.getaddrinfo(bare, port, family, socket.SOCK_STREAM)[0][4]
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server will
             s.bind(addr)
-        except OSError as e:
-            return f"port {port} on {host} is not available ({e.strerror or e}); is the app already running? Try --port {port + 1}"
+    except socket.gaierror as e:
+        return f"cannot resolve --host {host}: {e.strerror or e}"
+    except OSError as e:
+        if e.errno == errno.EADDRINUSE:
+            other = port + 1 if port < 65535 else port - 1
+            return f"port {port} on {host} is already in use; is the app already running? Try --port {other}"
+        if e.errno == errno.EADDRNOTAVAIL:
+            return f"--host {host} is not an address of this machine; use 127.0.0.1 (or 0.0.0.0 for all)"
+        return f"cannot listen on {host}:{port}: {e.strerror or e}"
     return None
 
 
@@ -80,7 +88,8 @@ def main(argv=None) -> int:
         options = launch_options(args.checkpoints_dir, args.data_dir, ROOT / "uploads")
     except OSError as e:
         print(f"error: cannot create the folder {e.filename}: {e.strerror}; "
-              f"pass writable --checkpoints-dir and --data-dir folders", file=sys.stderr)
+              f"the app writes its checkpoints, data and uploads folders (--checkpoints-dir, --data-dir; uploads/ "
+              f"beside app.py)", file=sys.stderr)
         return 2
     problem = port_problem(args.host, args.port)
     if problem:

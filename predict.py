@@ -107,7 +107,7 @@ def check_csv_path(path: str):
 def prediction_notes(args, pred, classes, n_images: int) -> list[str]:
     fmt = pred.info.get("format")
     notes = []
-    if classes and fmt == "checkpoint dict":
+    if classes and fmt == "checkpoint dict" and pred.class_names != classes:
         notes.append(f"--classes ignored: the checkpoint names its classes {pred.class_names}")
     if not classes and fmt == "state_dict":
         notes.append("a bare state_dict has no class names; pass --classes, e.g. --classes cat,fish")

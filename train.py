@@ -66,18 +66,33 @@ def config_from_args(args: argparse.Namespace, given: set[str] = frozenset()) ->
         export_state_dict=bool(args.export_state_dict), export_full_model=bool(args.export_full_model),
         cache=args.cache, cache_budget_mb=args.cache_budget_mb,
     )
+    return continue_saved_run(cfg, given) if args.resume else (cfg.validate(), [])
+
+
+def continue_saved_run(cfg: TrainConfig, given: set[str]) -> tuple[TrainConfig, list[str]]:
+    """cfg with the saved run's settings where none were typed again, and notes saying which."""
+    from pathlib import Path
+
+    from core.checkpoint import saved_args
+    from core.errors import ConfigError
+    cfg.validate()  # what was typed is checked as typed
+    saved = saved_args(cfg.resume)
+    restored = resumed_settings(saved, given, cfg)
     notes = []
-    if args.resume:
-        from core.checkpoint import saved_args
-        saved = saved_args(args.resume)
-        restored = resumed_settings(saved, given, cfg)
-        if "data_dir" in given and saved.get("data_dir") and saved["data_dir"] != cfg.data_dir:
-            notes.append(f"--resume: training on {cfg.data_dir}; the saved run trained on {saved['data_dir']}")
-        if restored:
-            cfg = dataclasses.replace(cfg, **restored)
-            notes.append("--resume: continuing the run's " + ", ".join(f"{k}={v}" for k, v in restored.items())
-                         + " (give a flag again to change it)")
-    return cfg.validate(), notes
+    if "data_dir" in given and isinstance(saved.get("data_dir"), str) and \
+            Path(saved["data_dir"]).expanduser().absolute() != Path(cfg.data_dir).expanduser().absolute():
+        notes.append(f"--resume: training on {cfg.data_dir}; the saved run trained on {saved['data_dir']}")
+    if not restored:
+        return cfg, notes
+    if "data_dir" in restored and not Path(restored["data_dir"]).expanduser().is_dir():
+        raise ConfigError(f"--resume: the saved run's data folder {restored['data_dir']} does not exist here; "
+                          f"pass --data-dir")
+    try:
+        cfg = dataclasses.replace(cfg, **restored).validate()
+    except ConfigError as e:
+        raise ConfigError(f"--resume: the saved run's settings are not usable ({e}); give that flag again") from None
+    return cfg, notes + ["--resume: continuing the run's " + ", ".join(f"{k}={v}" for k, v in restored.items())
+                         + " (give a flag again to change it)"]
 
 
 def main(argv=None) -> int:

@@ -49,13 +49,24 @@ def resumed_settings(saved_args: dict, given: set[str], current: "TrainConfig") 
         if name in given or saved_args.get(name) is None:
             continue
         now = getattr(current, name)
-        try:
-            value = type(now)(saved_args[name]) if now is not None else saved_args[name]
-        except (TypeError, ValueError):
-            continue
-        if value != now:
+        value = _like(now, saved_args[name])
+        if value is not None and value != now:
             out[name] = value
     return out
+
+
+def _like(now, value):
+    """`value` as the type of `now`, or None where that would guess (e.g. 7.9
+    for an int, the string 'False' for a bool)."""
+    if isinstance(now, bool):
+        if isinstance(value, bool) or value in (0, 1):
+            return bool(value)
+        return {"true": True, "false": False}.get(str(value).strip().lower())
+    if isinstance(now, int):
+        return int(value) if isinstance(value, (int, float)) and not isinstance(value, bool) and value == int(value) else None
+    if isinstance(now, float):
+        return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+    return value if isinstance(value, str) and value else None
 
 
 def policy_from_flags(freeze_backbone: int, unfreeze_last: int, unfreeze_all: int) -> str:
@@ -129,7 +140,7 @@ class TrainConfig:
     def to_dict(self) -> dict:
         """Plain types only, so it can live inside a weights_only checkpoint."""
         d = dataclasses.asdict(self)
-        d["data_dir"] = str(Path(self.data_dir))
+        d["data_dir"] = str(Path(self.data_dir).expanduser().absolute())  # a resume from another folder finds it
         return d
 
     @classmethod

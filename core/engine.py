@@ -125,7 +125,7 @@ class RunEnded:
         return lines + self.best_lines() + [f"EXPORTED: {p}" for p in self.exports]
 
     def best_lines(self) -> list[str]:
-        if not self.best_acc_path and not self.best_loss_path:
+        if not self.best.get("acc_epoch") and not self.best.get("loss_epoch"):
             return ["BEST: none (no completed epoch with a finite validation loss)"]
         return [
             "BEST:",
@@ -437,9 +437,24 @@ def resume_run_dir(cfg: TrainConfig, resume: dict) -> tuple[Path, bool]:
     source = Path(cfg.resume).resolve()
     latest = source.parent / "latest.pt"
     if latest.is_file() and not os.path.samefile(latest, source) and (ck.saved_epoch(latest) or 0) > int(resume["epoch"]):
-        return new_run_dir(source.parent.parent, cfg.run_name), True
+        new = new_run_dir(cfg.output_dir, cfg.run_name)
+        carry_best_files(resume, source, new)
+        return new, True
     ck.recover_run_folder(source.parent, resume, source=source)
     return source.parent, False
+
+
+def carry_best_files(resume: dict, source: Path, run_dir: Path) -> None:
+    """A run continued in a new folder starts with its best files: later epochs
+    only replace them when they do better. Each is the source checkpoint or the
+    old folder's file of that name, whichever holds the epoch the checkpoint
+    calls best (hard links, so nothing is written twice)."""
+    for name, key in (("best_acc.pt", "best_epoch"), ("best_loss.pt", "best_loss_epoch")):
+        want = int(resume.get(key) or 0)
+        for candidate in (source, source.parent / name):
+            if want and candidate.is_file() and ck.saved_epoch(candidate) == want:
+                ck.atomic_link_or_copy(candidate, run_dir / name)
+                break
 
 
 def read_resume(cfg: TrainConfig) -> tuple[dict, list[str]]:

@@ -62,6 +62,8 @@ class Predictor:
                 names = [f"class_{i}" for i in range(n)]
             return cls(ck.check_finite(obj, path), names, device, {"format": "full model (pickle)", "path": str(path)})
         if isinstance(obj, dict) and "model_state" in obj:
+            if classes and not obj.get("class_names"):  # a checkpoint that never named its classes
+                obj = dict(obj, class_names=list(classes))
             c = ck.normalise_checkpoint(obj, path)
             info = {"format": "checkpoint dict", "path": str(path), "epoch": c.get("epoch"),
                     "best_epoch": c.get("best_epoch"), "best_val_acc": c.get("best_val_acc"),

@@ -397,7 +397,7 @@ def test_app_cli_help_and_flags():
         port = busy.getsockname()[1]
         out = subprocess.run([sys.executable, str(ROOT / "app.py"), "--port", str(port)],
                              capture_output=True, text=True, timeout=120)
-    assert out.returncode == 2 and f"port {port} on 127.0.0.1 is not available" in out.stderr, out.stderr
+    assert out.returncode == 2 and f"port {port} on 127.0.0.1 is already in use" in out.stderr, out.stderr
     assert f"--port {port + 1}" in out.stderr and "Transfer-learning app:" not in out.stdout
 
 

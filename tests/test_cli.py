@@ -238,12 +238,40 @@ def test_resume_continues_the_saved_runs_settings_unless_given_again(tiny_datase
     other = tmp_path / "other"
     import shutil
     shutil.copytree(tiny_dataset, other)
-    r = cli("train.py", "--device", "cpu", "--resume", str(half), "--batch-size", "4", "--data-dir", str(other))
+    r = cli("train.py", "--device", "cpu", "--resume", str(half), "--batch-size", "4", "--data-dir", str(other),
+            "--output-dir", str(tmp_path / "forks"))
     assert r.returncode == 0, r.stderr
     assert f"training on {other}; the saved run trained on {tiny_dataset}" in r.stdout
     # tmp_path/latest.pt is now at epoch 3, so this resume of epoch 1 went to a new folder
     assert run_dir_of(r.stdout) != tmp_path and torch.load(tmp_path / "latest.pt", weights_only=True)["epoch"] == 3
     assert torch.load(run_dir_of(r.stdout) / "latest.pt", weights_only=True)["args"]["batch_size"] == 4
+    assert run_dir_of(r.stdout).parent == tmp_path / "forks"
+    r = cli("train.py", "--device", "cpu", "--resume", str(half), "--data-dir", str(tiny_dataset) + "/", "--epochs", "2",
+            "--output-dir", str(tmp_path / "forks"))
+    assert r.returncode == 0 and "training on" not in r.stdout, r.stdout  # the same folder, spelled differently
+
+
+def test_resume_from_another_folder_finds_a_relatively_given_dataset(tiny_dataset, tmp_path):
+    import shutil
+    shutil.copytree(tiny_dataset, tmp_path / "photos")
+    r = subprocess.run([sys.executable, str(ROOT / "train.py"), "--data-dir", "photos", "--device", "cpu", "--weights", "none",
+                        "--epochs", "1", "--output-dir", "out"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    latest = tmp_path / run_dir_of(r.stdout) / "latest.pt"
+    r = cli("train.py", "--device", "cpu", "--resume", str(latest), "--epochs", "2")  # run from the repository root
+    assert r.returncode == 0 and f"  root: {tmp_path / 'photos'}" in r.stdout, r.stderr
+    shutil.rmtree(tmp_path / "photos")
+    r = cli("train.py", "--device", "cpu", "--resume", str(latest), "--epochs", "3")
+    assert r.returncode == 2 and f"the saved run's data folder {tmp_path / 'photos'} does not exist here; pass --data-dir" in r.stderr
+
+
+def test_resumed_settings_are_taken_only_when_unambiguous():
+    from core.config import TrainConfig, resumed_settings
+    saved = {"amp": "False", "export_state_dict": 1, "epochs": 7.9, "batch_size": 8.0, "data_dir": ["a"],
+             "lr": "0.1", "weight_decay": 0.5, "run_name": "cats", "cache": True}
+    assert resumed_settings(saved, set(), TrainConfig()) == {"export_state_dict": True, "batch_size": 8,
+                                                           "weight_decay": 0.5, "run_name": "cats"}
+    assert resumed_settings({"amp": "true", "epochs": 20}, {"epochs"}, TrainConfig()) == {"amp": True}
 
 
 def ck_with_epochs(src: Path, epoch: int, dst: Path) -> Path:
@@ -289,6 +317,11 @@ def test_predict_flag_mistakes_are_caught_before_any_work(tiny_dataset, tmp_path
     assert "--classes ignored: the checkpoint names its classes ['cat', 'fish']" in p.stderr
     p = cli("predict.py", "--device", "cpu", "--checkpoint", str(run / "state_dict.pt"), "--image", val)
     assert p.returncode == 0 and "pass --classes" in p.stderr and "class_0" in p.stdout
+    unnamed = torch.load(run / "best_acc.pt", weights_only=True)
+    del unnamed["class_names"]
+    torch.save(unnamed, tmp_path / "unnamed.pt")
+    p = cli("predict.py", "--device", "cpu", "--checkpoint", str(tmp_path / "unnamed.pt"), "--image", val, "--classes", "a,b")
+    assert p.returncode == 0 and "class_names: ['a', 'b']" in p.stdout and "ignored" not in p.stderr, p.stderr
 
 
 def test_print_model_highlights_every_architecture():

@@ -188,9 +188,13 @@ def test_resuming_an_older_checkpoint_continues_in_a_new_folder(tiny_dataset, tm
     early = {**early, "epoch": 1, "history": early["history"][:1], "best_epoch": 1, "best_loss_epoch": 1}
     ck.atomic_torch_save(early, folder / "epoch1.pt")
     before = {name: (folder / name).read_bytes() for name in ("latest.pt", "best_acc.pt", "best_loss.pt", "metrics.csv")}
-    events, epochs, end = run(cfg_for(tiny_dataset, tmp_path / "ignored", epochs=2, resume=str(folder / "epoch1.pt")))
+    events, epochs, end = run(cfg_for(tiny_dataset, tmp_path / "forks", epochs=2, lr=1e-9, export_state_dict=True,
+                                      resume=str(folder / "epoch1.pt")))
     assert end.status == "completed" and [e.epoch for e in epochs] == [2]
-    assert end.run_dir != first.run_dir and Path(end.run_dir).parent == out
+    assert end.run_dir != first.run_dir and Path(end.run_dir).parent == tmp_path / "forks"  # --output-dir
+    # lr 1e-9: epoch 2 cannot beat epoch 1, so the new folder's best files are epoch 1's, carried over
+    assert ck.saved_epoch(Path(end.run_dir) / "best_acc.pt") == 1 == ck.saved_epoch(Path(end.run_dir) / "best_loss.pt")
+    assert "best_acc=" in "\n".join(end.end_lines()) and (Path(end.run_dir) / "state_dict.pt").is_file()
     assert any("latest.pt is past epoch 1" in n and "new folder" in n for n in events[0].notes), events[0].notes
     assert {name: (folder / name).read_bytes() for name in before} == before
     new = ck.read_checkpoint(f"{end.run_dir}/latest.pt")
