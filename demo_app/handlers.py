@@ -26,6 +26,7 @@ PRED_COLUMNS = ["file", "top-1", "p", "top-k", "error"]
 # Epoch frames are therefore spaced at least this far apart (the rows are
 # never lost: every frame carries the whole history).
 MIN_FRAME_S = 0.25
+READY = "Ready. Check the dataset, pick a freeze policy and press **Start**."
 LAYER_COLUMNS = ["layer", "type", "output shape", "params", "trains", "note"]
 WEIGHT_SOURCES = [("ImageNet (torchvision)", "imagenet"), ("None (random init)", "none"), ("Local file", "local file")]
 
@@ -251,9 +252,28 @@ class Handlers:
             return error_markdown("Could not train", h.failed.message)
         return "■ Stopping: the run ends after the current batch; completed epochs stay saved."
 
-    def on_load(self):
-        """Page load: tell a new or reloaded page about a run already in progress."""
-        return self.service.status() or "Ready. Check the dataset, pick a freeze policy and press **Start**."
+    def watch(self, poll_s: float = 1.0):
+        """Page load: a run already in progress (started before a reload, or in
+        another tab) is followed here, its status, charts and epoch table
+        redrawn from its history every `poll_s`, then its final status."""
+        h = self.service.current
+        if h is None or h.done.is_set():
+            yield READY, gr.skip(), gr.skip(), gr.skip(), gr.skip()
+            return
+        shown = None
+        while not h.done.wait(0 if shown is None else poll_s):
+            if shown is None or len(h.history) != shown:
+                shown = len(h.history)
+                yield self._watch_frame(f"▶ A training run is in progress: {h.describe()}. Stop works from here too.", h)
+        if h.ended is not None:
+            yield *self._watch_frame(end_status(h.ended), h)[:4], self.refresh_checkpoints(h.ended.best_acc_path)
+        else:
+            yield error_markdown("Could not train", h.failed.message if h.failed else "no result"), *[gr.skip()] * 4
+
+    def _watch_frame(self, status, h):
+        total = h.cfg.epochs
+        return (status, plots.loss_figure(h.history, total), plots.accuracy_figure(h.history, total),
+                epochs_frame(h.history), gr.skip())
 
     # ------------------------------------------------------------ predict
 

@@ -52,6 +52,7 @@ class RunHandle:
     epoch: int = 0
     phase: str = "setup"
     ended: RunEnded | None = None
+    history: list[dict] = field(default_factory=list)  # epoch rows so far, for pages that join late
     failed: Failed | None = None
 
     def follow(self) -> Iterator:
@@ -77,12 +78,6 @@ class TrainingService:
     @property
     def busy(self) -> bool:
         return self._lock.locked()
-
-    def status(self) -> str:
-        h = self.current
-        if h is not None and not h.done.is_set():
-            return f"A training run is in progress: {h.describe()}."
-        return ""
 
     def start(self, cfg: TrainConfig) -> RunHandle:
         """Start `cfg` in a worker thread, or raise BusyError at once."""
@@ -110,6 +105,7 @@ class TrainingService:
                     h.phase, h.epoch = ev.phase, ev.epoch
                 elif isinstance(ev, EpochEnded):
                     h.epoch = ev.epoch
+                    h.history = h.history + [{**ev.as_row(), "best": ev.best_acc}]  # a new list: readers never see it change
                 elif isinstance(ev, RunEnded):
                     h.ended = ev
                 h.events.put(ev)

@@ -252,7 +252,8 @@ def build_app(checkpoints_dir, data_dir, uploads_dir=None, service: TrainingServ
               model_outputs, api_name="model_summary", show_progress="minimal")
 
         # ------------------------------------------------------------ page load
-        demo.load(h.on_load, None, status, **private)
+        demo.load(h.watch, None, [status, loss_plot, acc_plot, epochs_table, ckpt], concurrency_limit=None,
+                  show_progress="hidden", **private)
         demo.load(h.check_dataset_quiet, [data_dir, val_split, seed], ds_outputs, **private)
         demo.load(h.refresh_compare, compare, compare, **private)
         demo.load(h.refresh_checkpoints, ckpt, ckpt, **private)

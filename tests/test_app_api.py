@@ -445,3 +445,24 @@ def test_run_list_and_examples_tolerate_what_users_have(tmp_path, monkeypatch):
     make_image_dataset(tmp_path / "photos", n_train=2, n_val=2)
     examples = datasets.example_images("~/photos")
     assert len(examples) == 4 and all(Path(p).is_file() for p, _ in examples)
+
+
+def test_a_page_opened_during_a_run_follows_it_to_the_end(tmp_path):
+    """A reload (or a second tab) during a run used to show a status that never
+    changed. Now the page follows the run: status, charts and epoch table fill
+    in as epochs end, then the final status and the new best checkpoint."""
+    from demo_app import handlers
+    data = make_image_dataset(tmp_path / "ds", n_train=6, n_val=2)
+    h = handlers.Handlers(tmp_path / "ck", data, tmp_path / "up")
+    assert next(h.watch())[0] == handlers.READY  # nothing running
+    starter = h.start(str(data), "resnet18", "none", None, "full", 3, 2, 1e-3, 1e-4, 0, "auto", 7, "cpu", 0,
+                      "", False, [])
+    next(starter)  # the run is started; the starting page then goes away (reload)
+    frames = list(h.watch(poll_s=0.05))
+    assert all("in progress" in f[0] for f in frames[:-1]) and len(frames) >= 2
+    rows = [0 if f[3] is None or isinstance(f[3], type(handlers.gr.skip())) else len(f[3]) for f in frames[:-1]]
+    assert rows == sorted(rows) and rows[-1] >= 2  # epochs appear as they end (the last may end with the run)
+    assert "Completed" in frames[-1][0] and len(frames[-1][3]) == 3
+    assert frames[-1][4]["value"].endswith("best_acc.pt")
+    for _ in starter:  # the original stream still ends normally
+        pass

@@ -171,6 +171,20 @@ def test_stop_ends_a_long_run(page, app):
     assert not app["demo"].handlers.service.busy
 
 
+def test_a_reloaded_page_follows_the_run_to_its_end(page, app):
+    """Reloading during a run used to leave a status that never changed; the
+    page now follows the run: live status, then the epoch table and the result."""
+    configure(page, epochs=3)
+    page.locator("#policy").get_by_text("Full fine-tune").click()  # slow enough to reload mid-run
+    start(page)
+    page.reload()
+    page.wait_for_selector("#train-status")
+    wait_status(page, r"in progress", timeout=30)
+    wait_status(page, r"Completed", timeout=240)
+    page.wait_for_function(f"{rows_js('epochs-table')} === 3", timeout=10_000)
+    page.wait_for_function("document.querySelector('#dataset-summary').innerText.includes('classes')")
+
+
 def test_train_two_epochs_fills_both_charts(page, app):
     configure(page, epochs=2)
     start(page)
