@@ -77,6 +77,8 @@ def scan_split(split_dir: Path, name: str, classes: list[str] | None = None) -> 
 def scan_dataset(data_dir, val_split: float | None = None, seed: int = 0) -> DatasetInfo:
     """Find and check the dataset layout; raise DatasetError naming the folder at fault."""
     root = Path(data_dir).expanduser()
+    if root.exists() and not root.is_dir():
+        raise DatasetError(f"{root} is a file, not a folder; give the folder that holds train/<class>/ and val/<class>/")
     if not root.is_dir():
         raise DatasetError(f"dataset folder {root} does not exist; expected {root}/train/<class>/ and {root}/val/<class>/")
     train_dir, val_dir = root / "train", root / "val"

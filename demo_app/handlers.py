@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import html
 import math
+import re
+import tempfile
 import time
 from pathlib import Path
 
@@ -31,13 +33,29 @@ LAYER_COLUMNS = ["layer", "type", "output shape", "params", "trains", "note"]
 WEIGHT_SOURCES = [("ImageNet (torchvision)", "imagenet"), ("None (random init)", "none"), ("Local file", "local file")]
 
 
+# core's messages name the CLI's flags; the app shows its own field names instead.
+FIELD_NAMES = {"--epochs": "Epochs", "--batch-size": "Batch size", "--lr": "Learning rate",
+               "--weight-decay": "Weight decay", "--dropout": "Head dropout", "--run-name": "Run name",
+               "--val-split": "Validation fraction (Advanced)", "--data-dir": "Dataset folder",
+               "--arch": "Architecture", "--augment": "Augmentation", "--seed": "Seed",
+               "--device": "Device (Advanced)", "--weights": "Pretrained weights", "--policy": "Freeze policy"}
+_FLAG_RE = re.compile("(?:" + "|".join(re.escape(f) for f in FIELD_NAMES) + r")(?![\w-])")
+_UPLOAD_DIR_RE = re.compile(re.escape(str(Path(tempfile.gettempdir()) / "gradio")) + r"/[0-9a-f]+/")
+
+
+def for_the_app(message: str) -> str:
+    """A core/CLI message worded for the app: field names for flags, an
+    uploaded file by its name rather than Gradio's temp path."""
+    return _UPLOAD_DIR_RE.sub("", _FLAG_RE.sub(lambda m: f"'{FIELD_NAMES[m.group(0)]}'", str(message)))
+
+
 def user_error(e: Exception, title: str = "Error") -> gr.Error:
     """gr.Error renders HTML: escape the message (it can quote file names)."""
-    return gr.Error(html.escape(str(e), quote=False), title=title, print_exception=False)
+    return gr.Error(html.escape(for_the_app(e), quote=False), title=title, print_exception=False)
 
 
 def error_markdown(title: str, message: str) -> str:
-    first, *rest = str(message).split("\n")
+    first, *rest = for_the_app(message).split("\n")
     out = f"✗ **{title}:** {html.escape(first, quote=False)}"
     if rest:
         out += "\n```\n" + "\n".join(r.rstrip() for r in rest) + "\n```"
@@ -87,12 +105,13 @@ class Handlers:
             raise user_error(e, "Dataset problem") from None
         return datasets.summary_markdown(info), len(info.classes)
 
-    def check_dataset_quiet(self, data_dir, val_split=0, seed=1337):
-        """Like check_dataset, but a problem is shown in the summary, not as a pop-up (page load)."""
+    def check_dataset_shown(self, data_dir, val_split=0, seed=1337):
+        """Like check_dataset, but a problem replaces the summary (a pop-up
+        fades, and the last good summary would stay, saying all is well)."""
         try:
             return self.check_dataset(data_dir, val_split, seed)
         except gr.Error as e:
-            return f"⚠ {e.message}", gr.skip()
+            return f"⚠ **Dataset problem:** {e.message}", gr.skip()
 
     def upload_zip(self, zip_file, val_split=0, seed=1337):
         """-> (dataset folder, summary markdown, number of classes)."""
@@ -102,7 +121,7 @@ class Handlers:
             root = datasets.import_zip(zip_file, self.uploads_dir)
         except UserError as e:
             raise user_error(e, "Zip refused") from None
-        summary, n = self.check_dataset(str(root), val_split, seed)
+        summary, n = self.check_dataset_shown(str(root), val_split, seed)  # the folder is kept for a fix either way
         return str(root), f"Extracted to `{root}`\n\n" + summary, n
 
     # ------------------------------------------------------------ settings
@@ -127,6 +146,8 @@ class Handlers:
             if not weights:
                 raise UserError("weights source 'Local file' needs the path of a state_dict (.pth): "
                                 "type it or upload the file, or choose 'None (random init)'")
+            if Path(weights).expanduser().is_dir():
+                raise UserError(f"weights file {weights} is a folder; give the path of the .pth file in it")
             if not Path(weights).expanduser().is_file():
                 raise UserError(f"weights file {weights} does not exist")
             weights = str(Path(weights).expanduser())
@@ -233,7 +254,7 @@ class Handlers:
                 status += ("\n\n→ In this app: set **Pretrained weights** to *None (random init)*, or to *Local file* "
                            "with the path of a backbone state_dict.")
             yield self._train_frame(status, state, overlays, log_lines)
-            raise gr.Error(html.escape(failed.message, quote=False), title="Training failed", print_exception=False)
+            raise user_error(failed.message, "Training failed")
         log_lines += ended.end_lines()
         frame = list(self._train_frame(end_status(ended), state, overlays, log_lines))
         frame[6] = self.refresh_compare(compare)
@@ -294,7 +315,7 @@ class Handlers:
             path = inference.choose_checkpoint(selected, uploaded)
             return inference.describe(inference.load(selected, uploaded, trust), path)
         except UserError as e:
-            return "⚠ " + html.escape(str(e), quote=False)
+            return "⚠ " + html.escape(for_the_app(e), quote=False)
 
     def predict(self, image, k, selected, uploaded, trust):
         """-> ({label: p} top-k, timing markdown)."""

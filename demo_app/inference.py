@@ -63,6 +63,8 @@ def batch_paths(files: list[str] | None, folder: str | None) -> list[str]:
     folder = (folder or "").strip()
     if folder:
         p = Path(folder).expanduser()
+        if p.is_file():
+            raise UserError(f"{p} is a file; give the folder that holds the images (or upload the file above)")
         if not p.is_dir():
             raise UserError(f"folder {p} does not exist (give a folder of images on the machine running the app)")
         found = list_images(p)

@@ -32,7 +32,7 @@ THEME = gr.themes.Default(primary_hue="blue", secondary_hue="orange")
 HEADER = """# Transfer learning with ResNet-18
 Train an image classifier on your own folders in minutes: a pretrained backbone, a new head, and a freeze policy you choose. Everything runs on this machine."""
 
-POLICY_CHOICES = [("Head only (fc)", "head"), ("Last stage + head (layer4 + fc)", "last"), ("Full fine-tune", "full")]
+POLICY_CHOICES = [("Head only (fc)", "head"), ("Last stage + head (ResNet: layer4 + fc)", "last"), ("Full fine-tune", "full")]
 
 
 def launch_options(checkpoints_dir, data_dir, uploads_dir=None) -> dict:
@@ -210,7 +210,7 @@ def build_app(checkpoints_dir, data_dir, uploads_dir=None, service: TrainingServ
 
         # ------------------------------------------------------------ wiring: Train
         ds_outputs = [ds_summary, n_classes]
-        gr.on([check_btn.click, data_dir.submit], h.check_dataset, [data_dir, val_split, seed], ds_outputs,
+        gr.on([check_btn.click, data_dir.submit], h.check_dataset_shown, [data_dir, val_split, seed], ds_outputs,
               api_name="check_dataset").then(h.examples, [data_dir], [examples, example_paths], **private)
         zip_file.upload(h.upload_zip, [zip_file, val_split, seed], [data_dir, ds_summary, n_classes],
                         api_name="upload_dataset_zip").then(h.examples, [data_dir], [examples, example_paths],
@@ -254,7 +254,7 @@ def build_app(checkpoints_dir, data_dir, uploads_dir=None, service: TrainingServ
         # ------------------------------------------------------------ page load
         demo.load(h.watch, None, [status, loss_plot, acc_plot, epochs_table, ckpt], concurrency_limit=None,
                   show_progress="hidden", **private)
-        demo.load(h.check_dataset_quiet, [data_dir, val_split, seed], ds_outputs, **private)
+        demo.load(h.check_dataset_shown, [data_dir, val_split, seed], ds_outputs, **private)
         demo.load(h.refresh_compare, compare, compare, **private)
         demo.load(h.refresh_checkpoints, ckpt, ckpt, **private)
         demo.load(h.examples, [data_dir], [examples, example_paths], **private)

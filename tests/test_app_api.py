@@ -184,13 +184,14 @@ def test_imagenet_weights_offline_gives_the_fix(app):
     with pytest.raises(AppError) as e:
         train_job(app["client"], weights_source="imagenet").result(timeout=120)
     msg = str(e.value)
-    assert "ImageNet weights for resnet18 are not cached" in msg and "weights none" in msg
+    assert "ImageNet weights for resnet18 are not cached" in msg and "'Pretrained weights' none" in msg
+    assert "--weights" not in msg  # the app's field, not the CLI flag
     assert "Traceback" not in msg
     assert not app["service"].busy
 
 
 def test_bad_settings_are_refused_before_training(app):
-    with pytest.raises(AppError, match="epochs must be"):
+    with pytest.raises(AppError, match="'Epochs' must be an integer from 1"):
         train_job(app["client"], epochs=0).result(timeout=60)
     with pytest.raises(AppError, match="needs the path of a state_dict"):
         train_job(app["client"], weights_source="local file", weights_path="").result(timeout=60)
@@ -212,11 +213,12 @@ def test_check_dataset_counts_and_errors(app):
     summary = app["client"].predict(str(DATA), 0, 1337, api_name="/check_dataset")
     assert "**2 classes**" in summary
     assert "| cat | 20 | 16 |" in summary and "| fish | 20 | 16 |" in summary
-    with pytest.raises(AppError, match="does not exist"):
-        app["client"].predict(str(DATA / "missing"), 0, 1337, api_name="/check_dataset")
+    # a problem replaces the summary (a pop-up would fade and leave the last good one saying all is well)
+    missing = app["client"].predict(str(DATA / "missing"), 0, 1337, api_name="/check_dataset")
+    assert missing.startswith("⚠ **Dataset problem:**") and "does not exist" in missing
     for bad in (5, -0.5):  # refused when checked, not first at Start
-        with pytest.raises(AppError, match="fraction between 0 and 1"):
-            app["client"].predict(str(DATA), bad, 1337, api_name="/check_dataset")
+        said = app["client"].predict(str(DATA), bad, 1337, api_name="/check_dataset")
+        assert said.startswith("⚠") and "fraction between 0 and 1" in said
 
 
 def test_dataset_zip_upload(app, tmp_path):
@@ -245,6 +247,17 @@ def test_bad_zip_uploads_give_clear_errors(app, tmp_path):
         z.writestr("../train/cat/a.jpg", b"x")
     with pytest.raises(AppError, match="escapes its folder"):
         app["client"].predict(handle_file(evil), 0, 1337, api_name="/upload_dataset_zip")
+    # extracted but without val/: the folder box points at it and the fix names the app's field
+    no_val = tmp_path / "noval.zip"
+    ds = make_image_dataset(tmp_path / "nv", n_train=3, val=False)
+    with zipfile.ZipFile(no_val, "w") as z:
+        for p in sorted(ds.rglob("*.jpg")):
+            z.write(p, p.relative_to(ds))
+    folder, summary = app["client"].predict(handle_file(no_val), 0, 1337, api_name="/upload_dataset_zip")
+    assert (Path(folder) / "train" / "cat").is_dir() and "val is missing" in summary
+    assert "'Validation fraction (Advanced)' 0.2" in summary and "--val-split" not in summary
+    fixed = app["client"].predict(folder, 0.25, 1337, api_name="/check_dataset")  # the fix it names works
+    assert "**2 classes**" in fixed
 
 
 # ---------------------------------------------------------------- predict
@@ -466,3 +479,17 @@ def test_a_page_opened_during_a_run_follows_it_to_the_end(tmp_path):
     assert frames[-1][4]["value"].endswith("best_acc.pt")
     for _ in starter:  # the original stream still ends normally
         pass
+
+
+def test_wrong_kinds_of_path_are_named_as_such(trained, app, tmp_path):
+    """A file where a folder belongs (and the reverse) is not 'does not exist'."""
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("x")
+    said = app["client"].predict(str(a_file), 0, 1337, api_name="/check_dataset")
+    assert "is a file, not a folder" in said
+    with pytest.raises(AppError, match="is a folder; give the path of the .pth file"):
+        train_job(app["client"], weights_source="local file", weights_path=str(tmp_path)).result(timeout=60)
+    from demo_app import handlers
+    with pytest.raises(handlers.gr.Error, match="is a file; give the folder"):
+        handlers.Handlers(tmp_path / "ck", DATA, tmp_path / "up").predict_batch(
+            None, str(a_file), 2, trained["final"][CHECKPOINT]["value"], None, False)
