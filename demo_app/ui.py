@@ -240,8 +240,9 @@ def build_app(checkpoints_dir, data_dir, uploads_dir=None, service: TrainingServ
               show_progress="minimal", **private)
         predict_inputs = [image, k, ckpt, ckpt_file, trust]
         predict_btn.click(h.predict, predict_inputs, [label, pred_time], api_name="predict")
-        gr.on([image.change, k.release], h.predict, predict_inputs, [label, pred_time], show_progress="minimal",
-              **private)
+        # A new checkpoint re-labels the image shown (else an old result, or an old error, stays on screen).
+        gr.on([image.change, k.release, ckpt.change, ckpt_file.change, trust.change], h.predict, predict_inputs,
+              [label, pred_time], show_progress="minimal", **private)
         examples.select(h.example_selected, example_paths, image, **private)
         gr.on([batch_btn.click, folder.submit], h.predict_batch, [files, folder, k, ckpt, ckpt_file, trust],
               [batch_table, batch_gallery, batch_csv, batch_summary], api_name="predict_batch")

@@ -279,6 +279,23 @@ def test_predict_tab_labels_an_uploaded_image(page, app):
     assert "32" in page.locator("#batch-summary").inner_text()
     page.screenshot(path=str(ASSETS / "predict.png"), full_page=True)
 
+    # choosing another checkpoint re-labels the image on screen (it used to keep the old model's answer)
+    def percents_of(p):
+        return sorted({f"{int(p * 100)}%", f"{round(p * 100)}%"})
+
+    for other_label, other_path in checkpoint_choices(app["checkpoints"])[1:]:
+        (label2, p2), _ = Predictor.load(other_path).predict_image(example, 2)
+        if percents_of(p2) != sorted(percents):
+            break
+    else:
+        pytest.fail("every checkpoint gives the same answer; nothing to tell apart")
+    choose(page, "checkpoint", other_label)
+    page.wait_for_function(f"""(() => {{
+        const top = document.querySelector('#predict-label [data-testid=label-output-value]');
+        const text = document.querySelector('#predict-label').innerText;
+        return top && top.innerText.trim() === {label2!r} && {percents_of(p2)!r}.some(x => text.includes(x)); }})()""",
+                           timeout=15_000)
+
 
 def test_model_tab_shows_the_layers(page):
     page.get_by_role("tab", name="Model").click()
