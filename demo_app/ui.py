@@ -91,11 +91,11 @@ def build_app(checkpoints_dir, data_dir, uploads_dir=None, service: TrainingServ
                         gr.Markdown("### 3 · Hyper-parameters", elem_classes="section-title")
                         with gr.Group():
                             with gr.Row():
-                                epochs = gr.Number(5, label="Epochs", precision=0,
+                                epochs = gr.Number(5, label="Epochs", precision=None,  # a fraction is refused by the handler, not rounded
                                                    elem_id="epochs", min_width=90)
-                                batch_size = gr.Number(16, label="Batch size", precision=0,
+                                batch_size = gr.Number(16, label="Batch size", precision=None,
                                                        elem_id="batch-size", min_width=90)
-                                seed = gr.Number(1337, label="Seed", precision=0, elem_id="seed", min_width=90)
+                                seed = gr.Number(1337, label="Seed", precision=None, elem_id="seed", min_width=90)
                             with gr.Row():
                                 lr = gr.Number(1e-3, label="Learning rate", elem_id="lr", min_width=90)
                                 weight_decay = gr.Number(1e-4, label="Weight decay", elem_id="weight-decay",
@@ -192,7 +192,7 @@ def build_app(checkpoints_dir, data_dir, uploads_dir=None, service: TrainingServ
                     m_arch = gr.Dropdown(list(ARCHS), value="resnet18", label="Architecture", elem_id="model-arch")
                     m_policy = gr.Radio(POLICY_CHOICES, value="head", label="Freeze policy", elem_id="model-policy",
                                         scale=2)
-                    m_classes = gr.Number(2, label="Classes (new head outputs)", precision=0, minimum=2, maximum=MAX_CLASSES,
+                    m_classes = gr.Number(2, label="Classes (new head outputs)", precision=None, minimum=2, maximum=MAX_CLASSES,
                                           elem_id="model-classes")
                 m_totals = gr.Markdown("", elem_id="model-totals")
                 with gr.Row(equal_height=True):

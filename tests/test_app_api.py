@@ -193,6 +193,9 @@ def test_imagenet_weights_offline_gives_the_fix(app):
 def test_bad_settings_are_refused_before_training(app):
     with pytest.raises(AppError, match="'Epochs' must be an integer from 1"):
         train_job(app["client"], epochs=0).result(timeout=60)
+    for field in ("epochs", "batch_size", "seed"):  # a fraction is refused, not silently rounded
+        with pytest.raises(AppError, match=f"{field.replace('_', ' ')} must be a whole number"):
+            train_job(app["client"], **{field: 1.5}).result(timeout=60)
     with pytest.raises(AppError, match="needs the path of a state_dict"):
         train_job(app["client"], weights_source="local file", weights_path="").result(timeout=60)
     with pytest.raises(AppError, match="does not exist"):
@@ -351,6 +354,8 @@ def test_model_summary_rows_and_totals(app):
     import gradio as gr
 
     from demo_app.handlers import Handlers
+    with pytest.raises(AppError, match="classes must be a whole number"):
+        app["client"].predict("resnet18", "head", 2.5, api_name="/model_summary")
     for bad in (10**8, float("inf"), "lots"):  # and the handler itself, for other callers
         with pytest.raises(gr.Error, match="classes must be"):
             Handlers.model_tab("resnet18", "head", bad)
