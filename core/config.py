@@ -124,8 +124,7 @@ class TrainConfig:
         need(_finite(self.weight_decay) and 0 <= self.weight_decay <= 10, f"--weight-decay must be between 0 and 10 (got {self.weight_decay})")
         need(_finite(self.dropout) and 0 <= self.dropout < 1, f"--dropout must be in [0, 1) (got {self.dropout})")
         need(isinstance(self.num_workers, int) and 0 <= self.num_workers <= 64, f"--num-workers must be 0..64 (got {self.num_workers})")
-        need(self.val_split is None or (_finite(self.val_split) and 0 < self.val_split < 1),
-             f"--val-split must be a fraction between 0 and 1, e.g. 0.2 (got {self.val_split})")
+        check_val_split(self.val_split)
         need(isinstance(self.cache_budget_mb, int) and self.cache_budget_mb >= 0, "--cache-budget-mb must be >= 0")
         need(self.image_size >= 32 and self.resize_size >= self.image_size, "--image-size must be >= 32 and <= resize size")
         need(bool(self.run_name) and all(c.isalnum() or c in "-_." for c in self.run_name),
@@ -147,6 +146,12 @@ class TrainConfig:
     def from_dict(cls, d: dict) -> "TrainConfig":
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def check_val_split(value) -> None:
+    """None (keep val/) or a fraction strictly between 0 and 1."""
+    if not (value is None or (_finite(value) and 0 < value < 1)):
+        raise ConfigError(f"--val-split must be a fraction between 0 and 1, e.g. 0.2 (got {value})")
 
 
 def _finite(x) -> bool:

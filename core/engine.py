@@ -451,10 +451,10 @@ def carry_best_files(resume: dict, source: Path, run_dir: Path) -> None:
     calls best (hard links, so nothing is written twice)."""
     for name, key in (("best_acc.pt", "best_epoch"), ("best_loss.pt", "best_loss_epoch")):
         want = int(resume.get(key) or 0)
-        for candidate in (source, source.parent / name):
-            if want and candidate.is_file() and ck.saved_epoch(candidate) == want:
-                ck.atomic_link_or_copy(candidate, run_dir / name)
-                break
+        if want and want == int(resume["epoch"]):  # the resumed file is itself that best epoch
+            ck.atomic_link_or_copy(source, run_dir / name)
+        elif want and (source.parent / name).is_file() and ck.saved_epoch(source.parent / name) == want:
+            ck.atomic_link_or_copy(source.parent / name, run_dir / name)
 
 
 def read_resume(cfg: TrainConfig) -> tuple[dict, list[str]]:

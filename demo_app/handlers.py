@@ -13,13 +13,13 @@ from pathlib import Path
 import gradio as gr
 import pandas as pd
 
-from core.config import MAX_CLASSES, TrainConfig
+from core.config import MAX_CLASSES, TrainConfig, check_val_split
 from core.engine import BatchProgress, EpochEnded, Notice, RunEnded, RunStarted
 from core.errors import UserError
 from core.images import load_rgb
 
 from . import datasets, inference, modelview, plots, runs
-from .session import Failed, TrainingService
+from .session import Failed, TrainingService, history_row
 
 EPOCH_COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds", "best"]
 PRED_COLUMNS = ["file", "top-1", "p", "top-k", "error"]
@@ -97,9 +97,8 @@ class Handlers:
     def check_dataset(self, data_dir, val_split=0, seed=1337):
         """-> (summary markdown, number of classes)."""
         try:
-            split = _float(val_split or 0, "validation split")
-            if split and not 0 < split < 1:  # the same rule Start applies, shown before it
-                raise UserError(f"validation split must be a fraction between 0 and 1, e.g. 0.2 (got {split:g})")
+            split = _float(val_split or 0, "validation split") or None
+            check_val_split(split)  # the rule Start applies, shown before it
             info = datasets.check(data_dir or self.data_dir, split, _int(seed or 0, "seed"))
         except UserError as e:
             raise user_error(e, "Dataset problem") from None
@@ -231,7 +230,7 @@ class Handlers:
                 yield self._train_frame(f"⚠ {html.escape(ev.text.splitlines()[0], quote=False)} (see the run log)",
                                         state, overlays, log_lines)
             elif isinstance(ev, EpochEnded):
-                state = {**state, "history": state["history"] + [{**ev.as_row(), "best": ev.best_acc}]}
+                state = {**state, "history": state["history"] + [history_row(ev)]}
                 log_lines.append(ev.line())
                 star = " ★ new best" if ev.best_acc else ""
                 msg = (f"▶ Epoch {ev.epoch}/{ev.epochs}: val_acc {ev.val_acc:.3f}, val_loss {ev.val_loss:.4f}{star} "
@@ -292,9 +291,8 @@ class Handlers:
             yield error_markdown("Could not train", h.failed.message if h.failed else "no result"), *[gr.skip()] * 4
 
     def _watch_frame(self, status, h):
-        total = h.cfg.epochs
-        return (status, plots.loss_figure(h.history, total), plots.accuracy_figure(h.history, total),
-                epochs_frame(h.history), gr.skip())
+        """(status, loss plot, accuracy plot, epoch table, checkpoint: unchanged)."""
+        return *self._train_frame(status, {"history": h.history, "epochs": h.cfg.epochs}, [], [])[:4], gr.skip()
 
     # ------------------------------------------------------------ predict
 

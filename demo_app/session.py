@@ -27,6 +27,11 @@ log = logging.getLogger("demo_app")
 # command in the CLI.
 
 
+def history_row(ev: EpochEnded) -> dict:
+    """An epoch as the app's table and charts take it: the metrics row, plus whether it is the new best."""
+    return {**ev.as_row(), "best": ev.best_acc}
+
+
 class BusyError(UserError):
     """A second Start while a run is in progress."""
 
@@ -105,7 +110,7 @@ class TrainingService:
                     h.phase, h.epoch = ev.phase, ev.epoch
                 elif isinstance(ev, EpochEnded):
                     h.epoch = ev.epoch
-                    h.history = h.history + [{**ev.as_row(), "best": ev.best_acc}]  # a new list: readers never see it change
+                    h.history = h.history + [history_row(ev)]  # a new list: readers never see it change
                 elif isinstance(ev, RunEnded):
                     h.ended = ev
                 h.events.put(ev)
