@@ -29,6 +29,7 @@ PRED_COLUMNS = ["file", "top-1", "p", "top-k", "error"]
 # never lost: every frame carries the whole history).
 MIN_FRAME_S = 0.25
 READY = "Ready. Check the dataset, pick a freeze policy and press **Start**."
+START_LABEL = "▶ Start training"
 LAYER_COLUMNS = ["layer", "type", "output shape", "params", "trains", "note"]
 WEIGHT_SOURCES = [("ImageNet (torchvision)", "imagenet"), ("None (random init)", "none"), ("Local file", "local file")]
 
@@ -260,6 +261,12 @@ class Handlers:
         frame[7] = self.refresh_checkpoints(ended.best_acc_path)
         yield tuple(frame)
 
+    @staticmethod
+    def start_button(running: bool):
+        """Start is greyed out while this page's run trains (a click would be
+        ignored) and comes back when it ends, however it ends."""
+        return gr.update(interactive=not running, value="⏳ Training…" if running else START_LABEL)
+
     def stop(self):
         """Waits (up to 10 s) for the run to end, then shows the same final status
         as the Start stream, so the order in which the two arrive does not matter."""
@@ -278,21 +285,24 @@ class Handlers:
         redrawn from its history every `poll_s`, then its final status."""
         h = self.service.current
         if h is None or h.done.is_set():
-            yield READY, gr.skip(), gr.skip(), gr.skip(), gr.skip()
+            yield READY, *[gr.skip()] * 5
             return
         shown = None
         while not h.done.wait(0 if shown is None else poll_s):
             if shown is None or len(h.history) != shown:
                 shown = len(h.history)
-                yield self._watch_frame(f"▶ A training run is in progress: {h.describe()}. Stop works from here too.", h)
+                yield *self._watch_frame(f"▶ A training run is in progress: {h.describe()}. Stop works from here "
+                                         "too.", h), gr.skip(), self.start_button(True)
         if h.ended is not None:
-            yield *self._watch_frame(end_status(h.ended), h)[:4], self.refresh_checkpoints(h.ended.best_acc_path)
+            yield (*self._watch_frame(end_status(h.ended), h), self.refresh_checkpoints(h.ended.best_acc_path),
+                   self.start_button(False))
         else:
-            yield error_markdown("Could not train", h.failed.message if h.failed else "no result"), *[gr.skip()] * 4
+            yield (error_markdown("Could not train", h.failed.message if h.failed else "no result"),
+                   *[gr.skip()] * 4, self.start_button(False))
 
     def _watch_frame(self, status, h):
-        """(status, loss plot, accuracy plot, epoch table, checkpoint: unchanged)."""
-        return *self._train_frame(status, {"history": h.history, "epochs": h.cfg.epochs}, [], [])[:4], gr.skip()
+        """(status, loss plot, accuracy plot, epoch table)."""
+        return self._train_frame(status, {"history": h.history, "epochs": h.cfg.epochs}, [], [])[:4]
 
     # ------------------------------------------------------------ predict
 

@@ -8,7 +8,7 @@ import gradio as gr
 
 from core.config import ARCHS, AUGMENTS, DEVICES, MAX_CLASSES
 from .components import SafeImage
-from .handlers import EPOCH_COLUMNS, LAYER_COLUMNS, PRED_COLUMNS, WEIGHT_SOURCES, Handlers
+from .handlers import EPOCH_COLUMNS, LAYER_COLUMNS, PRED_COLUMNS, START_LABEL, WEIGHT_SOURCES, Handlers
 from .plots import accuracy_figure, loss_figure
 from .session import TrainingService
 
@@ -119,7 +119,7 @@ def build_app(checkpoints_dir, data_dir, uploads_dir=None, service: TrainingServ
 
                     with gr.Column(scale=7, elem_id="train-run"):
                         with gr.Row():
-                            start_btn = gr.Button("▶ Start training", variant="primary", elem_id="start-btn")
+                            start_btn = gr.Button(START_LABEL, variant="primary", elem_id="start-btn")
                             stop_btn = gr.Button("■ Stop", variant="stop", elem_id="stop-btn")
                         status = gr.Markdown("Ready.", elem_id="train-status", padding=True)
                         with gr.Row():
@@ -228,8 +228,11 @@ def build_app(checkpoints_dir, data_dir, uploads_dir=None, service: TrainingServ
         train_outputs = [status, loss_plot, acc_plot, epochs_table, log_box, run_state, compare, ckpt]
         # concurrency_limit=None: a second Start (another tab) reaches the handler and is refused
         # there with a message, instead of waiting silently in Gradio's queue.
-        start_btn.click(h.start, train_inputs, train_outputs, api_name="train", concurrency_limit=None,
-                        show_progress="minimal", show_progress_on=[status])
+        start_btn.click(lambda: h.start_button(True), None, start_btn, queue=False, show_progress="hidden",
+                        **private).then(
+            h.start, train_inputs, train_outputs, api_name="train", concurrency_limit=None,
+            show_progress="minimal", show_progress_on=[status]).then(
+            lambda: h.start_button(False), None, start_btn, queue=False, show_progress="hidden", **private)
         stop_btn.click(h.stop, None, status, api_name="stop", concurrency_limit=None, show_progress="hidden")
         compare.change(h.compare_changed, [compare, run_state], acc_plot, show_progress="hidden", **private)
         compare_refresh.click(h.refresh_compare, compare, compare, **private)
@@ -253,7 +256,7 @@ def build_app(checkpoints_dir, data_dir, uploads_dir=None, service: TrainingServ
               model_outputs, api_name="model_summary", show_progress="minimal")
 
         # ------------------------------------------------------------ page load
-        demo.load(h.watch, None, [status, loss_plot, acc_plot, epochs_table, ckpt], concurrency_limit=None,
+        demo.load(h.watch, None, [status, loss_plot, acc_plot, epochs_table, ckpt, start_btn], concurrency_limit=None,
                   show_progress="hidden", **private)
         demo.load(h.check_dataset_shown, [data_dir, val_split, seed], ds_outputs, **private)
         demo.load(h.refresh_compare, compare, compare, **private)

@@ -482,6 +482,8 @@ def test_a_page_opened_during_a_run_follows_it_to_the_end(tmp_path):
     assert rows == sorted(rows) and rows[-1] >= 2  # epochs appear as they end (the last may end with the run)
     assert "Completed" in frames[-1][0] and len(frames[-1][3]) == 3
     assert frames[-1][4]["value"].endswith("best_acc.pt")
+    # Start is greyed out on the following page while the run trains, and back at its end.
+    assert all(f[5]["interactive"] is False for f in frames[:-1]) and frames[-1][5]["interactive"] is True
     for _ in starter:  # the original stream still ends normally
         pass
 

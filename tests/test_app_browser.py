@@ -155,6 +155,9 @@ def test_stop_ends_a_long_run(page, app):
     configure(page, epochs=300)
     start(page)
     page.wait_for_function(f"{rows_js('epochs-table')} >= 1", timeout=90_000)
+    # Start is greyed out while the run trains (a second click would be ignored silently)...
+    button = page.locator("#start-btn")
+    assert button.is_disabled() and "Training" in button.inner_text()
     t0 = time.monotonic()
     page.locator("#stop-btn").click()
     text = wait_status(page, r"Stopped", timeout=10)
@@ -169,6 +172,9 @@ def test_stop_ends_a_long_run(page, app):
     time.sleep(1.0)
     assert row_count(page, "epochs-table") == done, "the run kept going after Stop"
     assert not app["demo"].handlers.service.busy
+    # ...and comes back once the run has ended.
+    page.wait_for_function("!document.querySelector('#start-btn').disabled", timeout=10_000)
+    assert "Start training" in button.inner_text()
 
 
 def test_a_reloaded_page_follows_the_run_to_its_end(page, app):
