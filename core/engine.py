@@ -339,7 +339,7 @@ def train(cfg: TrainConfig, stop: threading.Event | None = None) -> Iterator:
         del train_imgs, val_imgs
 
         loss_fn = nn.CrossEntropyLoss()
-        scaler = torch.amp.GradScaler("cuda") if cfg.amp and device.type == "cuda" else None
+        scaler = make_grad_scaler(cfg, device, resume.get("scaler_state") if resume else None)
         for epoch in range(start_epoch, cfg.epochs + 1):
             t0 = time.perf_counter()
             tr = yield from train_one_epoch(model, prefix, frozen, suffix, optimizer, loss_fn, train_src, cfg,
@@ -354,7 +354,8 @@ def train(cfg: TrainConfig, stop: threading.Event | None = None) -> Iterator:
             ended = EpochEnded(epoch, cfg.epochs, tr[0], tr[1], va[0], va[1], optimizer.param_groups[0]["lr"],
                                time.perf_counter() - t0, improved_acc, improved_loss, str(run_dir / "latest.pt"))
             history.append(ended.as_row())
-            save_epoch(run_dir, model, optimizer, epoch, best, info.classes, cfg, history, improved_acc, improved_loss)
+            save_epoch(run_dir, model, optimizer, scaler, epoch, best, info.classes, cfg, history, improved_acc,
+                       improved_loss)
             epochs_done = epoch
             yield ended
             if stop.is_set() and epoch < cfg.epochs:  # a stop after the last epoch changes nothing
@@ -399,6 +400,22 @@ def make_optimizer(params, cfg: TrainConfig, device: torch.device) -> torch.opti
     up to float rounding."""
     fused = True if device.type in ("cpu", "cuda") else None
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
+
+
+def make_grad_scaler(cfg: TrainConfig, device: torch.device, saved: dict | None, kind: str = "cuda"):
+    """float16 autocast (CUDA --amp 1) needs loss scaling; bfloat16 and float32
+    do not (None). A resumed run continues with the scale its checkpoint saved
+    instead of relearning it over skipped steps. `kind`: the device type that
+    gets a scaler (tests pass 'cpu' to run this on a machine without CUDA)."""
+    if not (cfg.amp and device.type == kind):
+        return None
+    scaler = torch.amp.GradScaler(device.type)
+    if saved:
+        try:
+            scaler.load_state_dict(saved)
+        except (RuntimeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"loss-scaler state in {cfg.resume} is damaged: {e}") from None
+    return scaler
 
 
 def restore_optimizer(optimizer: torch.optim.AdamW, saved: dict, cfg: TrainConfig) -> None:
@@ -662,12 +679,13 @@ def evaluate(model, frozen, suffix, src: InputSource, cfg, device, epoch, stop):
     return loss_sum / n, correct / n
 
 
-def save_epoch(run_dir: Path, model, optimizer, epoch, best, classes, cfg, history, improved_acc, improved_loss):
+def save_epoch(run_dir: Path, model, optimizer, scaler, epoch, best, classes, cfg, history, improved_acc,
+               improved_loss):
     """latest.pt every epoch; best files are hard links to it (no second 45 MB write)."""
     ckpt = ck.make_checkpoint(model=model, optimizer=optimizer, epoch=epoch, best=best, class_names=classes,
                               weights=cfg.weights, args=cfg.to_dict(), history=history, arch=cfg.arch,
                               dropout=cfg.dropout, policy=cfg.policy, resize_size=cfg.resize_size,
-                              image_size=cfg.image_size)
+                              image_size=cfg.image_size, scaler=scaler)
     try:
         with ck.one_dir_sync():
             latest = ck.atomic_torch_save(ckpt, run_dir / "latest.pt")

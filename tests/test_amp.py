@@ -62,3 +62,30 @@ def test_bf16_keeps_accuracy_on_real_photos(catfish_mini, mobilenet_weights, tmp
     assert amp_end.status == "completed"
     assert max(e.val_acc for e in amp_epochs) >= max(e.val_acc for e in fp32_epochs) - 1 / n_val
     assert amp_epochs[-1].val_loss == pytest.approx(fp32_epochs[-1].val_loss, abs=0.05)
+
+
+def test_loss_scale_is_saved_and_restored_on_resume(tiny_dataset, tmp_path, bf16_cpu, monkeypatch):
+    """float16 autocast (CUDA --amp 1) learns a loss scale; a resume used to start
+    over at the default and skip steps relearning it. No CUDA here, so the
+    scaler is made for the CPU (GradScaler works there too): latest.pt keeps
+    its state, and --resume hands that state to the new run's scaler."""
+    from core import engine
+    made, real = [], engine.make_grad_scaler
+
+    def cpu_scaler(cfg, device, saved):
+        made.append(real(cfg, device, saved, kind="cpu"))
+        if saved is None:  # a new run: a scale a resume could not guess (default 65536, growth 2)
+            made[-1].load_state_dict({**made[-1].state_dict(), "scale": 1234.0})
+        return made[-1]
+    monkeypatch.setattr(engine, "make_grad_scaler", cpu_scaler)
+    _, _, end = run(cfg_for(tiny_dataset, tmp_path, policy="last", amp=True, epochs=1))
+    saved = torch.load(f"{end.run_dir}/latest.pt", weights_only=True)["scaler_state"]
+    assert saved["scale"] == made[0].get_scale() != 65536.0
+    _, epochs, end2 = run(cfg_for(tiny_dataset, tmp_path, policy="last", amp=True, epochs=2,
+                                  resume=f"{end.run_dir}/latest.pt"))
+    assert [e.epoch for e in epochs] == [2] and end2.status == "completed"
+    assert made[1].state_dict()["_growth_tracker"] >= saved["_growth_tracker"]
+    assert made[1].get_scale() in (saved["scale"], saved["scale"] * 2)  # continued from the saved scale
+    # no --amp, or not CUDA: no scaler, nothing saved
+    assert real(cfg_for(tiny_dataset, tmp_path), torch.device("cpu"), saved, kind="cpu") is None
+    assert real(cfg_for(tiny_dataset, tmp_path, amp=True), torch.device("cpu"), saved) is None
