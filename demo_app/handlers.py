@@ -44,10 +44,16 @@ _FLAG_RE = re.compile("(?:" + "|".join(re.escape(f) for f in FIELD_NAMES) + r")(
 _UPLOAD_DIR_RE = re.compile(re.escape(str(Path(tempfile.gettempdir()) / "gradio")) + r"/[0-9a-f]+/")
 
 
+_PASS_FLAG_RE = re.compile(r"\bpass (--[\w-]+) (\S+)")  # "pass --val-split 0.2" -> "set ... to 0.2"
+_PICKLE_HINT = "predict.py --trust-pickle 1 (in the app: tick 'trust pickle')"
+
+
 def for_the_app(message: str) -> str:
     """A core/CLI message worded for the app: field names for flags, an
     uploaded file by its name rather than Gradio's temp path."""
-    return _UPLOAD_DIR_RE.sub("", _FLAG_RE.sub(lambda m: f"'{FIELD_NAMES[m.group(0)]}'", str(message)))
+    text = _PASS_FLAG_RE.sub(lambda m: f"set {m.group(1)} to {m.group(2)}" if m.group(1) in FIELD_NAMES
+                             else m.group(0), str(message)).replace(_PICKLE_HINT, "tick 'Trust pickle'")
+    return _UPLOAD_DIR_RE.sub("", _FLAG_RE.sub(lambda m: f"'{FIELD_NAMES[m.group(0)]}'", text))
 
 
 def user_error(e: Exception, title: str = "Error") -> gr.Error:
@@ -64,20 +70,20 @@ def error_markdown(title: str, message: str) -> str:
 
 
 def _int(value, name: str) -> int:
-    try:
-        f = float(value)
-    except (TypeError, ValueError):
-        raise UserError(f"{name} must be a whole number (got {value!r})") from None
+    """A number box's value as a whole number; `name` is the field's label."""
+    f = _float(value, name, "a whole number")
     if not math.isfinite(f) or f != int(f):
-        raise UserError(f"{name} must be a whole number (got {value})")
+        raise UserError(f"'{name}' must be a whole number (got {value})")
     return int(f)
 
 
-def _float(value, name: str) -> float:
+def _float(value, name: str, kind: str = "a number") -> float:
+    if value is None or str(value).strip() == "":
+        raise UserError(f"'{name}' is empty: enter {kind}")
     try:
         return float(value)
     except (TypeError, ValueError):
-        raise UserError(f"{name} must be a number (got {value!r})") from None
+        raise UserError(f"'{name}' must be {kind} (got {value!r})") from None
 
 
 def epochs_frame(history: list[dict]) -> pd.DataFrame:
@@ -92,15 +98,16 @@ class Handlers:
         self.data_dir = Path(data_dir)
         self.uploads_dir = Path(uploads_dir)
         self.service = service or TrainingService()
+        self._compared: dict[str, list[str]] = {}  # page (session) -> runs it overlays
 
     # ------------------------------------------------------------ dataset
 
     def check_dataset(self, data_dir, val_split=0, seed=1337):
         """-> (summary markdown, number of classes)."""
         try:
-            split = _float(val_split or 0, "validation split") or None
+            split = _float(val_split or 0, FIELD_NAMES["--val-split"]) or None
             check_val_split(split)  # the rule Start applies, shown before it
-            info = datasets.check(data_dir or self.data_dir, split, _int(seed or 0, "seed"))
+            info = datasets.check(data_dir or self.data_dir, split, _int(seed or 0, "Seed"))
         except UserError as e:
             raise user_error(e, "Dataset problem") from None
         return datasets.summary_markdown(info), len(info.classes)
@@ -119,8 +126,8 @@ class Handlers:
             return gr.skip(), gr.skip(), gr.skip()
         try:
             root = datasets.import_zip(zip_file, self.uploads_dir)
-        except UserError as e:
-            raise user_error(e, "Zip refused") from None
+        except UserError as e:  # said in the summary: raised, it would badge the folder box and hide its path
+            return gr.skip(), f"⚠ **Zip refused:** {user_error(e).message}", gr.skip()
         summary, n = self.check_dataset_shown(str(root), val_split, seed)  # the folder is kept for a fix either way
         return str(root), f"Extracted to `{root}`\n\n" + summary, n
 
@@ -156,10 +163,10 @@ class Handlers:
         policy = policy or "head"
         return TrainConfig(
             data_dir=(data_dir or "").strip() or str(self.data_dir), arch=arch, weights=weights, policy=policy,
-            epochs=_int(epochs, "epochs"), batch_size=_int(batch_size, "batch size"), lr=_float(lr, "learning rate"),
-            weight_decay=_float(weight_decay, "weight decay"), dropout=_float(dropout or 0, "dropout"),
-            augment=augment or "auto", seed=_int(seed, "seed"), device=device or "auto", amp=bool(amp),
-            val_split=_float(val_split, "validation split") or None, output_dir=str(self.checkpoints_dir),
+            epochs=_int(epochs, "Epochs"), batch_size=_int(batch_size, "Batch size"), lr=_float(lr, "Learning rate"),
+            weight_decay=_float(weight_decay, "Weight decay"), dropout=_float(dropout or 0, "Head dropout"),
+            augment=augment or "auto", seed=_int(seed, "Seed"), device=device or "auto", amp=bool(amp),
+            val_split=_float(val_split or 0, FIELD_NAMES["--val-split"]) or None, output_dir=str(self.checkpoints_dir),
             run_name=(run_name or "").strip() or f"{arch}-{policy}", extra={"ui": "gradio"},
         ).validate()
 
@@ -178,8 +185,10 @@ class Handlers:
         names = {v for _, v in choices}
         return gr.update(choices=choices, value=[s for s in (selected or []) if s in names])
 
-    def compare_changed(self, selected, state):
+    def compare_changed(self, selected, state, request: gr.Request = None):
         state = state or {}
+        if request is not None:  # what this page compares, for watch() frames drawn while it follows a run
+            self._compared[request.session_hash] = list(selected or [])
         history = state.get("history", [])
         return plots.accuracy_figure(history, state.get("epochs", 0), self._overlays(selected, state.get("run")))
 
@@ -196,11 +205,12 @@ class Handlers:
             cfg = self.make_config(data_dir, arch, weights_source, weights_path, policy, epochs, batch_size, lr,
                                    weight_decay, dropout, augment, seed, device, val_split, run_name, amp)
             handle = self.service.start(cfg)
-        except UserError as e:
+        except UserError as e:  # the status says why too: a pop-up fades, an older status would stay
+            yield error_markdown("Training not started", str(e)), *[gr.skip()] * 7
             raise user_error(e, "Training not started") from None
         overlays = self._overlays(compare)
         state = {"history": [], "epochs": cfg.epochs, "run": None}
-        log_lines: list[str] = []
+        log_lines = handle.log  # rebound below to the handle's latest lines
         yield self._train_frame("▶ Setting up: scanning the dataset, loading weights, building the model…",
                                 state, overlays, log_lines)
         ended, failed = None, None
@@ -208,6 +218,7 @@ class Handlers:
         # counts from boot, so a machine up for less than MIN_FRAME_S held the first back.
         last_frame, pending = -math.inf, None
         for ev in handle.follow():
+            log_lines = handle.log
             if pending and time.monotonic() - last_frame >= MIN_FRAME_S and not isinstance(ev, RunEnded):
                 yield self._train_frame(pending, state, overlays, log_lines)
                 last_frame, pending = time.monotonic(), None
@@ -220,19 +231,16 @@ class Handlers:
                     progress((ev.step, ev.total), desc=f"epoch {ev.epoch}/{cfg.epochs} · {ev.phase}", unit="batch")
             elif isinstance(ev, RunStarted):
                 state = {**state, "run": Path(ev.run_dir).name}
-                log_lines += start_lines(ev)
                 overlays = self._overlays(compare, state["run"])
                 msg = (f"▶ Run **{state['run']}** started: {len(ev.dataset.train.samples)} train / "
                        f"{len(ev.dataset.val.samples)} val images, {ev.trainable_params:,} of {ev.total_params:,} "
                        f"parameters train, on {ev.device}.")
                 yield self._train_frame(msg, state, overlays, log_lines)
             elif isinstance(ev, Notice):
-                log_lines.append(f"{ev.level.upper()}: {ev.text}")
                 yield self._train_frame(f"⚠ {html.escape(ev.text.splitlines()[0], quote=False)} (see the run log)",
                                         state, overlays, log_lines)
             elif isinstance(ev, EpochEnded):
                 state = {**state, "history": state["history"] + [history_row(ev)]}
-                log_lines.append(ev.line())
                 star = " ★ new best" if ev.best_acc else ""
                 msg = (f"▶ Epoch {ev.epoch}/{ev.epochs}: val_acc {ev.val_acc:.3f}, val_loss {ev.val_loss:.4f}{star} "
                        f"({ev.seconds:.1f} s)")
@@ -245,27 +253,30 @@ class Handlers:
                 ended = ev
             elif isinstance(ev, Failed):
                 failed = ev
+        log_lines = handle.log
         if failed is None and ended is None:  # cannot happen with core's engine; never leave the UI hanging
             failed = Failed("the training run ended without a result; details are in the server log")
+            log_lines = log_lines + [f"ERROR: {failed.message}"]
         if failed is not None:
-            log_lines.append(f"ERROR: {failed.message}")
             status = error_markdown("Could not train", failed.message)
             if failed.kind == "WeightsError":
                 status += ("\n\n→ In this app: set **Pretrained weights** to *None (random init)*, or to *Local file* "
                            "with the path of a backbone state_dict.")
             yield self._train_frame(status, state, overlays, log_lines)
             raise user_error(failed.message, "Training failed")
-        log_lines += ended.end_lines()
         frame = list(self._train_frame(end_status(ended), state, overlays, log_lines))
         frame[6] = self.refresh_compare(compare)
         frame[7] = self.refresh_checkpoints(ended.best_acc_path)
         yield tuple(frame)
 
     @staticmethod
-    def start_button(running: bool):
-        """Start is greyed out while this page's run trains (a click would be
-        ignored) and comes back when it ends, however it ends."""
-        return gr.update(interactive=not running, value="⏳ Training…" if running else START_LABEL)
+    def run_buttons(running: bool):
+        """(Start, Stop): Start is greyed out while this page's run trains (a
+        click would be ignored) and Stop while nothing does (a click would only
+        replace the finished run's result); both flip back when the run ends,
+        however it ends."""
+        return (gr.update(interactive=not running, value="⏳ Training…" if running else START_LABEL),
+                gr.update(interactive=running))
 
     def stop(self):
         """Waits (up to 10 s) for the run to end, then shows the same final status
@@ -279,30 +290,36 @@ class Handlers:
             return error_markdown("Could not train", h.failed.message)
         return "■ Stopping: the run ends after the current batch; completed epochs stay saved."
 
-    def watch(self, poll_s: float = 1.0):
+    def watch(self, poll_s: float = 1.0, request: gr.Request = None):
         """Page load: a run already in progress (started before a reload, or in
-        another tab) is followed here, its status, charts and epoch table
-        redrawn from its history every `poll_s`, then its final status."""
+        another tab) is followed here, its status, charts, epoch table and log
+        redrawn every `poll_s` while it changes, then its final status.
+        -> (status, loss, accuracy, table, log, run state, checkpoint, its description, Start, Stop)."""
         h = self.service.current
         if h is None or h.done.is_set():
-            yield READY, *[gr.skip()] * 5
+            yield READY, *[gr.skip()] * 7, *self.run_buttons(False)
             return
         shown = None
         while not h.done.wait(0 if shown is None else poll_s):
-            if shown is None or len(h.history) != shown:
-                shown = len(h.history)
+            if shown != (len(h.history), len(h.log)):
+                shown = (len(h.history), len(h.log))
                 yield *self._watch_frame(f"▶ A training run is in progress: {h.describe()}. Stop works from here "
-                                         "too.", h), gr.skip(), self.start_button(True)
+                                         "too.", h, request), gr.skip(), gr.skip(), *self.run_buttons(True)
         if h.ended is not None:
-            yield (*self._watch_frame(end_status(h.ended), h), self.refresh_checkpoints(h.ended.best_acc_path),
-                   self.start_button(False))
+            # The description too: the preselected best_acc.pt may keep its path while its weights changed.
+            best = h.ended.best_acc_path
+            yield (*self._watch_frame(end_status(h.ended), h, request), self.refresh_checkpoints(best),
+                   self.checkpoint_info(best, None, False) if best else gr.skip(), *self.run_buttons(False))
         else:
             yield (error_markdown("Could not train", h.failed.message if h.failed else "no result"),
-                   *[gr.skip()] * 4, self.start_button(False))
+                   *[gr.skip()] * 3, "\n".join(h.log), *[gr.skip()] * 3, *self.run_buttons(False))
 
-    def _watch_frame(self, status, h):
-        """(status, loss plot, accuracy plot, epoch table)."""
-        return self._train_frame(status, {"history": h.history, "epochs": h.cfg.epochs}, [], [])[:4]
+    def _watch_frame(self, status, h, request=None):
+        """(status, loss, accuracy, table, log, run state): the run's own state,
+        so 'Compare policies' on this page draws it beside the earlier runs."""
+        state = {"history": h.history, "epochs": h.cfg.epochs, "run": Path(h.run_dir).name if h.run_dir else None}
+        compared = self._compared.get(request.session_hash, []) if request is not None else []
+        return self._train_frame(status, state, self._overlays(compared, state["run"]), h.log)[:6]
 
     # ------------------------------------------------------------ predict
 
@@ -336,6 +353,22 @@ class Handlers:
             raise user_error(e, "Not an image") from None
         return r.confidences, (f"Prediction took **{r.ms:.0f} ms** on {pred.device.type} · top-{len(r.confidences)} of "
                                f"{len(pred.class_names)} classes")
+
+    def predict_shown(self, image, k, selected, uploaded, trust):
+        """predict() for the page: a problem clears the old label and is said
+        beside it (raised, it would leave the last answer on screen under an
+        error badge)."""
+        try:
+            return self.predict(image, k, selected, uploaded, trust)
+        except gr.Error as e:
+            return None, f"⚠ **{e.title}:** {e.message}"
+
+    def predict_batch_shown(self, files, folder, k, selected, uploaded, trust):
+        """predict_batch() for the page: a problem replaces the old results."""
+        try:
+            return self.predict_batch(files, folder, k, selected, uploaded, trust)
+        except gr.Error as e:
+            return None, None, None, f"⚠ **{e.title}:** {e.message}"
 
     def predict_batch(self, files, folder, k, selected, uploaded, trust):
         """-> (table, gallery, CSV path, summary markdown)."""
@@ -380,9 +413,9 @@ class Handlers:
     @staticmethod
     def model_tab(arch, policy, n_classes, dropout=0.0):
         try:
-            n = max(2, _int(n_classes or 2, "classes"))
+            n = max(2, _int(n_classes or 2, "Classes"))
             if n > MAX_CLASSES:
-                raise UserError(f"classes must be from 2 to {MAX_CLASSES:,} (got {n:,})")
+                raise UserError(f"'Classes' must be from 2 to {MAX_CLASSES:,} (got {n:,})")
         except UserError as e:
             raise user_error(e, "Model") from None
         v = modelview.model_view(arch, policy, n, float(dropout or 0))
@@ -412,12 +445,6 @@ def _layer_style(row):
 
 def inference_choices(checkpoints_dir):
     return runs.checkpoint_choices(checkpoints_dir)
-
-
-def start_lines(ev: RunStarted) -> list[str]:
-    """The CLI's start block, as lines."""
-    return (ev.header_lines() + [f"WARNING: {w}" for w in ev.dataset.warnings]
-            + [f"NOTE: {n}" for n in ev.notes])
 
 
 def end_status(ev: RunEnded) -> str:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Iterator
 
 from core.config import TrainConfig
-from core.engine import BatchProgress, EpochEnded, RunEnded, RunStarted, train
+from core.engine import BatchProgress, EpochEnded, Notice, RunEnded, RunStarted, train
 from core.errors import UserError
 
 log = logging.getLogger("demo_app")
@@ -30,6 +30,21 @@ log = logging.getLogger("demo_app")
 def history_row(ev: EpochEnded) -> dict:
     """An epoch as the app's table and charts take it: the metrics row, plus whether it is the new best."""
     return {**ev.as_row(), "best": ev.best_acc}
+
+
+def log_lines(ev) -> list[str]:
+    """The CLI's lines for an engine event: the app's run log."""
+    if isinstance(ev, RunStarted):
+        return ev.header_lines() + [f"WARNING: {w}" for w in ev.dataset.warnings] + [f"NOTE: {n}" for n in ev.notes]
+    if isinstance(ev, Notice):
+        return [f"{ev.level.upper()}: {ev.text}"]
+    if isinstance(ev, EpochEnded):
+        return [ev.line()]
+    if isinstance(ev, RunEnded):
+        return ev.end_lines()
+    if isinstance(ev, Failed):
+        return [f"ERROR: {ev.message}"]
+    return []
 
 
 class BusyError(UserError):
@@ -58,6 +73,7 @@ class RunHandle:
     phase: str = "setup"
     ended: RunEnded | None = None
     history: list[dict] = field(default_factory=list)  # epoch rows so far, for pages that join late
+    log: list[str] = field(default_factory=list)  # the run log so far (replaced, never changed in place)
     failed: Failed | None = None
 
     def follow(self) -> Iterator:
@@ -113,6 +129,7 @@ class TrainingService:
                     h.history = h.history + [history_row(ev)]  # a new list: readers never see it change
                 elif isinstance(ev, RunEnded):
                     h.ended = ev
+                h.log = h.log + log_lines(ev)
                 h.events.put(ev)
         except UserError as e:
             h.failed = Failed(str(e), kind=type(e).__name__)
@@ -123,6 +140,7 @@ class TrainingService:
             h.failed = Failed(f"internal error ({type(e).__name__}: {e}); details are in the server log")
         finally:
             if h.failed:
+                h.log = h.log + log_lines(h.failed)
                 h.events.put(h.failed)
             h.done.set()
             self._lock.release()  # before _DONE: a client that starts again right after the last update gets in

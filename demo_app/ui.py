@@ -120,7 +120,7 @@ def build_app(checkpoints_dir, data_dir, uploads_dir=None, service: TrainingServ
                     with gr.Column(scale=7, elem_id="train-run"):
                         with gr.Row():
                             start_btn = gr.Button(START_LABEL, variant="primary", elem_id="start-btn")
-                            stop_btn = gr.Button("■ Stop", variant="stop", elem_id="stop-btn")
+                            stop_btn = gr.Button("■ Stop", variant="stop", interactive=False, elem_id="stop-btn")
                         status = gr.Markdown("Ready.", elem_id="train-status", padding=True)
                         with gr.Row():
                             loss_plot = gr.Plot(loss_figure([]), label="Loss", show_label=False, elem_id="loss-plot")
@@ -223,16 +223,24 @@ def build_app(checkpoints_dir, data_dir, uploads_dir=None, service: TrainingServ
         policy.change(lambda p: p, policy, m_policy, **private)
         n_classes.change(lambda n: n, n_classes, m_classes, **private)
 
+        predict_inputs = [image, k, ckpt, ckpt_file, trust]
         train_inputs = [data_dir, arch, weights_source, weights_path, policy, epochs, batch_size, lr, weight_decay,
                         dropout, augment, seed, device, val_split, run_name, amp, compare]
         train_outputs = [status, loss_plot, acc_plot, epochs_table, log_box, run_state, compare, ckpt]
         # concurrency_limit=None: a second Start (another tab) reaches the handler and is refused
         # there with a message, instead of waiting silently in Gradio's queue.
-        start_btn.click(lambda: h.start_button(True), None, start_btn, queue=False, show_progress="hidden",
-                        **private).then(
+        buttons = [start_btn, stop_btn]
+        # When the run ends the checkpoint's description and the image's label are redone: the
+        # preselected best_acc.pt may be the same path as before, with newer weights in it.
+        refreshed = [(h.checkpoint_info, [ckpt, ckpt_file, trust], ckpt_info), (h.predict_shown, predict_inputs,
+                                                                                [label, pred_time])]
+        run = start_btn.click(lambda: h.run_buttons(True), None, buttons, queue=False, show_progress="hidden",
+                              **private).then(
             h.start, train_inputs, train_outputs, api_name="train", concurrency_limit=None,
             show_progress="minimal", show_progress_on=[status]).then(
-            lambda: h.start_button(False), None, start_btn, queue=False, show_progress="hidden", **private)
+            lambda: h.run_buttons(False), None, buttons, queue=False, show_progress="hidden", **private)
+        for fn, inputs, outputs in refreshed:
+            run = run.then(fn, inputs, outputs, show_progress="hidden", **private)
         stop_btn.click(h.stop, None, status, api_name="stop", concurrency_limit=None, show_progress="hidden")
         compare.change(h.compare_changed, [compare, run_state], acc_plot, show_progress="hidden", **private)
         compare_refresh.click(h.refresh_compare, compare, compare, **private)
@@ -241,14 +249,17 @@ def build_app(checkpoints_dir, data_dir, uploads_dir=None, service: TrainingServ
         ckpt_refresh.click(h.refresh_checkpoints, ckpt, ckpt, api_name="refresh_checkpoints")
         gr.on([ckpt.change, ckpt_file.change, trust.change], h.checkpoint_info, [ckpt, ckpt_file, trust], ckpt_info,
               show_progress="minimal", **private)
-        predict_inputs = [image, k, ckpt, ckpt_file, trust]
-        predict_btn.click(h.predict, predict_inputs, [label, pred_time], api_name="predict")
+        predict_btn.click(h.predict_shown, predict_inputs, [label, pred_time], **private)
         # A new checkpoint re-labels the image shown (else an old result, or an old error, stays on screen).
-        gr.on([image.change, k.release, ckpt.change, ckpt_file.change, trust.change], h.predict, predict_inputs,
+        gr.on([image.change, k.change, ckpt.change, ckpt_file.change, trust.change], h.predict_shown, predict_inputs,
               [label, pred_time], show_progress="minimal", **private)
         examples.select(h.example_selected, example_paths, image, **private)
-        gr.on([batch_btn.click, folder.submit], h.predict_batch, [files, folder, k, ckpt, ckpt_file, trust],
-              [batch_table, batch_gallery, batch_csv, batch_summary], api_name="predict_batch")
+        batch_inputs, batch_outputs = [files, folder, k, ckpt, ckpt_file, trust], [batch_table, batch_gallery,
+                                                                                 batch_csv, batch_summary]
+        gr.on([batch_btn.click, folder.submit], h.predict_batch_shown, batch_inputs, batch_outputs, **private)
+        # The API endpoints raise errors (the page shows them inline instead); hidden buttons carry them.
+        gr.Button(visible=False).click(h.predict, predict_inputs, [label, pred_time], api_name="predict")
+        gr.Button(visible=False).click(h.predict_batch, batch_inputs, batch_outputs, api_name="predict_batch")
 
         # ------------------------------------------------------------ wiring: Model
         model_outputs = [m_table, m_totals, m_base, m_transfer, m_base_raw, m_transfer_raw]
@@ -256,8 +267,8 @@ def build_app(checkpoints_dir, data_dir, uploads_dir=None, service: TrainingServ
               model_outputs, api_name="model_summary", show_progress="minimal")
 
         # ------------------------------------------------------------ page load
-        demo.load(h.watch, None, [status, loss_plot, acc_plot, epochs_table, ckpt, start_btn], concurrency_limit=None,
-                  show_progress="hidden", **private)
+        demo.load(h.watch, None, [status, loss_plot, acc_plot, epochs_table, log_box, run_state, ckpt, ckpt_info,
+                                  *buttons], concurrency_limit=None, show_progress="hidden", **private)
         demo.load(h.check_dataset_shown, [data_dir, val_split, seed], ds_outputs, **private)
         demo.load(h.refresh_compare, compare, compare, **private)
         demo.load(h.refresh_checkpoints, ckpt, ckpt, **private)
