@@ -97,6 +97,13 @@ def check_csv_path(path: str):
     p = Path(path).expanduser()
     if p.is_dir():
         raise UserError(f"--csv {path} is a folder; give a file name, e.g. {p / 'predictions.csv'}")
+    # An existing file is replaced only if it is a CSV: a typo must not turn an
+    # image, a checkpoint, a source file or /dev/null into a table.
+    if p.exists() and not p.is_file():
+        raise UserError(f"--csv {path} is not a regular file; give a file name, e.g. predictions.csv")
+    if p.exists() and p.suffix.lower() != ".csv":
+        raise UserError(f"--csv {path} already exists and is not a .csv file; it was left alone. Give a new name "
+                        f"or an existing .csv file to replace")
     if not p.parent.is_dir():
         raise UserError(f"--csv {path}: the folder {p.parent} does not exist")
     if not os.access(p.parent, os.W_OK):

@@ -312,6 +312,19 @@ def test_predict_flag_mistakes_are_caught_before_any_work(tiny_dataset, tmp_path
         p = predict(*args)
         assert p.returncode == 2 and message in p.stderr and "IMAGE:" not in p.stdout, (args, p.stderr)
         assert "Traceback" not in p.stderr
+    # --csv never replaces a file that is not a CSV: an input image, the checkpoint itself, a source file
+    image = sorted((tiny_dataset / "val").rglob("*.jpg"))[0]
+    for target in (image, run / "best_acc.pt", tmp_path / "notes.txt"):
+        if not target.exists():
+            target.write_text("my notes")
+        before = target.read_bytes()
+        p = predict("--image", val, "--all", "1", "--csv", str(target))
+        assert p.returncode == 2 and "already exists and is not a .csv file; it was left alone" in p.stderr, p.stderr
+        assert target.read_bytes() == before
+    old_csv = tmp_path / "old.csv"
+    old_csv.write_text("file,label\n")
+    assert predict("--image", val, "--all", "1", "--csv", str(old_csv)).returncode == 0  # a CSV is replaced
+    assert len(old_csv.read_text().splitlines()) > 2
     p = predict("--image", val, "--random", "1", "--n", "500", "--classes", "a,b")
     assert p.returncode == 0 and "fewer than --n 500: predicting all of them" in p.stderr
     assert "--classes ignored: the checkpoint names its classes ['cat', 'fish']" in p.stderr
