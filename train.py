@@ -77,6 +77,9 @@ def continue_saved_run(cfg: TrainConfig, given: set[str]) -> tuple[TrainConfig, 
     from core.errors import ConfigError
     cfg.validate()  # what was typed is checked as typed
     saved = saved_args(cfg.resume)
+    refuse_changed_run_settings(cfg, saved, given)
+    if "output_dir" not in given:  # a new folder (see engine.resume_run_dir) goes beside the resumed run's
+        cfg.output_dir = str(Path(cfg.resume).expanduser().resolve().parent.parent)
     restored = resumed_settings(saved, given, cfg)
     notes = []
     if "data_dir" in given and isinstance(saved.get("data_dir"), str) and \
@@ -93,6 +96,29 @@ def continue_saved_run(cfg: TrainConfig, given: set[str]) -> tuple[TrainConfig, 
         raise ConfigError(f"--resume: the saved run's settings are not usable ({e}); give that flag again") from None
     return cfg, notes + ["--resume: continuing the run's " + ", ".join(f"{k}={v}" for k, v in restored.items())
                          + " (give a flag again to change it)"]
+
+
+# What a resumed run keeps from its checkpoint whatever is typed (the optimizer
+# state and the data pipeline depend on them; see engine.read_resume).
+FIXED_ON_RESUME = {"arch": "--arch", "policy": "--policy", "dropout": "--dropout", "seed": "--seed",
+                   "augment": "--augment", "val_split": "--val-split"}
+
+
+def refuse_changed_run_settings(cfg: TrainConfig, saved: dict, given: set[str]) -> None:
+    """A flag typed with --resume that would change one of FIXED_ON_RESUME is an
+    error, not a NOTE: silently training with the saved value contradicts what
+    was typed."""
+    from core.config import as_type_of
+    from core.errors import ConfigError
+    typed = set(given) | ({"policy"} if given & {"freeze_backbone", "unfreeze_last", "unfreeze_all"} else set())
+    for name, flag in FIXED_ON_RESUME.items():
+        if name not in typed or name not in saved:
+            continue
+        now, was = getattr(cfg, name), saved[name]
+        if (None if was is None else as_type_of(now, was)) != now:
+            raise ConfigError(f"{flag} {now} cannot change on --resume: the saved run used {flag} {was}, and a resumed "
+                              f"run keeps its {', '.join(FIXED_ON_RESUME.values())}. Leave {flag} out to continue it, "
+                              f"or start a new run (without --resume) to train with {flag} {now}")
 
 
 def main(argv=None) -> int:

@@ -49,13 +49,13 @@ def resumed_settings(saved_args: dict, given: set[str], current: "TrainConfig") 
         if name in given or saved_args.get(name) is None:
             continue
         now = getattr(current, name)
-        value = _like(now, saved_args[name])
+        value = as_type_of(now, saved_args[name])
         if value is not None and value != now:
             out[name] = value
     return out
 
 
-def _like(now, value):
+def as_type_of(now, value):
     """`value` as the type of `now`, or None where that would guess (e.g. 7.9
     for an int, the string 'False' for a bool)."""
     if isinstance(now, bool):

@@ -489,7 +489,7 @@ def read_resume(cfg: TrainConfig) -> tuple[dict, list[str]]:
     notes = []
     for name, value in saved.items():
         if value is not None and getattr(cfg, name) != value:
-            notes.append(f"--resume: using the checkpoint's {name}={value} (not {getattr(cfg, name)})")
+            notes.append(f"--resume: continuing with the checkpoint's {name}={value}")
             setattr(cfg, name, value)
     # The weights were loaded when the run began; keep recording where they came from.
     cfg.weights = str(ckpt.get("weights") or args.get("weights") or cfg.weights)

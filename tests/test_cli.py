@@ -347,3 +347,25 @@ def test_print_model_highlights_every_architecture():
         block = lines[lines.index("HIGHLIGHTS:") + 1:lines.index("PARAMETERS (trainable / total) per policy:") - 1]
         assert [line.split(":")[0].strip() for line in block] == parts, block
         assert "out_features=3" in block[-1]
+
+
+def test_resume_refuses_a_typed_change_of_the_runs_fixed_settings(tiny_dataset, tmp_path):
+    """--policy/--arch/--seed/... typed with --resume used to be overridden by the
+    checkpoint's value with only a NOTE, training something other than what was
+    typed. Now it is an error; typing the saved value again is fine. A resume
+    that needs a new folder puts it beside the resumed run, not in ./checkpoints."""
+    r = cli("train.py", "--data-dir", str(tiny_dataset), "--device", "cpu", "--weights", "none", "--epochs", "2",
+            "--policy", "last", "--output-dir", str(tmp_path / "runs"))
+    assert r.returncode == 0, r.stderr
+    run = run_dir_of(r.stdout)
+    for flags, said in ((["--policy", "head"], "--policy head cannot change on --resume: the saved run used --policy last"),
+                        (["--freeze-backbone", "1"], "--policy head cannot change on --resume"),
+                        (["--arch", "mobilenet_v2"], "--arch mobilenet_v2 cannot change on --resume"),
+                        (["--seed", "5"], "--seed 5 cannot change on --resume: the saved run used --seed 1337")):
+        p = cli("train.py", "--device", "cpu", "--resume", str(run / "latest.pt"), "--epochs", "3", *flags)
+        assert p.returncode == 2 and said in p.stderr and "start a new run" in p.stderr, (flags, p.stderr)
+        assert torch.load(run / "latest.pt", weights_only=True)["epoch"] == 2  # nothing trained
+    older = ck_with_epochs(run / "latest.pt", 1, run / "epoch1.pt")  # behind latest.pt: continues in a new folder
+    p = cli("train.py", "--device", "cpu", "--resume", str(older), "--epochs", "3", "--policy", "last")
+    assert p.returncode == 0, p.stderr
+    assert run_dir_of(p.stdout).parent == run.parent, p.stdout  # beside the resumed run

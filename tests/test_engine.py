@@ -329,7 +329,7 @@ def test_resume_refuses_a_finished_run_and_restores_data_settings(tiny_dataset, 
         list(train(cfg_for(tiny_dataset, tmp_path, epochs=2, resume=f"{first.run_dir}/latest.pt")))
     events = list(train(cfg_for(tiny_dataset, tmp_path, epochs=3, seed=99, resume=f"{first.run_dir}/latest.pt")))
     assert events[0].config.seed == 11
-    assert any("using the checkpoint's seed=11" in n for n in events[0].notes)
+    assert any("continuing with the checkpoint's seed=11" in n for n in events[0].notes)
 
 
 def test_stop_while_decoding_images(tiny_dataset, tmp_path):
