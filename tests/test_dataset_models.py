@@ -92,7 +92,9 @@ def test_reference_flags_map_to_policies():
 
 @pytest.mark.parametrize("field,value,msg", [("lr", 0, "--lr"), ("dropout", 1.0, "--dropout"),
                                              ("batch_size", 0, "--batch-size"), ("run_name", "a/b", "--run-name"),
-                                             ("val_split", 1.5, "--val-split"), ("lr", float("nan"), "--lr")])
+                                             ("val_split", 1.5, "--val-split"), ("lr", float("nan"), "--lr"),
+                                             # a mistyped keyword is not "checkpoint nonee does not exist"
+                                             ("weights", "nonee", "--weights 'nonee' is not valid; choose imagenet, none")])
 def test_config_validation_messages(field, value, msg):
     with pytest.raises(ConfigError, match=msg):
         TrainConfig(**{field: value}).validate()
