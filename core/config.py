@@ -114,7 +114,8 @@ class TrainConfig:
         if str(self.weights).strip().lower() in ("imagenet", "none"):  # --weights None / IMAGENET mean the keywords
             self.weights = str(self.weights).strip().lower()
         w = str(self.weights)
-        need(w in ("imagenet", "none") or any(c in w for c in "/\\.") or Path(w).expanduser().exists(),
+        # (a resumed run records where its weights came from, e.g. the reference's 'IMAGENET1K_V1')
+        need(self.resume or w in ("imagenet", "none") or any(c in w for c in "/\\.") or Path(w).expanduser().exists(),
              f"--weights {w!r} is not valid; choose imagenet, none, or the path of a state_dict file (.pth)")
         need(self.arch in ARCHS, f"--arch {self.arch!r} is not supported; choose one of {', '.join(ARCHS)}")
         need(self.policy in POLICIES, f"--policy {self.policy!r} is not valid; choose head, last or full")

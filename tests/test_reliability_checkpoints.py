@@ -326,7 +326,7 @@ def test_an_epoch_save_fsyncs_its_folder_once_after_all_renames(tmp_path, monkey
     opt = torch.optim.AdamW(model.parameters())
     best = {**empty_best(), "acc": 1.0, "acc_epoch": 1, "loss": 0.1, "loss_epoch": 1}
     cfg = TrainConfig(data_dir=str(tmp_path), weights="none")
-    save_epoch(tmp_path, model, opt, 1, best, ["a", "b"], cfg, [{"epoch": 1, "val_acc": 1.0}], True, True)
+    save_epoch(tmp_path, model, opt, None, 1, best, ["a", "b"], cfg, [{"epoch": 1, "val_acc": 1.0}], True, True)
     assert calls == [("dir", str(tmp_path))]
     assert os.path.samefile(tmp_path / "latest.pt", tmp_path / "best_acc.pt")
     assert os.path.samefile(tmp_path / "latest.pt", tmp_path / "best_loss.pt")
