@@ -19,7 +19,7 @@ MAX_CLASSES = 10_000  # past this a new head alone needs gigabytes; no folder-of
 
 POLICY_HELP = {
     "head": "Head only: the pretrained backbone is frozen, only the new fc layer learns. Fast, best for small datasets.",
-    "last": "Last stage + head: layer4 (ResNet) and fc learn, earlier layers stay frozen. More capacity, still fast.",
+    "last": "Last stage + head: layer4 and fc learn, earlier layers stay frozen. More capacity, still fast.",
     "full": "Full fine-tune: every layer learns. Slowest; needs more data and a smaller learning rate.",
 }
 

@@ -34,13 +34,23 @@ def layer_rows(model: nn.Module, arch: str, policy: str, depth: int = 2, image_s
     rows = []
     for name, m in modules.items():
         n_params = sum(p.numel() for p in m.parameters())
+        n_trains = sum(p.numel() for pn, p in m.named_parameters() if f"{name}.{pn}".startswith(prefixes))
         kind = type(m).__name__
+        # A block's BatchNorms are inside it, not rows of their own: say how many (and
+        # whether they train), or a MobileNetV2 table would show no BatchNorm at all.
+        n_bn = sum(isinstance(c, nn.BatchNorm2d) for c in m.modules()) if kind != "BatchNorm2d" else 0
+        note = NOTES.get(kind, "")
+        if n_bn:
+            note = (f"{n_bn} BatchNorm layer(s) inside ({'they train and update their running statistics' if n_trains else 'frozen: kept in eval mode, ImageNet statistics'}). "
+                    + note).strip()
         rows.append({
             "name": name, "type": kind,
             "output_shape": "x".join(str(d) for d in shapes.get(name, ())) or "-",
             "params": n_params,
-            "trains": any(f"{name}.{pn}".startswith(prefixes) for pn, _ in m.named_parameters()),
-            "note": NOTES.get(kind, ""),
+            "trainable_params": n_trains,
+            "trains": n_trains > 0,
+            "batchnorms": n_bn + (kind == "BatchNorm2d"),
+            "note": note,
         })
     return rows
 

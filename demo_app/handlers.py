@@ -419,10 +419,10 @@ class Handlers:
         except UserError as e:
             raise user_error(e, "Model") from None
         v = modelview.model_view(arch, policy, n, float(dropout or 0))
-        df = pd.DataFrame([[r["name"], r["type"], r["output_shape"], r["params"],
-                            "✔ trains" if r["trains"] else "frozen", r["note"]] for r in v.rows],
-                          columns=LAYER_COLUMNS)
-        styled = df.style.apply(_layer_style, axis=1).format({"params": "{:,}"})
+        df = pd.DataFrame([[r["name"], r["type"], r["output_shape"], r["params"], trains_cell(r), r["note"]]
+                           for r in v.rows], columns=LAYER_COLUMNS)
+        highlighted = [bool(r["batchnorms"]) or r["type"] == "MaxPool2d" for r in v.rows]
+        styled = df.style.apply(_layer_style, axis=1, highlighted=highlighted).format({"params": "{:,}"})
         label = modelview.POLICY_LABELS[policy]
         totals = (f"**Total parameters:** {v.total:,} · **trainable under “{label}”:** {v.trainable:,} "
                   f"({100 * v.trainable / v.total:.2f}%) · output shapes for a 1×3×224×224 input")
@@ -433,14 +433,23 @@ class Handlers:
         return styled, totals, base, transfer, v.base_repr, v.transfer_repr
 
 
-def _layer_style(row):
-    if row["type"] in ("BatchNorm2d", "MaxPool2d"):
-        css = "background-color: #fef3c7"
-    elif row["trains"] != "frozen":
-        css = "background-color: #dcfce7"
-    else:
-        css = ""
-    return [css] * len(row)
+def trains_cell(row: dict) -> str:
+    if not row["params"]:
+        return "– (no weights)"
+    if row["trainable_params"] == row["params"]:
+        return "✔ trains"
+    if row["trainable_params"]:
+        return f"◐ partly ({row['trainable_params']:,})"
+    return "frozen"
+
+
+def _layer_style(row, highlighted):
+    """Yellow name, type and note for BatchNorm / MaxPool (or a block holding
+    BatchNorms); green 'trains' cell. Separate cells, so a BatchNorm that
+    trains shows both."""
+    yellow = "background-color: #fef3c7" if highlighted[row.name] else ""
+    green = {"✔": "background-color: #bbf7d0", "◐": "background-color: #dcfce7"}.get(row["trains"][:1], "")
+    return [yellow if col in ("layer", "type", "note") else green if col == "trains" else "" for col in row.index]
 
 
 def inference_choices(checkpoints_dir):

@@ -7,11 +7,30 @@ from functools import lru_cache
 import torch
 
 from core.config import POLICY_HELP
-from core.models import HEAD_NAME, apply_policy, build_base_model, build_model, param_counts
+from core.models import HEAD_NAME, MOBILENET_LAST_STAGE, apply_policy, build_base_model, build_model, param_counts
 from core.summary import layer_rows, policy_table
 
 
 POLICY_LABELS = {"head": "Head only", "last": "Last stage + head", "full": "Full fine-tune"}
+# What each policy trains, in the architecture's own layer names.
+TRAINED_PARTS = {"resnet18": {"head": "fc", "last": "layer4 + fc"},
+                 "mobilenet_v2": {"head": "classifier", "last": f"features.{MOBILENET_LAST_STAGE}–18 + classifier"}}
+
+
+def policy_choices(arch: str) -> list[tuple[str, str]]:
+    """The freeze-policy radio's (label, value) pairs, naming `arch`'s layers."""
+    parts = TRAINED_PARTS.get(arch, TRAINED_PARTS["resnet18"])
+    return [(f"{POLICY_LABELS['head']} ({parts['head']})", "head"),
+            (f"{POLICY_LABELS['last']} ({parts['last']})", "last"), (POLICY_LABELS["full"], "full")]
+
+
+def policy_help(arch: str, policy: str) -> str:
+    if arch == "mobilenet_v2" and policy in ("head", "last"):
+        return {"head": "Head only: the pretrained backbone is frozen, only the new classifier layer learns. Fast, "
+                        "best for small datasets.",
+                "last": f"Last stages + head: features.{MOBILENET_LAST_STAGE}–18 and the classifier learn, earlier "
+                        f"blocks stay frozen. More capacity, still fast."}[policy]
+    return POLICY_HELP[policy]
 
 
 @dataclass
@@ -55,5 +74,5 @@ def _policy_counts(arch: str, n_classes: int) -> dict[str, tuple[int, int]]:
 def policy_markdown(arch: str, policy: str, n_classes: int) -> str:
     """One-line explanation and the trainable-parameter count of `policy`."""
     trainable, total = _policy_counts(arch, max(2, int(n_classes or 2)))[policy]
-    return (f"{POLICY_HELP[policy]}<br>**Trainable: {trainable:,}** of {total:,} parameters "
+    return (f"{policy_help(arch, policy)}<br>**Trainable: {trainable:,}** of {total:,} parameters "
             f"({100 * trainable / total:.2f}%) for {int(n_classes or 2)} classes")

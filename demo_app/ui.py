@@ -10,6 +10,7 @@ from core.config import ARCHS, AUGMENTS, DEVICES, MAX_CLASSES
 from .components import SafeImage
 from .handlers import EPOCH_COLUMNS, LAYER_COLUMNS, PRED_COLUMNS, START_LABEL, WEIGHT_SOURCES, Handlers
 from .plots import accuracy_figure, loss_figure
+from .modelview import policy_choices
 from .session import TrainingService
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -32,7 +33,6 @@ THEME = gr.themes.Default(primary_hue="blue", secondary_hue="orange")
 HEADER = """# Transfer learning with ResNet-18
 Train an image classifier on your own folders in minutes: a pretrained backbone, a new head, and a freeze policy you choose. Everything runs on this machine."""
 
-POLICY_CHOICES = [("Head only (fc)", "head"), ("Last stage + head (ResNet: layer4 + fc)", "last"), ("Full fine-tune", "full")]
 
 
 def launch_options(checkpoints_dir, data_dir, uploads_dir=None) -> dict:
@@ -84,7 +84,7 @@ def build_app(checkpoints_dir, data_dir, uploads_dir=None, service: TrainingServ
                             weights_file = gr.UploadButton("…or upload the weights file", file_types=[".pth", ".pt"],
                                                            type="filepath", visible=False, size="sm",
                                                            elem_id="weights-upload")
-                            policy = gr.Radio(POLICY_CHOICES, value="head", label="Freeze policy", elem_id="policy")
+                            policy = gr.Radio(policy_choices("resnet18"), value="head", label="Freeze policy", elem_id="policy")
                             policy_md = gr.Markdown(h.policy_info("resnet18", "head", 2), elem_id="policy-info",
                                                     padding=True)
 
@@ -190,7 +190,7 @@ def build_app(checkpoints_dir, data_dir, uploads_dir=None, service: TrainingServ
             with gr.Tab("Model", id="model", elem_id="tab-model"):
                 with gr.Row():
                     m_arch = gr.Dropdown(list(ARCHS), value="resnet18", label="Architecture", elem_id="model-arch")
-                    m_policy = gr.Radio(POLICY_CHOICES, value="head", label="Freeze policy", elem_id="model-policy",
+                    m_policy = gr.Radio(policy_choices("resnet18"), value="head", label="Freeze policy", elem_id="model-policy",
                                         scale=2)
                     m_classes = gr.Number(2, label="Classes (new head outputs)", precision=None, minimum=2, maximum=MAX_CLASSES,
                                           elem_id="model-classes")
@@ -200,7 +200,7 @@ def build_app(checkpoints_dir, data_dir, uploads_dir=None, service: TrainingServ
                     m_transfer = gr.Markdown("", elem_id="model-transfer", padding=True, container=True)
                 m_table = gr.Dataframe(value=None, headers=LAYER_COLUMNS, interactive=False, wrap=True,
                                        column_widths=["9%", "13%", "12%", "9%", "8%", "49%"], max_height=1400,
-                                       label="Layers (yellow: BatchNorm / MaxPool · green: trains under the policy)",
+                                       label="Layers (yellow: BatchNorm / MaxPool, or a block with BatchNorms inside · green: trains under the policy, ◐ partly)",
                                        elem_id="model-table")
                 with gr.Accordion("print(model): base and transfer model", open=False, elem_id="model-raw"):
                     with gr.Row():
@@ -220,6 +220,8 @@ def build_app(checkpoints_dir, data_dir, uploads_dir=None, service: TrainingServ
         gr.on([arch.change, policy.change, n_classes.change], h.policy_info, [arch, policy, n_classes], policy_md,
               **private)
         arch.change(lambda a: a, arch, m_arch, **private)
+        arch.change(lambda a: gr.update(choices=policy_choices(a)), arch, policy, **private)
+        m_arch.change(lambda a: gr.update(choices=policy_choices(a)), m_arch, m_policy, **private)
         policy.change(lambda p: p, policy, m_policy, **private)
         n_classes.change(lambda n: n, n_classes, m_classes, **private)
 

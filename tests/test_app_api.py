@@ -353,6 +353,19 @@ def test_model_summary_rows_and_totals(app):
     full = app["client"].predict("resnet18", "full", 2, api_name="/model_summary")
     assert "100.00%" in full[1]
     mnv2 = app["client"].predict("mobilenet_v2", "last", 10_000, api_name="/model_summary")
+    # MobileNetV2's BatchNorms sit inside its blocks: each block row says so, and whether they train;
+    # a stage that trains only in part says so instead of a plain "trains".
+    m_rows = {r[0]: r for r in mnv2[0]["data"]}
+    assert m_rows["features"][4].startswith("◐ partly") and m_rows["features.13"][4] == "frozen"
+    assert m_rows["features.14"][4] == "✔ trains" and "3 BatchNorm layer(s) inside (they train" in m_rows["features.14"][5]
+    assert "BatchNorm layer(s) inside (frozen" in m_rows["features.13"][5]
+    assert m_rows["classifier.0"][4].startswith("–")  # dropout: no weights, neither frozen nor training
+    # A BatchNorm that trains (full fine-tune) keeps its green "trains" cell beside the yellow highlight.
+    from demo_app.handlers import Handlers
+    styled = Handlers.model_tab("resnet18", "full", 2)[0]
+    styles = {(styled.data.iloc[r]["layer"], styled.data.columns[c]): css
+              for (r, c), css in styled._compute().ctx.items()}
+    assert "#fef3c7" in str(styles[("bn1", "type")]) and "#bbf7d0" in str(styles[("bn1", "trains")])
     assert "10000 outputs" in mnv2[3] or "10,000 outputs" in mnv2[3]
     with pytest.raises(AppError, match="greater than maximum value 10000"):  # Gradio checks the Number's range
         app["client"].predict("resnet18", "head", 10**8, api_name="/model_summary")

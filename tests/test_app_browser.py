@@ -231,7 +231,7 @@ def test_local_weights_file_run(page, app):
     page.locator("#weights-source").get_by_text("Local file").click()
     page.locator("#weights-path").wait_for(state="visible")
     fill_text(page, "weights-path", str(weights))
-    page.locator("#policy").get_by_text("Head only (fc)").click()
+    page.locator("#policy").get_by_text("Head only (classifier)").click()
     page.wait_for_function("document.querySelector('#policy-info').innerText.includes('2,562')")  # 1280*2+2
     set_number(page, "epochs", 6)
     set_number(page, "batch-size", 8)
