@@ -8,15 +8,15 @@ from __future__ import annotations
 import argparse
 import sys
 
-from cli.common import bool01, exit_fast, run_cli
+from cli.common import ArgumentParser, bool01, exit_fast, run_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Classify an image, a random sample of a folder, or a whole folder.")
+    p = ArgumentParser(description="Classify an image, a random sample of a folder, or a whole folder.")
     a = p.add_argument
     a("--image", required=True, help="an image file, or a folder (first image; see --random/--all)")
     a("--checkpoint", required=True, help="checkpoint dict (.pt), bare state_dict, or full model (with --trust-pickle 1)")
-    a("--device", default="auto", help="auto | cpu | cuda | mps")
+    a("--device", default="auto", type=str.lower, help="auto | cpu | cuda | mps")
     a("--topk", type=int, default=2)
     a("--random", type=bool01, default=0, help="1: pick --n random images from the folder")
     a("--n", type=int, default=5)
@@ -24,7 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--all", type=bool01, default=0, help="1: every image in the folder tree, in batches")
     a("--csv", default=None, help="write file,label,p,topk rows to this CSV")
     a("--batch-size", type=int, default=None, help="images per forward pass (default: 8 on CPU, 32 on GPU)")
-    a("--arch", default=None, help="architecture of a bare state_dict (resnet18 | mobilenet_v2); guessed if omitted")
+    a("--arch", default=None, type=str.lower, help="architecture of a bare state_dict (resnet18 | mobilenet_v2); guessed if omitted")
     a("--classes", default=None, help="comma-separated class names for a bare state_dict or full model")
     a("--trust-pickle", type=bool01, default=0, help="1: allow loading a full pickled model (runs code from the file!)")
     return p
@@ -42,8 +42,9 @@ def _predict(args) -> int:
     from core.predict import Predictor, choose_images
 
     configure_threads()
-    if args.topk < 1 or args.n < 1 or (args.batch_size is not None and args.batch_size < 1):
-        raise UserError("--topk, --n and --batch-size must be >= 1")
+    for flag, value in (("--topk", args.topk), ("--n", args.n), ("--batch-size", args.batch_size)):
+        if value is not None and value < 1:
+            raise UserError(f"{flag} must be >= 1 (got {value})")
     if args.arch is not None and args.arch not in ARCHS:
         raise UserError(f"--arch {args.arch!r} is not supported; choose {' or '.join(ARCHS)}")
     if args.all and args.random:

@@ -11,12 +11,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from cli.common import bool01, exit_fast, run_cli
+from cli.common import ArgumentParser, bool01, exit_fast, run_cli
 from core.config import TrainConfig, policy_from_flags, resumed_settings
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Transfer learning with ResNet-18: train, validate, checkpoint.")
+    p = ArgumentParser(description="Transfer learning with ResNet-18: train, validate, checkpoint.")
     a = p.add_argument
     a("--data-dir", default="data", help="ImageFolder root with train/<class>/ and val/<class>/ (default: data)")
     a("--device", default="auto", help="auto | cpu | cuda | mps (default: auto)")
@@ -27,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--freeze-backbone", type=bool01, default=1, help="1: freeze the pretrained backbone (reference flag)")
     a("--unfreeze-last", type=bool01, default=0, help="1: also train the last stage (layer4)")
     a("--unfreeze-all", type=bool01, default=0, help="1: train every layer")
-    a("--policy", choices=["head", "last", "full"], default=None,
+    a("--policy", choices=["head", "last", "full"], type=str.lower, default=None,
       help="freeze policy; overrides the three 0/1 flags (head = fc only, last = layer4 + fc, full = all)")
     a("--seed", type=int, default=1337)
     a("--num-workers", type=int, default=0, help="image-decoding threads (0 = one per CPU core)")

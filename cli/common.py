@@ -29,6 +29,14 @@ def exit_fast(code: int) -> None:
     sys.exit(code)
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with a one-line error (argparse prints the whole usage block
+    above it, which hides what was wrong); exit code 2 as before."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
 def run_cli(fn) -> int:
     """Run `fn`; user errors become `error: ...` and exit code 2, never a traceback.
     Ctrl-C exits with 130. Environment problems (OSError) and internal errors
@@ -66,10 +74,19 @@ def run_cli(fn) -> int:
         return 1
 
 
+REQUIRED = ("torch", "torchvision", "PIL", "numpy", "tqdm", "gradio", "plotly")
+
+
 def missing_package(e: ModuleNotFoundError) -> str:
-    """Not a bug: this Python is not the project's (README: setup, then .venv/bin/python)."""
-    return (f"error: the package '{(e.name or '?').split('.')[0]}' is not installed for {sys.executable}. "
-            f"Run `bash scripts/setup.sh` once, then use .venv/bin/python (or `source .venv/bin/activate` first).")
+    """Not a bug: this Python is not the project's (README: setup, then .venv/bin/python).
+    Names every missing package, not just the first one imported."""
+    import importlib.util
+    first = (e.name or "?").split(".")[0]
+    missing = [first] + [m for m in REQUIRED if m != first and importlib.util.find_spec(m) is None]
+    names = ", ".join(f"'{m}'" for m in missing)
+    return (f"error: the package{'s' if len(missing) > 1 else ''} {names} {'are' if len(missing) > 1 else 'is'} not "
+            f"installed for {sys.executable}. Run `bash scripts/setup.sh` once, then use .venv/bin/python "
+            f"(or `source .venv/bin/activate` first).")
 
 
 def _silence_stdout() -> None:

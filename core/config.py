@@ -113,6 +113,9 @@ class TrainConfig:
 
         if str(self.weights).strip().lower() in ("imagenet", "none"):  # --weights None / IMAGENET mean the keywords
             self.weights = str(self.weights).strip().lower()
+        for name in ("arch", "policy", "augment", "device", "cache"):  # keywords in any case: --arch ResNet18, --device CPU
+            if isinstance(getattr(self, name), str):
+                setattr(self, name, getattr(self, name).strip().lower())
         w = str(self.weights)
         # (a resumed run records where its weights came from, e.g. the reference's 'IMAGENET1K_V1')
         need(self.resume or w in ("imagenet", "none") or any(c in w for c in "/\\.") or Path(w).expanduser().exists(),

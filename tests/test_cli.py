@@ -369,3 +369,20 @@ def test_resume_refuses_a_typed_change_of_the_runs_fixed_settings(tiny_dataset, 
     p = cli("train.py", "--device", "cpu", "--resume", str(older), "--epochs", "3", "--policy", "last")
     assert p.returncode == 0, p.stderr
     assert run_dir_of(p.stdout).parent == run.parent, p.stdout  # beside the resumed run
+
+
+def test_flag_typos_are_one_line_and_keywords_take_any_case(tiny_dataset, tmp_path):
+    """argparse printed its whole usage block above the error; the error is now
+    the one line. Keywords work in any case (--arch ResNet18, --device CPU)."""
+    for script, args, said in (("train.py", ["--epochs", "three"], "argument --epochs: invalid int value: 'three'"),
+                               ("train.py", ["--freeze-backbone", "2"], "expected 0 or 1, got '2'"),
+                               ("predict.py", ["--image", "x.jpg"], "the following arguments are required: --checkpoint")):
+        r = cli(script, *args)
+        assert r.returncode == 2 and r.stderr.strip().count("\n") == 0, r.stderr
+        assert said in r.stderr and r.stderr.startswith("error: ") and "--help" in r.stderr
+    r = cli("train.py", "--data-dir", str(tiny_dataset), "--device", "CPU", "--arch", "ResNet18", "--policy", "Head",
+            "--weights", "none", "--epochs", "1", "--output-dir", str(tmp_path))
+    assert r.returncode == 0 and "arch=resnet18" in r.stdout and "policy=head" in r.stdout, r.stderr
+    r = cli("predict.py", "--image", str(tiny_dataset / "val"), "--checkpoint", str(run_dir_of(r.stdout) / "best_acc.pt"),
+            "--device", "CPU", "--topk", "0")
+    assert r.returncode == 2 and "--topk must be >= 1 (got 0)" in r.stderr, r.stderr
