@@ -305,7 +305,9 @@ def load_file(path, trust_pickle: bool = False):
     Only CheckpointError escapes."""
     p = Path(path).expanduser()
     if p.is_dir():
-        raise CheckpointError(f"checkpoint {p} is a folder, not a .pt file")
+        inside = [n for n in ("latest.pt", "best_acc.pt") if (p / n).is_file()]
+        raise CheckpointError(f"checkpoint {p} is a folder, not a .pt file"
+                              + (f"; the file in it is e.g. {p / inside[0]}" if inside else ""))
     if not p.exists():
         raise CheckpointError(f"checkpoint {p} does not exist")
     if not p.is_file():
@@ -398,6 +400,10 @@ def make_checkpoint(*, model: nn.Module, optimizer, epoch: int, best: dict, clas
 def read_checkpoint(path, trust_pickle: bool = False) -> dict:
     """Load a checkpoint dict (ours or the reference's) and normalise its fields."""
     obj = load_file(path, trust_pickle=trust_pickle)
+    if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"{path} is a bare state_dict (weights only: no epoch, optimizer or class names), not a "
+                              f"checkpoint dict. Resume from a run's latest.pt; a state_dict can start a new run "
+                              f"(--weights) or predict (predict.py --classes)")
     if not isinstance(obj, dict) or "model_state" not in obj:
         raise CheckpointError(f"{path} is not a checkpoint dict (no 'model_state' key)")
     return normalise_checkpoint(obj, path)

@@ -82,6 +82,7 @@ def scan_dataset(data_dir, val_split: float | None = None, seed: int = 0) -> Dat
     if not root.is_dir():
         raise DatasetError(f"dataset folder {root} does not exist; expected {root}/train/<class>/ and {root}/val/<class>/")
     train_dir, val_dir = root / "train", root / "val"
+    notes: list[str] = []
     if not train_dir.is_dir():
         hint = (f"; {root} looks like a split itself: pass its parent, --data-dir {root.parent}"
                 if root.name in ("train", "val") and (root.parent / "train").is_dir() else "")
@@ -102,6 +103,8 @@ def scan_dataset(data_dir, val_split: float | None = None, seed: int = 0) -> Dat
                                f"only in train: {only_train or 'none'}; only in val: {only_val or 'none'}")
         val = scan_split(val_dir, "val", train.classes)
         fraction = None
+        if val_split:
+            notes.append(f"--val-split {val_split} ignored: {val_dir} exists and is used for validation")
     elif val_split:
         train, val = stratified_split(train, val_split, seed)
         fraction = val_split
@@ -110,7 +113,7 @@ def scan_dataset(data_dir, val_split: float | None = None, seed: int = 0) -> Dat
                            f"or pass --val-split 0.2 to hold out 20% of train/ for validation")
     info = DatasetInfo(str(root), train.classes, train, val, fraction)
     check_not_empty(info)
-    info.warnings = dataset_warnings(info)
+    info.warnings = notes + dataset_warnings(info)
     return info
 
 

@@ -57,7 +57,9 @@ class RunStarted:
     def header_lines(self) -> list[str]:
         """RUN_DIR, the DATASET block, MODEL and PARAMS lines (the CLI's stdout)."""
         cfg, info = self.config, self.dataset
-        held = f" (held out {info.val_from_split:.0%} of train)" if info.val_from_split else ""
+        held = (f" (held out of train/ by --val-split {info.val_from_split}: {len(info.val.samples)} of "
+                f"{len(info.val.samples) + len(info.train.samples)} images, at least 1 per class)"
+                if info.val_from_split else "")
         lines = [f"RUN_DIR: {self.run_dir}", "DATASET:", f"  root: {info.root}", f"  {info.train.summary_line()}",
                  f"  {info.val.summary_line()}{held}",
                  f"MODEL: arch={cfg.arch} weights={cfg.weights} policy={cfg.policy} dropout={cfg.dropout} "

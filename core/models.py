@@ -69,9 +69,11 @@ def imagenet_state_dict(arch: str) -> dict:
     cached = imagenet_cache_path(arch)
     if not cached.is_file():
         host = urlparse(enum.url).hostname
-        if os.environ.get("TL_OFFLINE") == "1" or not host_reachable(host, 443):
+        offline = os.environ.get("TL_OFFLINE") == "1"
+        if offline or not host_reachable(host, 443):
+            why = "TL_OFFLINE=1 is set, so no download was tried" if offline else f"no connection to {host}"
             raise WeightsError(
-                f"ImageNet weights for {arch} are not cached and cannot be downloaded (no connection to {host}).\n"
+                f"ImageNet weights for {arch} are not cached and cannot be downloaded ({why}).\n"
                 f"  Fix: on a machine with internet, download {enum.url}\n"
                 f"  and place it at {cached} (TORCH_HOME={os.environ.get('TORCH_HOME', '<default ~/.cache/torch>')}),\n"
                 f"  or train without pretrained weights: --weights none, or a local file: --weights PATH.pth")

@@ -184,7 +184,7 @@ def test_imagenet_weights_offline_gives_the_fix(app):
     with pytest.raises(AppError) as e:
         train_job(app["client"], weights_source="imagenet").result(timeout=120)
     msg = str(e.value)
-    assert "ImageNet weights for resnet18 are not cached" in msg and "'Pretrained weights' none" in msg
+    assert "ImageNet weights for resnet18 are not cached and cannot be downloaded (TL_OFFLINE=1 is set" in msg and "'Pretrained weights' none" in msg
     assert "--weights" not in msg  # the app's field, not the CLI flag
     assert "Traceback" not in msg
     assert not app["service"].busy

@@ -352,6 +352,11 @@ def test_val_split_run_and_amp_note_on_cpu(tmp_path, monkeypatch):
     start = events[0]
     assert start.dataset.val_from_split == 0.34
     assert start.dataset.val.counts() == {"cat": 2, "fish": 2} and start.dataset.train.counts() == {"cat": 4, "fish": 4}
-    assert "held out 34% of train" in "\n".join(start.header_lines())
+    assert "held out of train/ by --val-split 0.34: 4 of 12 images" in "\n".join(start.header_lines())
+    # with a val/ folder, --val-split does nothing, and a warning says so
+    from core.data import scan_dataset
+    with_val = make_image_dataset(tmp_path / "withval", n_train=3)
+    assert any("--val-split 0.2 ignored" in w for w in scan_dataset(with_val, 0.2).warnings)
+    assert not any("ignored" in w for w in scan_dataset(with_val).warnings)
     assert any("--amp 1 has no effect on this CPU" in n for n in start.notes)
     assert end.status == "completed" and len(epochs) == 1

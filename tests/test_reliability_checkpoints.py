@@ -212,8 +212,11 @@ def test_wrong_content_checkpoints_are_explained(trained, tmp_path):
     torch.save([1, 2, 3], lst)
     with pytest.raises(CheckpointError, match="not a checkpoint dict"):
         Predictor.load(lst)
-    with pytest.raises(CheckpointError, match="not a checkpoint dict"):
+    with pytest.raises(CheckpointError, match="is a bare state_dict .* Resume from a run's latest.pt"):
         ck.read_checkpoint(trained["state_dict"])  # --resume with a bare state_dict
+    run = Path(trained["state_dict"]).parent
+    with pytest.raises(CheckpointError, match=f"is a folder, not a .pt file; the file in it is e.g. {run / 'latest.pt'}"):
+        ck.read_checkpoint(run)  # --resume RUN/
     with pytest.raises(WeightsError, match="not a state_dict"):
         read_weights_file(lst)
     # files that are no checkpoint at all say what they look like (torch's own
