@@ -89,8 +89,11 @@ def scan_dataset(data_dir, val_split: float | None = None, seed: int = 0) -> Dat
         raise DatasetError(f"{train_dir} is missing: the dataset needs {root}/train/<class>/ folders with images{hint}")
     train = scan_split(train_dir, "train")
     if len(train.classes) < 2:
+        loose = [p for p in train_dir.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
+        hint = (f"; {len(loose)} image(s) lie directly in {train_dir}: move them into those class folders"
+                if loose else "")
         raise DatasetError(f"{train_dir} has {len(train.classes)} class folder(s) {train.classes}; at least 2 are needed "
-                           f"(one sub-folder per class, e.g. train/cat and train/fish)")
+                           f"(one sub-folder per class, e.g. train/cat and train/fish){hint}")
     if len(train.classes) > MAX_CLASSES:
         raise DatasetError(f"{train_dir} has {len(train.classes):,} class folders; at most {MAX_CLASSES:,} are supported "
                            f"(is --data-dir pointing at the right folder?)")

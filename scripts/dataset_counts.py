@@ -25,6 +25,23 @@ def count_lines(data_dir) -> list[str]:
     return lines
 
 
+def layout_problems(data_dir) -> list[str]:
+    """What train.py would refuse or warn about (images loose in train/, class
+    folders that differ between splits, ...): the counts alone do not show it."""
+    from core.data import scan_dataset
+    from core.errors import DatasetError
+    try:
+        return scan_dataset(data_dir).warnings
+    except DatasetError as e:
+        return [str(e)]
+
+
+def report(data_dir) -> None:
+    print("\n".join(count_lines(data_dir)))
+    for problem in layout_problems(data_dir):
+        print(f"WARNING: {problem}", file=sys.stderr)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-dir", default="data")
@@ -33,7 +50,7 @@ def main(argv=None) -> int:
         print(f"error: {args.data_dir} is not a folder", file=sys.stderr)
         return 2
     from cli.common import run_cli
-    return run_cli(lambda: print("\n".join(count_lines(args.data_dir))))
+    return run_cli(lambda: report(args.data_dir))
 
 
 if __name__ == "__main__":

@@ -165,6 +165,22 @@ def test_dataset_counts_script(tiny_dataset, tmp_path):
     (tmp_path / "noval" / "train" / "a").mkdir(parents=True)
     r = cli("scripts/dataset_counts.py", "--data-dir", str(tmp_path / "noval"))
     assert "val: MISSING" in r.stdout
+    assert "WARNING:" in r.stderr and "at least 2 are needed" in r.stderr
+    # what train.py would refuse is said too: images loose in train/, class folders that differ
+    import shutil
+    loose = tmp_path / "loose"
+    (loose / "train").mkdir(parents=True)
+    shutil.copytree(tiny_dataset / "val", loose / "val")
+    for p in sorted((tiny_dataset / "train").rglob("*.jpg")):
+        shutil.copy(p, loose / "train" / f"{p.parent.name}_{p.name}")
+    r = cli("scripts/dataset_counts.py", "--data-dir", str(loose))
+    assert r.returncode == 0 and "train: 0 images" in r.stdout
+    assert "WARNING:" in r.stderr and "8 image(s) lie directly in" in r.stderr, r.stderr
+    other = tmp_path / "other"
+    shutil.copytree(tiny_dataset, other)
+    (other / "val" / "fish").rename(other / "val" / "fishes")
+    r = cli("scripts/dataset_counts.py", "--data-dir", str(other))
+    assert "class folders differ" in r.stderr and "only in val: ['fishes']" in r.stderr, r.stderr
 
 
 def test_offline_imagenet_weights_fail_fast_with_instructions(tiny_dataset, tmp_path):
