@@ -115,6 +115,8 @@ def check_csv_path(path: str):
 def prediction_notes(args, pred, classes, n_images: int) -> list[str]:
     fmt = pred.info.get("format")
     notes = []
+    if args.arch and fmt == "checkpoint dict" and pred.info.get("arch") != args.arch:
+        notes.append(f"--arch {args.arch} ignored: the checkpoint is a {pred.info.get('arch')} model")
     if classes and fmt == "checkpoint dict" and pred.class_names != classes:
         notes.append(f"--classes ignored: the checkpoint names its classes {pred.class_names}")
     if not classes and fmt == "state_dict":

@@ -20,7 +20,7 @@ from torch import nn
 
 from .errors import CheckpointError, first_line
 from .config import ARCHS
-from .models import build_model
+from .models import build_model, few_keys
 
 FORMAT_VERSION = 1
 REFERENCE_KEYS = ("epoch", "model_state", "optimizer_state", "best_val_acc", "best_val_loss",
@@ -469,6 +469,17 @@ def model_from_checkpoint(ckpt: dict, path="the checkpoint") -> nn.Module:
     # dropout in another thread of the app) is left alone.
     with torch.device("meta"):
         model = build_model(ckpt["arch"], ckpt["head"]["num_classes"], ckpt["head"]["dropout"], "none")
+    expected, given = set(model.state_dict()), set(ckpt["model_state"])
+    if expected != given:  # torch's own message is a list of hundreds of keys
+        missing, unexpected = sorted(expected - given), sorted(given - expected)
+        try:
+            looks = infer_arch(ckpt["model_state"])
+        except CheckpointError:
+            looks = None
+        fix = (f"its keys are {looks}'s: pass --arch {looks}" if looks and looks != ckpt["arch"]
+               else "is it a different architecture (--arch)?")
+        raise CheckpointError(f"{path} does not fit {ckpt['arch']}: {len(missing)} missing key(s) {few_keys(missing)}, "
+                              f"{len(unexpected)} unexpected {few_keys(unexpected)}; {fix}")
     try:
         model.load_state_dict(ckpt["model_state"], assign=True)
     except RuntimeError as e:  # its first line is only "Error(s) in loading state_dict for ResNet:"

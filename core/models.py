@@ -112,7 +112,7 @@ def load_backbone_weights(model: nn.Module, arch: str, weights: str) -> str:
     wrong_shape = sorted(k for k in set(expected) & set(backbone) if tuple(expected[k].shape) != tuple(backbone[k].shape))
     if missing or unexpected or wrong_shape:
         raise WeightsError(f"weights from {source} do not fit {arch}: "
-                           f"missing keys {_few(missing)}; unexpected keys {_few(unexpected)}; wrong shapes {_few(wrong_shape)}. "
+                           f"missing keys {few_keys(missing)}; unexpected keys {few_keys(unexpected)}; wrong shapes {few_keys(wrong_shape)}. "
                            f"Is the file for a different --arch?")
     model.load_state_dict(backbone, strict=False)
     return source
@@ -128,7 +128,7 @@ def read_weights_file(path: str) -> dict:
     return obj
 
 
-def _few(keys: list[str], n: int = 5) -> str:
+def few_keys(keys: list[str], n: int = 5) -> str:
     if not keys:
         return "none"
     return "[" + ", ".join(keys[:n]) + (f", ... {len(keys) - n} more" if len(keys) > n else "") + "]"

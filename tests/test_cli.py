@@ -341,8 +341,9 @@ def test_predict_flag_mistakes_are_caught_before_any_work(tiny_dataset, tmp_path
     old_csv.write_text("file,label\n")
     assert predict("--image", val, "--all", "1", "--csv", str(old_csv)).returncode == 0  # a CSV is replaced
     assert len(old_csv.read_text().splitlines()) > 2
-    p = predict("--image", val, "--random", "1", "--n", "500", "--classes", "a,b")
+    p = predict("--image", val, "--random", "1", "--n", "500", "--classes", "a,b", "--arch", "mobilenet_v2")
     assert p.returncode == 0 and "fewer than --n 500: predicting all of them" in p.stderr
+    assert "--arch mobilenet_v2 ignored: the checkpoint is a resnet18 model" in p.stderr
     assert "--classes ignored: the checkpoint names its classes ['cat', 'fish']" in p.stderr
     p = cli("predict.py", "--device", "cpu", "--checkpoint", str(run / "state_dict.pt"), "--image", val)
     assert p.returncode == 0 and "pass --classes" in p.stderr and "class_0" in p.stdout

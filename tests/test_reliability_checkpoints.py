@@ -244,7 +244,8 @@ def test_unusable_models_in_a_checkpoint_are_explained(trained, tmp_path):
         Predictor.load(tmp_path / "diverged.pt")
     wrong_arch = {k: v for k, v in good["model_state"].items()}
     torch.save(wrong_arch, tmp_path / "sd.pt")
-    with pytest.raises(CheckpointError, match=r"sd.pt does not fit mobilenet_v2 \(Missing key\(s\).*different architecture"):
+    with pytest.raises(CheckpointError, match=r"sd.pt does not fit mobilenet_v2: 314 missing key\(s\) \[classifier.1.bias"
+                                              r".*; its keys are resnet18's: pass --arch resnet18$"):
         Predictor.load(tmp_path / "sd.pt", arch="mobilenet_v2")
 
 
