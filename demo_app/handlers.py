@@ -134,6 +134,17 @@ class Handlers:
     # ------------------------------------------------------------ settings
 
     @staticmethod
+    def weights_note(arch):
+        """Whether ImageNet weights for `arch` are on this machine yet: not, on a
+        fresh or offline one, where Start would stop at once to say so."""
+        from core.models import imagenet_cache_path
+        path = imagenet_cache_path(arch)
+        if path.is_file():
+            return gr.update(info=f"ImageNet weights for {arch}: in the torch cache")
+        return gr.update(info=f"ImageNet weights for {arch} are not on this machine yet: the first Start downloads "
+                              f"them (needs internet; offline, choose None or a local file)")
+
+    @staticmethod
     def weights_inputs(source):
         local = source == "local file"
         return gr.update(visible=local), gr.update(visible=local)

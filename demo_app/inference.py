@@ -41,7 +41,9 @@ def describe(pred: Predictor, path: str) -> str:
         bits.append(f"epoch {i['epoch']}")
     if i.get("best_val_acc") is not None and i.get("best_epoch"):
         bits.append(f"best val_acc {float(i['best_val_acc']):.3f} (epoch {i['best_epoch']})")
-    return " · ".join(bits) + f"<br>classes: {', '.join(pred.class_names)}"
+    unnamed = i.get("format") != "checkpoint dict" and all(c == f"class_{n}" for n, c in enumerate(pred.class_names))
+    note = " (this file stores no class names: they are numbered)" if unnamed else ""
+    return " · ".join(bits) + f"<br>classes: {', '.join(pred.class_names)}{note}"
 
 
 @dataclass

@@ -221,6 +221,7 @@ def build_app(checkpoints_dir, data_dir, uploads_dir=None, service: TrainingServ
               **private)
         arch.change(lambda a: a, arch, m_arch, **private)
         arch.change(lambda a: gr.update(choices=policy_choices(a)), arch, policy, **private)
+        arch.change(h.weights_note, arch, weights_source, **private)
         m_arch.change(lambda a: gr.update(choices=policy_choices(a)), m_arch, m_policy, **private)
         policy.change(lambda p: p, policy, m_policy, **private)
         n_classes.change(lambda n: n, n_classes, m_classes, **private)
@@ -272,6 +273,7 @@ def build_app(checkpoints_dir, data_dir, uploads_dir=None, service: TrainingServ
         demo.load(h.watch, None, [status, loss_plot, acc_plot, epochs_table, log_box, run_state, ckpt, ckpt_info,
                                   *buttons], concurrency_limit=None, show_progress="hidden", **private)
         demo.load(h.check_dataset_shown, [data_dir, val_split, seed], ds_outputs, **private)
+        demo.load(h.weights_note, arch, weights_source, **private)
         demo.load(h.refresh_compare, compare, compare, **private)
         demo.load(h.refresh_checkpoints, ckpt, ckpt, **private)
         demo.load(h.examples, [data_dir], [examples, example_paths], **private)

@@ -545,3 +545,31 @@ def test_the_page_shows_predict_problems_in_place_of_the_old_answer(trained, tmp
     assert label is None and timing.startswith("⚠ **Checkpoint problem:**") and "broken.pt" in timing
     *cleared, summary = h.predict_batch_shown([], "", 2, ckpt, None, False)
     assert cleared == [None, None, None] and summary.startswith("⚠ **No images:**")
+
+
+def test_weights_note_says_whether_imagenet_weights_are_here(tmp_path, monkeypatch):
+    """The preselected 'ImageNet' cannot work on an offline machine without the
+    file; the page says so before Start instead of only after it."""
+    import torch
+
+    from core.models import imagenet_cache_path
+    from demo_app.handlers import Handlers
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    assert "not on this machine yet" in Handlers.weights_note("resnet18")["info"]
+    cached = imagenet_cache_path("resnet18")
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(b"x")
+    assert "in the torch cache" in Handlers.weights_note("resnet18")["info"]
+    assert "not on this machine yet" in Handlers.weights_note("mobilenet_v2")["info"]
+
+
+def test_a_bare_state_dict_is_described_as_having_no_class_names(trained, tmp_path):
+    import torch
+
+    from demo_app import handlers
+    sd = tmp_path / "weights.pt"
+    torch.save(torch.load(trained["final"][CHECKPOINT]["value"], weights_only=True)["model_state"], sd)
+    h = handlers.Handlers(tmp_path / "ck", DATA, tmp_path / "up")
+    info = h.checkpoint_info(None, str(sd), False)
+    assert "classes: class_0, class_1 (this file stores no class names" in info, info
+    assert "no class names" not in h.checkpoint_info(trained["final"][CHECKPOINT]["value"], None, False)
