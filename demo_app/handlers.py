@@ -142,7 +142,7 @@ class Handlers:
         if path.is_file():
             return gr.update(info=f"ImageNet weights for {arch}: in the torch cache")
         return gr.update(info=f"ImageNet weights for {arch} are not on this machine yet: the first Start downloads "
-                              f"them (needs internet; offline, choose None or a local file)")
+                              f"them (needs internet; offline, train from random init or a weights file on disk)")
 
     @staticmethod
     def weights_inputs(source):
