@@ -432,8 +432,9 @@ class Handlers:
         v = modelview.model_view(arch, policy, n, float(dropout or 0))
         df = pd.DataFrame([[r["name"], r["type"], r["output_shape"], r["params"], trains_cell(r), r["note"]]
                            for r in v.rows], columns=LAYER_COLUMNS)
-        highlighted = [bool(r["batchnorms"]) or r["type"] == "MaxPool2d" for r in v.rows]
-        styled = df.style.apply(_layer_style, axis=1, highlighted=highlighted).format({"params": "{:,}"})
+        kinds = [r["type"] if r["type"] in ("BatchNorm2d", "MaxPool2d") else "block" if r["batchnorms"] else ""
+                 for r in v.rows]
+        styled = df.style.apply(_layer_style, axis=1, kinds=kinds).format({"params": "{:,}"})
         label = modelview.POLICY_LABELS[policy]
         totals = (f"**Total parameters:** {v.total:,} · **trainable under “{label}”:** {v.trainable:,} "
                   f"({100 * v.trainable / v.total:.2f}%) · output shapes for a 1×3×224×224 input")
@@ -454,13 +455,17 @@ def trains_cell(row: dict) -> str:
     return "frozen"
 
 
-def _layer_style(row, highlighted):
-    """Yellow name, type and note for BatchNorm / MaxPool (or a block holding
-    BatchNorms); green 'trains' cell. Separate cells, so a BatchNorm that
-    trains shows both."""
-    yellow = "background-color: #fef3c7" if highlighted[row.name] else ""
-    green = {"✔": "background-color: #bbf7d0", "◐": "background-color: #dcfce7"}.get(row["trains"][:1], "")
-    return [yellow if col in ("layer", "type", "note") else green if col == "trains" else "" for col in row.index]
+def _layer_style(row, kinds):
+    """Yellow name, type and note for a BatchNorm / MaxPool row, a pale yellow
+    note for a block holding BatchNorms (MobileNetV2 keeps them all inside
+    blocks); green 'trains' cell. Separate cells, so a BatchNorm that trains
+    shows both."""
+    kind = kinds[row.name]
+    yellow = "background-color: #fef3c7"
+    marked = {"layer": yellow, "type": yellow, "note": yellow} if kind in ("BatchNorm2d", "MaxPool2d") else \
+        {"note": "background-color: #fffbeb"} if kind == "block" else {}
+    marked["trains"] = {"✔": "background-color: #bbf7d0", "◐": "background-color: #dcfce7"}.get(row["trains"][:1], "")
+    return [marked.get(col, "") for col in row.index]
 
 
 def inference_choices(checkpoints_dir):

@@ -200,7 +200,7 @@ def build_app(checkpoints_dir, data_dir, uploads_dir=None, service: TrainingServ
                     m_transfer = gr.Markdown("", elem_id="model-transfer", padding=True, container=True)
                 m_table = gr.Dataframe(value=None, headers=LAYER_COLUMNS, interactive=False, wrap=True,
                                        column_widths=["9%", "13%", "12%", "9%", "8%", "49%"], max_height=1400,
-                                       label="Layers (yellow: BatchNorm / MaxPool, or a block with BatchNorms inside · green: trains under the policy, ◐ partly)",
+                                       label="Layers (yellow: BatchNorm / MaxPool, pale: a block with BatchNorms inside · green: trains under the policy, ◐ partly)",
                                        elem_id="model-table")
                 with gr.Accordion("print(model): base and transfer model", open=False, elem_id="model-raw"):
                     with gr.Row():
