@@ -286,7 +286,7 @@ class Handlers:
         click would be ignored) and Stop while nothing does (a click would only
         replace the finished run's result); both flip back when the run ends,
         however it ends."""
-        return (gr.update(interactive=not running, value="⏳ Training…" if running else START_LABEL),
+        return (gr.update(interactive=not running, value="Training…" if running else START_LABEL),
                 gr.update(interactive=running))
 
     def stop(self):

@@ -121,6 +121,8 @@ def build_app(checkpoints_dir, data_dir, uploads_dir=None, service: TrainingServ
                         with gr.Row():
                             start_btn = gr.Button(START_LABEL, variant="primary", elem_id="start-btn")
                             stop_btn = gr.Button("■ Stop", variant="stop", interactive=False, elem_id="stop-btn")
+                        # The per-batch progress bar draws over its own strip, not over the status text.
+                        progress_strip = gr.Markdown("", elem_id="train-progress", min_height=50, padding=False)
                         status = gr.Markdown("Ready.", elem_id="train-status", padding=True)
                         with gr.Row():
                             loss_plot = gr.Plot(loss_figure([]), label="Loss", show_label=False, elem_id="loss-plot")
@@ -240,7 +242,7 @@ def build_app(checkpoints_dir, data_dir, uploads_dir=None, service: TrainingServ
         run = start_btn.click(lambda: h.run_buttons(True), None, buttons, queue=False, show_progress="hidden",
                               **private).then(
             h.start, train_inputs, train_outputs, api_name="train", concurrency_limit=None,
-            show_progress="minimal", show_progress_on=[status]).then(
+            show_progress="minimal", show_progress_on=[progress_strip]).then(
             lambda: h.run_buttons(False), None, buttons, queue=False, show_progress="hidden", **private)
         for fn, inputs, outputs in refreshed:
             run = run.then(fn, inputs, outputs, show_progress="hidden", **private)
