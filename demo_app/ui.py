@@ -158,7 +158,7 @@ def build_app(checkpoints_dir, data_dir, uploads_dir=None, service: TrainingServ
                                         padding=True)
                         ckpt_info = gr.Markdown("", elem_id="checkpoint-info", padding=True)
                         k = gr.Slider(1, 10, value=3, step=1, label="Top-k", elem_id="top-k")
-                        gr.Markdown("### Examples from the dataset's val split (click one)",
+                        gr.Markdown("### Examples from the dataset (val/ when it has one; click one)",
                                     elem_classes="section-title")
                         examples = gr.Gallery(label="Examples", show_label=False, columns=4, height=260,
                                               allow_preview=False, object_fit="cover", buttons=[], elem_id="examples")
