@@ -199,7 +199,10 @@ class Handlers:
     def compare_changed(self, selected, state, request: gr.Request = None):
         state = state or {}
         if request is not None:  # what this page compares, for watch() frames drawn while it follows a run
+            self._compared.pop(request.session_hash, None)
             self._compared[request.session_hash] = list(selected or [])
+            while len(self._compared) > 1000:  # the oldest pages' choices go first (dicts keep insertion order)
+                self._compared.pop(next(iter(self._compared)))
         history = state.get("history", [])
         return plots.accuracy_figure(history, state.get("epochs", 0), self._overlays(selected, state.get("run")))
 
@@ -281,13 +284,11 @@ class Handlers:
         yield tuple(frame)
 
     @staticmethod
-    def run_buttons(running: bool):
-        """(Start, Stop): Start is greyed out while this page's run trains (a
-        click would be ignored) and Stop while nothing does (a click would only
-        replace the finished run's result); both flip back when the run ends,
-        however it ends."""
-        return (gr.update(interactive=not running, value="Training…" if running else START_LABEL),
-                gr.update(interactive=running))
+    def start_button(running: bool):
+        """Start is greyed out while this page's run trains (a second click would
+        be ignored) and comes back when it ends, however it ends. Stop stays
+        clickable: any page may stop the one run."""
+        return gr.update(interactive=not running, value="Training…" if running else START_LABEL)
 
     def stop(self):
         """Waits (up to 10 s) for the run to end, then shows the same final status
@@ -301,29 +302,37 @@ class Handlers:
             return error_markdown("Could not train", h.failed.message)
         return "■ Stopping: the run ends after the current batch; completed epochs stay saved."
 
+    def stop_shown(self):
+        """Stop for the page: with nothing running, a pop-up says so and the
+        status keeps the finished run's result."""
+        if self.service.current is None or self.service.current.done.is_set():
+            gr.Info("No training run is in progress.")
+            return gr.skip()
+        return self.stop()
+
     def watch(self, poll_s: float = 1.0, request: gr.Request = None):
         """Page load: a run already in progress (started before a reload, or in
         another tab) is followed here, its status, charts, epoch table and log
         redrawn every `poll_s` while it changes, then its final status.
-        -> (status, loss, accuracy, table, log, run state, checkpoint, its description, Start, Stop)."""
+        -> (status, loss, accuracy, table, log, run state, checkpoint, its description, Start)."""
         h = self.service.current
         if h is None or h.done.is_set():
-            yield READY, *[gr.skip()] * 7, *self.run_buttons(False)
+            yield READY, *[gr.skip()] * 7, self.start_button(False)
             return
         shown = None
         while not h.done.wait(0 if shown is None else poll_s):
             if shown != (len(h.history), len(h.log)):
                 shown = (len(h.history), len(h.log))
                 yield *self._watch_frame(f"▶ A training run is in progress: {h.describe()}. Stop works from here "
-                                         "too.", h, request), gr.skip(), gr.skip(), *self.run_buttons(True)
+                                         "too.", h, request), gr.skip(), gr.skip(), self.start_button(True)
         if h.ended is not None:
             # The description too: the preselected best_acc.pt may keep its path while its weights changed.
             best = h.ended.best_acc_path
             yield (*self._watch_frame(end_status(h.ended), h, request), self.refresh_checkpoints(best),
-                   self.checkpoint_info(best, None, False) if best else gr.skip(), *self.run_buttons(False))
+                   self.checkpoint_info(best, None, False) if best else gr.skip(), self.start_button(False))
         else:
             yield (error_markdown("Could not train", h.failed.message if h.failed else "no result"),
-                   *[gr.skip()] * 3, "\n".join(h.log), *[gr.skip()] * 3, *self.run_buttons(False))
+                   *[gr.skip()] * 3, "\n".join(h.log), *[gr.skip()] * 3, self.start_button(False))
 
     def _watch_frame(self, status, h, request=None):
         """(status, loss, accuracy, table, log, run state): the run's own state,

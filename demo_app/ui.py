@@ -120,7 +120,7 @@ def build_app(checkpoints_dir, data_dir, uploads_dir=None, service: TrainingServ
                     with gr.Column(scale=7, elem_id="train-run"):
                         with gr.Row():
                             start_btn = gr.Button(START_LABEL, variant="primary", elem_id="start-btn")
-                            stop_btn = gr.Button("■ Stop", variant="stop", interactive=False, elem_id="stop-btn")
+                            stop_btn = gr.Button("■ Stop", variant="stop", elem_id="stop-btn")
                         # The per-batch progress bar draws over its own strip, not over the status text.
                         progress_strip = gr.Markdown("", elem_id="train-progress", min_height=50, padding=False)
                         status = gr.Markdown("Ready.", elem_id="train-status", padding=True)
@@ -234,19 +234,21 @@ def build_app(checkpoints_dir, data_dir, uploads_dir=None, service: TrainingServ
         train_outputs = [status, loss_plot, acc_plot, epochs_table, log_box, run_state, compare, ckpt]
         # concurrency_limit=None: a second Start (another tab) reaches the handler and is refused
         # there with a message, instead of waiting silently in Gradio's queue.
-        buttons = [start_btn, stop_btn]
         # When the run ends the checkpoint's description and the image's label are redone: the
         # preselected best_acc.pt may be the same path as before, with newer weights in it.
         refreshed = [(h.checkpoint_info, [ckpt, ckpt_file, trust], ckpt_info), (h.predict_shown, predict_inputs,
                                                                                 [label, pred_time])]
-        run = start_btn.click(lambda: h.run_buttons(True), None, buttons, queue=False, show_progress="hidden",
-                              **private).then(
+        started = start_btn.click(lambda: h.start_button(True), None, start_btn, queue=False, show_progress="hidden",
+                                  **private).then(
             h.start, train_inputs, train_outputs, api_name="train", concurrency_limit=None,
-            show_progress="minimal", show_progress_on=[progress_strip]).then(
-            lambda: h.run_buttons(False), None, buttons, queue=False, show_progress="hidden", **private)
+            show_progress="minimal", show_progress_on=[progress_strip])
+        # .then() does not run after an error (a refused or failed run raises): .failure() does.
+        started.failure(lambda: h.start_button(False), None, start_btn, queue=False, show_progress="hidden", **private)
+        run = started.then(lambda: h.start_button(False), None, start_btn, queue=False, show_progress="hidden",
+                           **private)
         for fn, inputs, outputs in refreshed:
             run = run.then(fn, inputs, outputs, show_progress="hidden", **private)
-        stop_btn.click(h.stop, None, status, api_name="stop", concurrency_limit=None, show_progress="hidden")
+        stop_btn.click(h.stop_shown, None, status, concurrency_limit=None, show_progress="hidden", **private)
         compare.change(h.compare_changed, [compare, run_state], acc_plot, show_progress="hidden", **private)
         compare_refresh.click(h.refresh_compare, compare, compare, **private)
 
@@ -265,6 +267,7 @@ def build_app(checkpoints_dir, data_dir, uploads_dir=None, service: TrainingServ
         # The API endpoints raise errors (the page shows them inline instead); hidden buttons carry them.
         gr.Button(visible=False).click(h.predict, predict_inputs, [label, pred_time], api_name="predict")
         gr.Button(visible=False).click(h.predict_batch, batch_inputs, batch_outputs, api_name="predict_batch")
+        gr.Button(visible=False).click(h.stop, None, status, api_name="stop", concurrency_limit=None)
 
         # ------------------------------------------------------------ wiring: Model
         model_outputs = [m_table, m_totals, m_base, m_transfer, m_base_raw, m_transfer_raw]
@@ -273,7 +276,7 @@ def build_app(checkpoints_dir, data_dir, uploads_dir=None, service: TrainingServ
 
         # ------------------------------------------------------------ page load
         demo.load(h.watch, None, [status, loss_plot, acc_plot, epochs_table, log_box, run_state, ckpt, ckpt_info,
-                                  *buttons], concurrency_limit=None, show_progress="hidden", **private)
+                                  start_btn], concurrency_limit=None, show_progress="hidden", **private)
         demo.load(h.check_dataset_shown, [data_dir, val_split, seed], ds_outputs, **private)
         demo.load(h.weights_note, arch, weights_source, **private)
         demo.load(h.refresh_compare, compare, compare, **private)

@@ -177,6 +177,20 @@ def test_stop_ends_a_long_run(page, app):
     assert "Start training" in button.inner_text()
 
 
+def test_a_refused_start_says_why_and_gives_start_back(page, app):
+    """A refused Start (here: 0 epochs) raises; Start used to stay greyed out
+    until a reload, because .then() does not run after an error."""
+    configure(page, epochs=0)
+    page.locator("#start-btn").click()
+    wait_status(page, r"Training not started", timeout=30)
+    page.wait_for_function("!document.querySelector('#start-btn').disabled", timeout=10_000)
+    assert "Start training" in page.locator("#start-btn").inner_text()
+    # Stop with nothing running leaves the status alone (a pop-up says so)
+    page.locator("#stop-btn").click()
+    time.sleep(1.0)
+    assert "Training not started" in status_text(page)
+
+
 def test_a_reloaded_page_follows_the_run_to_its_end(page, app):
     """Reloading during a run used to leave a status that never changed; the
     page now follows the run: live status, then the epoch table and the result."""
