@@ -469,7 +469,9 @@ def model_from_checkpoint(ckpt: dict, path="the checkpoint") -> nn.Module:
     # dropout in another thread of the app) is left alone.
     with torch.device("meta"):
         model = build_model(ckpt["arch"], ckpt["head"]["num_classes"], ckpt["head"]["dropout"], "none")
-    expected, given = set(model.state_dict()), set(ckpt["model_state"])
+    # BatchNorm's num_batches_tracked may be absent (older or hand-made files); torch fills it in.
+    expected, given = ({k for k in keys if not k.endswith("num_batches_tracked")}
+                       for keys in (model.state_dict(), ckpt["model_state"]))
     if expected != given:  # torch's own message is a list of hundreds of keys
         missing, unexpected = sorted(expected - given), sorted(given - expected)
         try:
