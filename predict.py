@@ -102,7 +102,7 @@ def check_csv_path(path: str):
     # image, a checkpoint, a source file or /dev/null into a table.
     if p.exists() and not p.is_file():
         raise UserError(f"--csv {path} is not a regular file; give a file name, e.g. predictions.csv")
-    if p.exists() and p.suffix.lower() != ".csv":
+    if p.exists() and p.suffix.lower() != ".csv" and not _is_our_csv(p):
         raise UserError(f"--csv {path} already exists and is not a .csv file; it was left alone. Give a new name "
                         f"or an existing .csv file to replace")
     if not p.parent.is_dir():
@@ -110,6 +110,15 @@ def check_csv_path(path: str):
     if not os.access(p.parent, os.W_OK):
         raise UserError(f"--csv {path}: the folder {p.parent} is not writable")
     return p
+
+
+def _is_our_csv(p) -> bool:
+    """An earlier --csv output of this tool, whatever its name (header file,label,...)."""
+    try:
+        with open(p, "rb") as f:
+            return f.read(64).startswith(b"file,label,p,topk")
+    except OSError:
+        return False
 
 
 def prediction_notes(args, pred, classes, n_images: int) -> list[str]:

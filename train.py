@@ -62,7 +62,7 @@ def config_from_args(args: argparse.Namespace, given: set[str] = frozenset()) ->
         data_dir=args.data_dir, arch=args.arch, weights=args.weights, policy=policy, epochs=args.epochs,
         batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay, dropout=args.dropout,
         augment=args.augment, seed=args.seed, device=args.device, num_workers=args.num_workers, amp=bool(args.amp),
-        val_split=args.val_split, output_dir=args.output_dir, run_name=args.run_name or args.arch, resume=args.resume,
+        val_split=args.val_split, output_dir=args.output_dir, run_name=args.run_name or args.arch.lower(), resume=args.resume,
         export_state_dict=bool(args.export_state_dict), export_full_model=bool(args.export_full_model),
         cache=args.cache, cache_budget_mb=args.cache_budget_mb,
     )
@@ -77,9 +77,10 @@ def continue_saved_run(cfg: TrainConfig, given: set[str]) -> tuple[TrainConfig, 
     from core.errors import ConfigError
     cfg.validate()  # what was typed is checked as typed
     saved = saved_args(cfg.resume)
-    refuse_changed_run_settings(cfg, saved, given)
-    if "output_dir" not in given:  # a new folder (see engine.resume_run_dir) goes beside the resumed run's
-        cfg.output_dir = str(Path(cfg.resume).expanduser().resolve().parent.parent)
+    refuse_changed_run_settings(cfg, given)
+    run_folder = Path(cfg.resume).expanduser().resolve().parent
+    if "output_dir" not in given and (run_folder / "args.json").is_file():
+        cfg.output_dir = str(run_folder.parent)  # a new folder (engine.resume_run_dir) goes beside the run's
     restored = resumed_settings(saved, given, cfg)
     notes = []
     if "data_dir" in given and isinstance(saved.get("data_dir"), str) and \
@@ -104,21 +105,29 @@ FIXED_ON_RESUME = {"arch": "--arch", "policy": "--policy", "dropout": "--dropout
                    "augment": "--augment", "val_split": "--val-split"}
 
 
-def refuse_changed_run_settings(cfg: TrainConfig, saved: dict, given: set[str]) -> None:
+def refuse_changed_run_settings(cfg: TrainConfig, given: set[str]) -> None:
     """A flag typed with --resume that would change one of FIXED_ON_RESUME is an
     error, not a NOTE: silently training with the saved value contradicts what
-    was typed."""
-    from core.config import as_type_of
+    was typed. Compared with what engine.read_resume would keep."""
+    from core.checkpoint import read_checkpoint
+    from core.config import AUTO_AUGMENT, as_type_of
+    from core.engine import fixed_run_settings
     from core.errors import ConfigError
-    typed = set(given) | ({"policy"} if given & {"freeze_backbone", "unfreeze_last", "unfreeze_all"} else set())
+    freeze_flags = {"freeze_backbone", "unfreeze_last", "unfreeze_all"}
+    typed = set(given) | ({"policy"} if given & freeze_flags else set())
+    saved = fixed_run_settings(read_checkpoint(cfg.resume))
     for name, flag in FIXED_ON_RESUME.items():
-        if name not in typed or name not in saved:
+        if name not in typed or name not in saved or saved[name] is None and name != "val_split":
             continue
         now, was = getattr(cfg, name), saved[name]
+        if name == "augment":  # 'auto' and what it resolves to under the saved policy are the same run
+            now, was = (AUTO_AUGMENT.get(saved.get("policy") or cfg.policy, a) if a == "auto" else a for a in (now, was))
         if (None if was is None else as_type_of(now, was)) != now:
-            raise ConfigError(f"{flag} {now} cannot change on --resume: the saved run used {flag} {was}, and a resumed "
-                              f"run keeps its {', '.join(FIXED_ON_RESUME.values())}. Leave {flag} out to continue it, "
-                              f"or start a new run (without --resume) to train with {flag} {now}")
+            if name == "policy" and "policy" not in given:
+                flag = "the freeze flags (--freeze-backbone/--unfreeze-last/--unfreeze-all), i.e. --policy"
+            raise ConfigError(f"{flag} {now} cannot change on --resume: the saved run used {was}, and a resumed run "
+                              f"keeps its {', '.join(FIXED_ON_RESUME.values())}. Leave {flag.split(' (')[0]} out to "
+                              f"continue it, or start a new run (without --resume) to train with {now}")
 
 
 def main(argv=None) -> int:

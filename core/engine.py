@@ -476,6 +476,17 @@ def carry_best_files(resume: dict, source: Path, run_dir: Path) -> None:
             ck.atomic_link_or_copy(source.parent / name, run_dir / name)
 
 
+def fixed_run_settings(ckpt: dict) -> dict:
+    """What a resumed run keeps from its (normalised) checkpoint, whatever is
+    asked: the model and policy the optimizer state belongs to, and the data
+    pipeline (or a --val-split hold-out would change). None: not recorded."""
+    args = ckpt.get("args") if isinstance(ckpt.get("args"), dict) else {}
+    saved = {"arch": ckpt.get("arch"), "policy": ckpt.get("policy") or args.get("policy"),
+             "dropout": float(ckpt["head"]["dropout"])}
+    saved.update({k: args[k] for k in ("seed", "val_split", "augment", "image_size", "resize_size") if k in args})
+    return saved
+
+
 def read_resume(cfg: TrainConfig) -> tuple[dict, list[str]]:
     """The checkpoint to resume, with cfg's arch/policy/dropout set to the
     checkpoint's (they must match to restore the optimizer state)."""
@@ -484,12 +495,8 @@ def read_resume(cfg: TrainConfig) -> tuple[dict, list[str]]:
         raise ConfigError(f"{cfg.resume} already finished epoch {ckpt['epoch']}; pass a larger --epochs "
                           f"(the new total, e.g. --epochs {int(ckpt['epoch']) + 10}) to train further")
     args = ckpt.get("args") if isinstance(ckpt.get("args"), dict) else {}
-    saved = {"arch": ckpt.get("arch"), "policy": ckpt.get("policy") or args.get("policy"),
-             "dropout": float(ckpt["head"]["dropout"])}
-    # The data pipeline must match too, or a --val-split hold-out would change.
-    saved.update({k: args[k] for k in ("seed", "val_split", "augment", "image_size", "resize_size") if k in args})
     notes = []
-    for name, value in saved.items():
+    for name, value in fixed_run_settings(ckpt).items():
         if value is not None and getattr(cfg, name) != value:
             notes.append(f"--resume: continuing with the checkpoint's {name}={value}")
             setattr(cfg, name, value)

@@ -341,6 +341,9 @@ def test_predict_flag_mistakes_are_caught_before_any_work(tiny_dataset, tmp_path
     old_csv.write_text("file,label\n")
     assert predict("--image", val, "--all", "1", "--csv", str(old_csv)).returncode == 0  # a CSV is replaced
     assert len(old_csv.read_text().splitlines()) > 2
+    own = tmp_path / "preds.txt"  # ...and so is this tool's own earlier output, whatever its name
+    for _ in range(2):
+        assert predict("--image", val, "--all", "1", "--csv", str(own)).returncode == 0
     p = predict("--image", val, "--random", "1", "--n", "500", "--classes", "a,b", "--arch", "mobilenet_v2")
     assert p.returncode == 0 and "fewer than --n 500: predicting all of them" in p.stderr
     assert "--arch mobilenet_v2 ignored: the checkpoint is a resnet18 model" in p.stderr
@@ -375,15 +378,24 @@ def test_resume_refuses_a_typed_change_of_the_runs_fixed_settings(tiny_dataset, 
             "--policy", "last", "--output-dir", str(tmp_path / "runs"))
     assert r.returncode == 0, r.stderr
     run = run_dir_of(r.stdout)
-    for flags, said in ((["--policy", "head"], "--policy head cannot change on --resume: the saved run used --policy last"),
-                        (["--freeze-backbone", "1"], "--policy head cannot change on --resume"),
-                        (["--arch", "mobilenet_v2"], "--arch mobilenet_v2 cannot change on --resume"),
-                        (["--seed", "5"], "--seed 5 cannot change on --resume: the saved run used --seed 1337")):
-        p = cli("train.py", "--device", "cpu", "--resume", str(run / "latest.pt"), "--epochs", "3", *flags)
+    # a reference-style checkpoint (no arch/policy/args recorded: the arch comes from its keys) is held to it too
+    ref = {k: v for k, v in torch.load(run / "latest.pt", weights_only=True).items() if k not in ("arch", "policy", "args")}
+    torch.save(ref, run / "reference.pt")
+    for resume, flags, said in (
+            ("latest.pt", ["--policy", "head"], "--policy head cannot change on --resume: the saved run used last"),
+            ("latest.pt", ["--freeze-backbone", "1"], "i.e. --policy head cannot change on --resume"),
+            ("latest.pt", ["--arch", "mobilenet_v2"], "--arch mobilenet_v2 cannot change on --resume"),
+            ("latest.pt", ["--seed", "5"], "--seed 5 cannot change on --resume: the saved run used 1337"),
+            ("reference.pt", ["--arch", "mobilenet_v2"], "--arch mobilenet_v2 cannot change on --resume: the saved run "
+                                                         "used resnet18")):
+        p = cli("train.py", "--device", "cpu", "--resume", str(run / resume), "--epochs", "3", *flags)
         assert p.returncode == 2 and said in p.stderr and "start a new run" in p.stderr, (flags, p.stderr)
         assert torch.load(run / "latest.pt", weights_only=True)["epoch"] == 2  # nothing trained
+    (run / "reference.pt").unlink()
     older = ck_with_epochs(run / "latest.pt", 1, run / "epoch1.pt")  # behind latest.pt: continues in a new folder
-    p = cli("train.py", "--device", "cpu", "--resume", str(older), "--epochs", "3", "--policy", "last")
+    # typing the saved values again is fine, 'light' included (what 'auto' means under 'last')
+    p = cli("train.py", "--device", "cpu", "--resume", str(older), "--epochs", "3", "--policy", "last",
+            "--augment", "light", "--seed", "1337")
     assert p.returncode == 0, p.stderr
     assert run_dir_of(p.stdout).parent == run.parent, p.stdout  # beside the resumed run
 
