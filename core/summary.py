@@ -38,11 +38,15 @@ def layer_rows(model: nn.Module, arch: str, policy: str, depth: int = 2, image_s
         kind = type(m).__name__
         # A block's BatchNorms are inside it, not rows of their own: say how many (and
         # whether they train), or a MobileNetV2 table would show no BatchNorm at all.
-        n_bn = sum(isinstance(c, nn.BatchNorm2d) for c in m.modules()) if kind != "BatchNorm2d" else 0
+        bns = [f"{name}.{cn}" for cn, c in m.named_modules() if cn and isinstance(c, nn.BatchNorm2d)] \
+            if kind != "BatchNorm2d" else []
+        n_bn, n_bn_train = len(bns), sum(f"{b}.weight".startswith(prefixes) for b in bns)
         note = NOTES.get(kind, "")
         if n_bn:
-            note = (f"{n_bn} BatchNorm layer(s) inside ({'they train and update their running statistics' if n_trains else 'frozen: kept in eval mode, ImageNet statistics'}). "
-                    + note).strip()
+            state = ("they train and update their running statistics" if n_bn_train == n_bn else
+                     "frozen: kept in eval mode, ImageNet statistics" if not n_bn_train else
+                     f"{n_bn_train} of them train, the others stay frozen in eval mode")
+            note = f"{n_bn} BatchNorm layer(s) inside ({state}). {note}".strip()
         rows.append({
             "name": name, "type": kind,
             "output_shape": "x".join(str(d) for d in shapes.get(name, ())) or "-",

@@ -357,6 +357,7 @@ def test_model_summary_rows_and_totals(app):
     # a stage that trains only in part says so instead of a plain "trains".
     m_rows = {r[0]: r for r in mnv2[0]["data"]}
     assert m_rows["features"][4].startswith("◐ partly") and m_rows["features.13"][4] == "frozen"
+    assert "52 BatchNorm layer(s) inside (13 of them train" in m_rows["features"][5]
     assert m_rows["features.14"][4] == "✔ trains" and "3 BatchNorm layer(s) inside (they train" in m_rows["features.14"][5]
     assert "BatchNorm layer(s) inside (frozen" in m_rows["features.13"][5]
     assert m_rows["classifier.0"][4].startswith("–")  # dropout: no weights, neither frozen nor training
