@@ -88,8 +88,8 @@ def scan_dataset(data_dir, val_split: float | None = None, seed: int = 0) -> Dat
                 if root.name in ("train", "val") and (root.parent / "train").is_dir() else "")
         raise DatasetError(f"{train_dir} is missing: the dataset needs {root}/train/<class>/ folders with images{hint}")
     train = scan_split(train_dir, "train")
+    loose = loose_images(train_dir)
     if len(train.classes) < 2:
-        loose = [p for p in train_dir.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
         hint = (f"; {len(loose)} image(s) lie directly in {train_dir}: move them into those class folders"
                 if loose else "")
         raise DatasetError(f"{train_dir} has {len(train.classes)} class folder(s) {train.classes}; at least 2 are needed "
@@ -106,6 +106,7 @@ def scan_dataset(data_dir, val_split: float | None = None, seed: int = 0) -> Dat
                                f"only in train: {only_train or 'none'}; only in val: {only_val or 'none'}")
         val = scan_split(val_dir, "val", train.classes)
         fraction = None
+        loose += loose_images(val_dir)
         if val_split:
             notes.append(f"--val-split {val_split} ignored: {val_dir} exists and is used for validation")
     elif val_split:
@@ -114,10 +115,17 @@ def scan_dataset(data_dir, val_split: float | None = None, seed: int = 0) -> Dat
     else:
         raise DatasetError(f"{val_dir} is missing: add {root}/val/<class>/ folders, "
                            f"or pass --val-split 0.2 to hold out 20% of train/ for validation")
+    if loose:  # beside the class folders, images are not in any class: not used
+        notes.append(f"{len(loose)} image(s) lie directly in {loose[0].parent} (not in a class folder) and are not "
+                     f"used, e.g. {loose[0].name}")
     info = DatasetInfo(str(root), train.classes, train, val, fraction)
     check_not_empty(info)
     info.warnings = notes + dataset_warnings(info)
     return info
+
+
+def loose_images(split_dir: Path) -> list[Path]:
+    return sorted(p for p in split_dir.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
 
 
 def check_not_empty(info: DatasetInfo) -> None:

@@ -181,6 +181,10 @@ def test_dataset_counts_script(tiny_dataset, tmp_path):
     (other / "val" / "fish").rename(other / "val" / "fishes")
     r = cli("scripts/dataset_counts.py", "--data-dir", str(other))
     assert "class folders differ" in r.stderr and "only in val: ['fishes']" in r.stderr, r.stderr
+    (other / "val" / "fishes").rename(other / "val" / "fish")
+    shutil.copy(sorted((tiny_dataset / "train" / "cat").glob("*.jpg"))[0], other / "train" / "stray.jpg")
+    r = cli("scripts/dataset_counts.py", "--data-dir", str(other))  # beside class folders: not used, and said
+    assert "1 image(s) lie directly in" in r.stderr and "not used, e.g. stray.jpg" in r.stderr, r.stderr
 
 
 def test_offline_imagenet_weights_fail_fast_with_instructions(tiny_dataset, tmp_path):
