@@ -113,10 +113,12 @@ def check_csv_path(path: str):
 
 
 def _is_our_csv(p) -> bool:
-    """An earlier --csv output of this tool, whatever its name (header file,label,...)."""
+    """An earlier --csv output of this tool, whatever its name: its header, or
+    empty (a run whose every image failed writes no rows)."""
     try:
         with open(p, "rb") as f:
-            return f.read(64).startswith(b"file,label,p,topk")
+            head = f.read(64)
+        return head == b"" or head.startswith(b"file,label,p,topk")
     except OSError:
         return False
 

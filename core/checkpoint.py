@@ -425,6 +425,8 @@ def normalise_checkpoint(ckpt: dict, path="<checkpoint>") -> dict:
         saved = args.get("dropout")  # 0.0 is a real value; only a missing one is guessed
         ckpt["head"] = {"dropout": float(saved) if saved is not None else (0.5 if has_dropout else 0.0),
                         "num_classes": head_out_features(state)}
+        if saved is None and has_dropout:  # the keys say a Dropout is there, not its rate
+            ckpt["head"]["dropout_guessed"] = True
     names = ckpt.get("class_names") or [f"class_{i}" for i in range(ckpt["head"]["num_classes"])]
     if len(names) != ckpt["head"]["num_classes"]:
         raise CheckpointError(f"{path}: {len(names)} class_names but the head has {ckpt['head']['num_classes']} outputs")

@@ -115,9 +115,10 @@ def scan_dataset(data_dir, val_split: float | None = None, seed: int = 0) -> Dat
     else:
         raise DatasetError(f"{val_dir} is missing: add {root}/val/<class>/ folders, "
                            f"or pass --val-split 0.2 to hold out 20% of train/ for validation")
-    if loose:  # beside the class folders, images are not in any class: not used
-        notes.append(f"{len(loose)} image(s) lie directly in {loose[0].parent} (not in a class folder) and are not "
-                     f"used, e.g. {loose[0].name}")
+    for folder in sorted({p.parent for p in loose}):  # beside the class folders, images are in no class: unused
+        here = [p for p in loose if p.parent == folder]
+        notes.append(f"{len(here)} image(s) lie directly in {folder} (not in a class folder) and are not used, "
+                     f"e.g. {here[0].name}")
     info = DatasetInfo(str(root), train.classes, train, val, fraction)
     check_not_empty(info)
     info.warnings = notes + dataset_warnings(info)
@@ -125,7 +126,8 @@ def scan_dataset(data_dir, val_split: float | None = None, seed: int = 0) -> Dat
 
 
 def loose_images(split_dir: Path) -> list[Path]:
-    return sorted(p for p in split_dir.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    return sorted(p for p in split_dir.iterdir()
+                  if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS)
 
 
 def check_not_empty(info: DatasetInfo) -> None:

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from . import checkpoint as ck
-from .config import TrainConfig
+from .config import TrainConfig, policy_from_flags
 from .data import (DatasetInfo, Split, center_crop, decode_resized, decode_split, estimate_decoded_bytes,
                    normalize, random_resized_crop, scan_dataset, skipped_warning)
 from .device import amp_dtype, amp_note, inference_batch_size, resolve_device, usable_cpus
@@ -481,8 +481,13 @@ def fixed_run_settings(ckpt: dict) -> dict:
     asked: the model and policy the optimizer state belongs to, and the data
     pipeline (or a --val-split hold-out would change). None: not recorded."""
     args = ckpt.get("args") if isinstance(ckpt.get("args"), dict) else {}
-    saved = {"arch": ckpt.get("arch"), "policy": ckpt.get("policy") or args.get("policy"),
-             "dropout": float(ckpt["head"]["dropout"])}
+    policy = ckpt.get("policy") or args.get("policy")
+    flags = ("freeze_backbone", "unfreeze_last", "unfreeze_all")
+    if not policy and any(f in args for f in flags):  # the reference records its three 0/1 flags
+        policy = policy_from_flags(*(int(args.get(f, d)) for f, d in zip(flags, (1, 0, 0))))
+    # A guessed dropout rate (a reference head with a Dropout but no recorded rate) is not held to.
+    dropout = None if ckpt["head"].get("dropout_guessed") else float(ckpt["head"]["dropout"])
+    saved = {"arch": ckpt.get("arch"), "policy": policy, "dropout": dropout}
     saved.update({k: args[k] for k in ("seed", "val_split", "augment", "image_size", "resize_size") if k in args})
     return saved
 
@@ -500,6 +505,10 @@ def read_resume(cfg: TrainConfig) -> tuple[dict, list[str]]:
         if value is not None and getattr(cfg, name) != value:
             notes.append(f"--resume: continuing with the checkpoint's {name}={value}")
             setattr(cfg, name, value)
+    if ckpt["head"].get("dropout_guessed") and not cfg.dropout:  # the head has a Dropout layer: some rate is needed
+        cfg.dropout = float(ckpt["head"]["dropout"])
+        notes.append(f"--resume: the checkpoint's head has a Dropout of unrecorded rate; using {cfg.dropout} "
+                     f"(give --dropout to choose)")
     # The weights were loaded when the run began; keep recording where they came from.
     cfg.weights = str(ckpt.get("weights") or args.get("weights") or cfg.weights)
     try:

@@ -183,6 +183,7 @@ def test_dataset_counts_script(tiny_dataset, tmp_path):
     assert "class folders differ" in r.stderr and "only in val: ['fishes']" in r.stderr, r.stderr
     (other / "val" / "fishes").rename(other / "val" / "fish")
     shutil.copy(sorted((tiny_dataset / "train" / "cat").glob("*.jpg"))[0], other / "train" / "stray.jpg")
+    (other / "train" / "._stray.jpg").write_bytes(b"macOS metadata")  # hidden files are not images of anyone's
     r = cli("scripts/dataset_counts.py", "--data-dir", str(other))  # beside class folders: not used, and said
     assert "1 image(s) lie directly in" in r.stderr and "not used, e.g. stray.jpg" in r.stderr, r.stderr
 
@@ -348,6 +349,9 @@ def test_predict_flag_mistakes_are_caught_before_any_work(tiny_dataset, tmp_path
     own = tmp_path / "preds.txt"  # ...and so is this tool's own earlier output, whatever its name
     for _ in range(2):
         assert predict("--image", val, "--all", "1", "--csv", str(own)).returncode == 0
+    empty = tmp_path / "empty.out"  # (a run whose every image failed wrote it without rows)
+    empty.write_bytes(b"")
+    assert predict("--image", val, "--all", "1", "--csv", str(empty)).returncode == 0
     p = predict("--image", val, "--random", "1", "--n", "500", "--classes", "a,b", "--arch", "mobilenet_v2")
     assert p.returncode == 0 and "fewer than --n 500: predicting all of them" in p.stderr
     assert "--arch mobilenet_v2 ignored: the checkpoint is a resnet18 model" in p.stderr
@@ -419,3 +423,21 @@ def test_flag_typos_are_one_line_and_keywords_take_any_case(tiny_dataset, tmp_pa
     r = cli("predict.py", "--image", str(tiny_dataset / "val"), "--checkpoint", str(run_dir_of(r.stdout) / "best_acc.pt"),
             "--device", "CPU", "--topk", "0")
     assert r.returncode == 2 and "--topk must be >= 1 (got 0)" in r.stderr, r.stderr
+
+
+def test_resume_of_a_reference_checkpoint_with_freeze_flags_and_an_unrecorded_dropout(tiny_dataset, tmp_path):
+    """The reference records its three 0/1 freeze flags, not a policy, and may not
+    record the head's dropout rate: the policy comes from those flags (a typed
+    other policy is refused; not typing it works), and a typed dropout rate is
+    accepted where only a guess (0.5) existed."""
+    r = cli("train.py", "--data-dir", str(tiny_dataset), "--device", "cpu", "--weights", "none", "--epochs", "1",
+            "--policy", "last", "--dropout", "0.2", "--output-dir", str(tmp_path / "runs"))
+    assert r.returncode == 0, r.stderr
+    ours = torch.load(run_dir_of(r.stdout) / "latest.pt", weights_only=True)
+    ref = {k: v for k, v in ours.items() if k not in ("arch", "policy", "head", "args")}
+    ref["args"] = {"data_dir": str(tiny_dataset), "epochs": 1, "freeze_backbone": 1, "unfreeze_last": 1, "unfreeze_all": 0}
+    torch.save(ref, tmp_path / "ref.pt")
+    p = cli("train.py", "--device", "cpu", "--resume", str(tmp_path / "ref.pt"), "--epochs", "2", "--policy", "full")
+    assert p.returncode == 2 and "--policy full cannot change on --resume: the saved run used last" in p.stderr, p.stderr
+    p = cli("train.py", "--device", "cpu", "--resume", str(tmp_path / "ref.pt"), "--epochs", "2", "--dropout", "0.2")
+    assert p.returncode == 0 and "EPOCH 2/2" in p.stdout and "policy=last" in p.stdout, p.stderr
