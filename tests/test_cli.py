@@ -342,6 +342,10 @@ def test_predict_flag_mistakes_are_caught_before_any_work(tiny_dataset, tmp_path
         p = predict("--image", val, "--all", "1", "--csv", str(target))
         assert p.returncode == 2 and "already exists and is not a .csv file; it was left alone" in p.stderr, p.stderr
         assert target.read_bytes() == before
+    fifo = tmp_path / "pipe.csv"  # not a regular file (like /dev/null): never replaced, never opened
+    os.mkfifo(fifo)
+    p = predict("--image", val, "--all", "1", "--csv", str(fifo))
+    assert p.returncode == 2 and "is not a regular file" in p.stderr and fifo.is_fifo(), p.stderr
     old_csv = tmp_path / "old.csv"
     old_csv.write_text("file,label\n")
     assert predict("--image", val, "--all", "1", "--csv", str(old_csv)).returncode == 0  # a CSV is replaced
