@@ -73,11 +73,12 @@ def continue_saved_run(cfg: TrainConfig, given: set[str]) -> tuple[TrainConfig, 
     """cfg with the saved run's settings where none were typed again, and notes saying which."""
     from pathlib import Path
 
-    from core.checkpoint import saved_args
+    from core.checkpoint import read_checkpoint
     from core.errors import ConfigError
     cfg.validate()  # what was typed is checked as typed
-    saved = saved_args(cfg.resume)
-    refuse_changed_run_settings(cfg, given)
+    ckpt = read_checkpoint(cfg.resume)  # its errors are the ones the engine would give
+    saved = ckpt["args"] if isinstance(ckpt.get("args"), dict) else {}
+    refuse_changed_run_settings(cfg, ckpt, given)
     run_folder = Path(cfg.resume).expanduser().resolve().parent
     if "output_dir" not in given and (run_folder / "args.json").is_file():
         cfg.output_dir = str(run_folder.parent)  # a new folder (engine.resume_run_dir) goes beside the run's
@@ -105,17 +106,16 @@ FIXED_ON_RESUME = {"arch": "--arch", "policy": "--policy", "dropout": "--dropout
                    "augment": "--augment", "val_split": "--val-split"}
 
 
-def refuse_changed_run_settings(cfg: TrainConfig, given: set[str]) -> None:
+def refuse_changed_run_settings(cfg: TrainConfig, ckpt: dict, given: set[str]) -> None:
     """A flag typed with --resume that would change one of FIXED_ON_RESUME is an
     error, not a NOTE: silently training with the saved value contradicts what
     was typed. Compared with what engine.read_resume would keep."""
-    from core.checkpoint import read_checkpoint
     from core.config import AUTO_AUGMENT, as_type_of
     from core.engine import fixed_run_settings
     from core.errors import ConfigError
     freeze_flags = {"freeze_backbone", "unfreeze_last", "unfreeze_all"}
     typed = set(given) | ({"policy"} if given & freeze_flags else set())
-    saved = fixed_run_settings(read_checkpoint(cfg.resume))
+    saved = fixed_run_settings(ckpt)
     for name, flag in FIXED_ON_RESUME.items():
         if name not in typed or name not in saved or saved[name] is None and name != "val_split":
             continue

@@ -284,12 +284,6 @@ def saved_epoch(path) -> int | None:
     return _peek(path).get("epoch")
 
 
-def saved_args(path) -> dict:
-    """The settings the checkpoint's run was started with; {} if none."""
-    args = _peek(Path(path).expanduser()).get("args")
-    return args if isinstance(args, dict) else {}
-
-
 def _unlink_quietly(p) -> None:
     try:
         os.unlink(p)

@@ -17,11 +17,6 @@ DEVICES = ("auto", "cpu", "cuda", "mps")
 CACHE_MODES = ("auto", "off")
 MAX_CLASSES = 10_000  # past this a new head alone needs gigabytes; no folder-of-images task has so many
 
-POLICY_HELP = {
-    "head": "Head only: the pretrained backbone is frozen, only the new fc layer learns. Fast, best for small datasets.",
-    "last": "Last stage + head: layer4 and fc learn, earlier layers stay frozen. More capacity, still fast.",
-    "full": "Full fine-tune: every layer learns. Slowest; needs more data and a smaller learning rate.",
-}
 
 # Default augmentation per policy (see core/engine.py for the cache):
 # - head: none. A frozen backbone's features then never change, so the

@@ -19,7 +19,7 @@ from core.errors import UserError
 from core.images import load_rgb
 
 from . import datasets, inference, modelview, plots, runs
-from .session import Failed, TrainingService, history_row
+from .session import Failed, TrainingService
 
 EPOCH_COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds", "best"]
 PRED_COLUMNS = ["file", "top-1", "p", "top-k", "error"]
@@ -107,7 +107,7 @@ class Handlers:
         try:
             split = _float(val_split or 0, FIELD_NAMES["--val-split"]) or None
             check_val_split(split)  # the rule Start applies, shown before it
-            info = datasets.check(data_dir or self.data_dir, split, _int(seed or 0, "Seed"))
+            info = datasets.check(data_dir or self.data_dir, split, _int(seed or 0, FIELD_NAMES["--seed"]))
         except UserError as e:
             raise user_error(e, "Dataset problem") from None
         return datasets.summary_markdown(info), len(info.classes)
@@ -171,13 +171,14 @@ class Handlers:
             weights = str(Path(weights).expanduser())
         else:
             weights = weights_source or "imagenet"
-        policy = policy or "head"
+        policy, F = policy or "head", FIELD_NAMES
         return TrainConfig(
             data_dir=(data_dir or "").strip() or str(self.data_dir), arch=arch, weights=weights, policy=policy,
-            epochs=_int(epochs, "Epochs"), batch_size=_int(batch_size, "Batch size"), lr=_float(lr, "Learning rate"),
-            weight_decay=_float(weight_decay, "Weight decay"), dropout=_float(dropout or 0, "Head dropout"),
-            augment=augment or "auto", seed=_int(seed, "Seed"), device=device or "auto", amp=bool(amp),
-            val_split=_float(val_split or 0, FIELD_NAMES["--val-split"]) or None, output_dir=str(self.checkpoints_dir),
+            epochs=_int(epochs, F["--epochs"]), batch_size=_int(batch_size, F["--batch-size"]),
+            lr=_float(lr, F["--lr"]), weight_decay=_float(weight_decay, F["--weight-decay"]),
+            dropout=_float(dropout or 0, F["--dropout"]), augment=augment or "auto", seed=_int(seed, F["--seed"]),
+            device=device or "auto", amp=bool(amp),
+            val_split=_float(val_split or 0, F["--val-split"]) or None, output_dir=str(self.checkpoints_dir),
             run_name=(run_name or "").strip() or f"{arch}-{policy}", extra={"ui": "gradio"},
         ).validate()
 
@@ -254,7 +255,7 @@ class Handlers:
                 yield self._train_frame(f"⚠ {html.escape(ev.text.splitlines()[0], quote=False)} (see the run log)",
                                         state, overlays, log_lines)
             elif isinstance(ev, EpochEnded):
-                state = {**state, "history": state["history"] + [history_row(ev)]}
+                state = {**state, "history": handle.history}  # the rows the run's handle keeps
                 star = " ★ new best" if ev.best_acc else ""
                 msg = (f"▶ Epoch {ev.epoch}/{ev.epochs}: val_acc {ev.val_acc:.3f}, val_loss {ev.val_loss:.4f}{star} "
                        f"({ev.seconds:.1f} s)")

@@ -6,7 +6,6 @@ from functools import lru_cache
 
 import torch
 
-from core.config import POLICY_HELP
 from core.models import HEAD_NAME, MOBILENET_LAST_STAGE, apply_policy, build_base_model, build_model, param_counts
 from core.summary import layer_rows, policy_table
 
@@ -25,12 +24,12 @@ def policy_choices(arch: str) -> list[tuple[str, str]]:
 
 
 def policy_help(arch: str, policy: str) -> str:
-    if arch == "mobilenet_v2" and policy in ("head", "last"):
-        return {"head": "Head only: the pretrained backbone is frozen, only the new classifier layer learns. Fast, "
-                        "best for small datasets.",
-                "last": f"Last stages + head: features.{MOBILENET_LAST_STAGE}–18 and the classifier learn, earlier "
-                        f"blocks stay frozen. More capacity, still fast."}[policy]
-    return POLICY_HELP[policy]
+    """One line on what `policy` trains, in `arch`'s layer names."""
+    parts = TRAINED_PARTS.get(arch, TRAINED_PARTS["resnet18"])
+    return {"head": f"Head only: the pretrained backbone is frozen, only the new {parts['head']} layer learns. Fast, "
+                    f"best for small datasets.",
+            "last": f"Last stage + head: {parts['last']} learn, earlier layers stay frozen. More capacity, still fast.",
+            "full": "Full fine-tune: every layer learns. Slowest; needs more data and a smaller learning rate."}[policy]
 
 
 @dataclass
