@@ -372,8 +372,8 @@ def make_checkpoint(*, model: nn.Module, optimizer, epoch: int, best: dict, clas
     return {
         "format_version": FORMAT_VERSION,
         "epoch": int(epoch),
-        "model_state": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-        "optimizer_state": optimizer.state_dict() if optimizer is not None else None,
+        "model_state": on_cpu(model.state_dict()),
+        "optimizer_state": on_cpu(optimizer.state_dict()) if optimizer is not None else None,
         "scaler_state": scaler.state_dict() if scaler is not None else None,
         "best_val_acc": float(best["acc"]),
         "best_val_loss": float(best["loss"]),
@@ -389,6 +389,18 @@ def make_checkpoint(*, model: nn.Module, optimizer, epoch: int, best: dict, clas
         "preprocess": {"resize": int(resize_size), "crop": int(image_size),
                        "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]},
     }
+
+
+def on_cpu(obj):
+    """obj with every tensor on the CPU (no copy for those already there): a GPU
+    run's checkpoint must load with a plain torch.load on a machine without one."""
+    if torch.is_tensor(obj):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: on_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(on_cpu(v) for v in obj)
+    return obj
 
 
 def read_checkpoint(path, trust_pickle: bool = False) -> dict:

@@ -62,11 +62,11 @@ def amp_note(device: torch.device, amp: bool) -> str | None:
     dtype = amp_dtype(device, amp)
     if dtype is torch.bfloat16:
         return "--amp 1: bfloat16 mixed precision on this CPU (weights and optimizer stay float32)"
+    if dtype is torch.float16:
+        return "--amp 1: float16 mixed precision with loss scaling on this GPU (weights and optimizer stay float32)"
     if dtype is None and device.type == "cpu":
         return "--amp 1 has no effect on this CPU (no native bfloat16: AVX512-BF16 or AMX); training in float32"
-    if dtype is None:
-        return f"--amp 1 has no effect on {device.type}; training in float32"
-    return None
+    return f"--amp 1 has no effect on {device.type}; training in float32"
 
 
 def inference_batch_size(device: torch.device, train_batch: int = 16, cached_inputs: bool = False) -> int:

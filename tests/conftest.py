@@ -10,8 +10,16 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-SHARED = ROOT.parent / "shared"
+# ../shared beside the checkout; TL_SHARED_DIR points elsewhere (e.g. a GPU machine's copy).
+SHARED = Path(os.environ.get("TL_SHARED_DIR") or ROOT.parent / "shared")
 sys.path.insert(0, str(ROOT))
+
+# Engine tests run on the CPU; TL_TEST_DEVICE=cuda runs them on a GPU (tests/test_cuda.py).
+TEST_DEVICE = os.environ.get("TL_TEST_DEVICE", "cpu")
+cpu_only = pytest.mark.skipif(TEST_DEVICE != "cpu", reason=f"checks a choice made for the CPU, not {TEST_DEVICE}")
+if TEST_DEVICE.startswith("cuda"):  # the tests compare results at float32 tolerance: no TF32 kernels
+    import torch
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ["NO_PROXY"] = "127.0.0.1,localhost"
@@ -74,9 +82,11 @@ def tiny_dataset(tmp_path) -> Path:
 
 
 def train_config(data, out, **kw):
-    """A small, fast CPU TrainConfig for engine tests (random weights, seed 7)."""
+    """A small, fast TrainConfig for engine tests (random weights, seed 7), on the CPU
+    unless TL_TEST_DEVICE names another device (TL_TEST_DEVICE=cuda on a GPU machine)."""
     from core.config import TrainConfig
-    base = dict(data_dir=str(data), output_dir=str(out), weights="none", epochs=2, batch_size=4, device="cpu", seed=7)
+    base = dict(data_dir=str(data), output_dir=str(out), weights="none", epochs=2, batch_size=4,
+                device=TEST_DEVICE, seed=7)
     base.update(kw)
     return TrainConfig(**base)
 

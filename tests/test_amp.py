@@ -9,10 +9,11 @@ import re
 import pytest
 import torch
 
-from conftest import train_config as cfg_for, train_run as run
+from conftest import cpu_only, train_config as cfg_for, train_run as run
 from core import checkpoint as ck
 from core import device as dev
 
+pytestmark = cpu_only  # the CPU's bfloat16 path; tests/test_cuda.py has the GPU's float16 one
 METRICS = ("train_loss", "train_acc", "val_loss", "val_acc")
 
 

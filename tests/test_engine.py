@@ -13,7 +13,9 @@ from core import checkpoint as ck
 from core.engine import BatchProgress, EpochEnded, RunEnded, RunStarted, empty_best, is_better_acc, is_better_loss, train
 from core.models import build_model, split_model
 
-from conftest import train_config as cfg_for, train_run as run
+from conftest import TEST_DEVICE, cpu_only, train_config as cfg_for, train_run as run
+
+METRICS = ("train_loss", "train_acc", "val_loss", "val_acc")
 
 
 def snapshot(module: torch.nn.Module) -> dict:
@@ -71,10 +73,13 @@ def test_feature_cache_matches_uncached_path(tiny_dataset, tmp_path, policy, aug
     assert "frozen layers run once" in " ".join(cached[0][0].notes)
     assert "off" in " ".join(plain[0][0].notes)
     for a, b in zip(cached[1], plain[1]):
-        for k in ("train_loss", "train_acc", "val_loss", "val_acc"):
-            assert getattr(a, k) == pytest.approx(getattr(b, k), abs=1e-4), k
+        for k in METRICS:
+            # (relative too: a random frozen backbone gives val losses near 90, and a GPU's
+            # nondeterministic kernels move them by ~5e-5 of that between any two runs)
+            assert getattr(a, k) == pytest.approx(getattr(b, k), rel=1e-4, abs=1e-4), k
 
 
+@cpu_only
 @pytest.mark.parametrize("arch,cache", [("resnet18", "auto"), ("resnet18", "off"), ("mobilenet_v2", "auto")])
 def test_trainable_layers_run_in_their_faster_memory_layout(tiny_dataset, tmp_path, monkeypatch, arch, cache):
     """On CPU, ResNet-18's layer4 trains in NCHW (faster there, bench/NOTES.md): its
@@ -103,6 +108,7 @@ def test_trainable_layers_run_in_their_faster_memory_layout(tiny_dataset, tmp_pa
     assert frozen_w.is_contiguous(memory_format=torch.channels_last) and not frozen_w.is_contiguous()
 
 
+@cpu_only
 def test_validation_on_cached_maps_uses_larger_batches(tmp_path):
     """On CPU, whole images are validated in batches of 8 (cache-friendly for a whole
     network); cached layer3 maps in batches of 32, faster per image for layer4."""
@@ -127,7 +133,10 @@ def test_rerun_takes_features_from_memory_without_refolding(tiny_dataset, tmp_pa
     assert len(folds) == 1 and any(isinstance(e, BatchProgress) and e.phase == "cache" for e in first[0])
     second = run(cfg_for(tiny_dataset, tmp_path / "b", policy="last", augment="light", epochs=2))
     assert len(folds) == 1 and not any(isinstance(e, BatchProgress) and e.phase == "cache" for e in second[0])
-    assert [e.as_row() | {"seconds": 0} for e in first[1]] == [e.as_row() | {"seconds": 0} for e in second[1]]
+    # bit-identical on the CPU; cuDNN's backward kernels add atomics-order rounding on a GPU
+    tol = 0 if TEST_DEVICE == "cpu" else 1e-5
+    for a, b in zip(first[1], second[1]):
+        assert [getattr(a, k) for k in METRICS] == pytest.approx([getattr(b, k) for k in METRICS], abs=tol)
 
 
 def test_a_frozen_random_backbone_is_pointed_out(tiny_dataset, tmp_path):
@@ -158,6 +167,7 @@ def test_resume_continues_exactly(tiny_dataset, tmp_path):
     assert latest["epoch"] == 4 and len(latest["history"]) == 4
 
 
+@cpu_only
 def test_resume_puts_optimizer_moments_in_the_weights_layout(tiny_dataset, tmp_path):
     """A checkpoint whose AdamW moments are channels_last (saved by an older version,
     or on a GPU) while this run's layer4 weights are NCHW: resuming converts the
@@ -343,6 +353,7 @@ def test_stop_while_decoding_images(tiny_dataset, tmp_path):
     assert list(out.iterdir()) == []
 
 
+@cpu_only
 def test_val_split_run_and_amp_note_on_cpu(tmp_path, monkeypatch):
     from conftest import make_image_dataset
     from core import device
