@@ -55,8 +55,9 @@ def given_flags(argv) -> set[str]:
     return {k for k, v in vars(p.parse_args(argv)).items() if v is not unset}
 
 
-def config_from_args(args: argparse.Namespace, given: set[str] = frozenset()) -> tuple[TrainConfig, list[str]]:
-    """(config, notes). With --resume, settings not given again continue the saved run's."""
+def config_from_args(args: argparse.Namespace, given: set[str] = frozenset()) -> tuple[TrainConfig, list[str], dict | None]:
+    """(config, notes, the --resume checkpoint as read). With --resume, settings
+    not given again continue the saved run's."""
     policy = args.policy or policy_from_flags(args.freeze_backbone, args.unfreeze_last, args.unfreeze_all)
     cfg = TrainConfig(
         data_dir=args.data_dir, arch=args.arch, weights=args.weights, policy=policy, epochs=args.epochs,
@@ -66,11 +67,12 @@ def config_from_args(args: argparse.Namespace, given: set[str] = frozenset()) ->
         export_state_dict=bool(args.export_state_dict), export_full_model=bool(args.export_full_model),
         cache=args.cache, cache_budget_mb=args.cache_budget_mb,
     )
-    return continue_saved_run(cfg, given) if args.resume else (cfg.validate(), [])
+    return continue_saved_run(cfg, given) if args.resume else (cfg.validate(), [], None)
 
 
-def continue_saved_run(cfg: TrainConfig, given: set[str]) -> tuple[TrainConfig, list[str]]:
-    """cfg with the saved run's settings where none were typed again, and notes saying which."""
+def continue_saved_run(cfg: TrainConfig, given: set[str]) -> tuple[TrainConfig, list[str], dict]:
+    """cfg with the saved run's settings where none were typed again, notes saying
+    which, and the checkpoint (read once: the engine takes it from here)."""
     from pathlib import Path
 
     from core.checkpoint import read_checkpoint
@@ -88,7 +90,7 @@ def continue_saved_run(cfg: TrainConfig, given: set[str]) -> tuple[TrainConfig, 
             Path(saved["data_dir"]).expanduser().absolute() != Path(cfg.data_dir).expanduser().absolute():
         notes.append(f"--resume: training on {cfg.data_dir}; the saved run trained on {saved['data_dir']}")
     if not restored:
-        return cfg, notes
+        return cfg, notes, ckpt
     if "data_dir" in restored and not Path(restored["data_dir"]).expanduser().is_dir():
         raise ConfigError(f"--resume: the saved run's data folder {restored['data_dir']} does not exist here; "
                           f"pass --data-dir")
@@ -97,7 +99,7 @@ def continue_saved_run(cfg: TrainConfig, given: set[str]) -> tuple[TrainConfig, 
     except ConfigError as e:
         raise ConfigError(f"--resume: the saved run's settings are not usable ({e}); give that flag again") from None
     return cfg, notes + ["--resume: continuing the run's " + ", ".join(f"{k}={v}" for k, v in restored.items())
-                         + " (give a flag again to change it)"]
+                         + " (give a flag again to change it)"], ckpt
 
 
 # What a resumed run keeps from its checkpoint whatever is typed (the optimizer
@@ -139,8 +141,8 @@ def _train(args, given) -> int:
     from cli.train_output import print_training  # torch imports only after flags parsed (fast --help)
     from core.device import configure_threads
     configure_threads()
-    cfg, notes = config_from_args(args, given)
-    return print_training(cfg, print_model=bool(args.print_model), notes=notes)
+    cfg, notes, ckpt = config_from_args(args, given)
+    return print_training(cfg, print_model=bool(args.print_model), notes=notes, resume_checkpoint=ckpt)
 
 
 if __name__ == "__main__":

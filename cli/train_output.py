@@ -11,13 +11,13 @@ from core.config import TrainConfig
 from core.engine import BatchProgress, EpochEnded, Notice, RunEnded, RunStarted, train
 
 
-def print_training(cfg: TrainConfig, print_model: bool = False, notes=()) -> int:
+def print_training(cfg: TrainConfig, print_model: bool = False, notes=(), resume_checkpoint: dict | None = None) -> int:
     stop = threading.Event()
     # First Ctrl-C: finish cleanly between batches (completed epochs stay saved); second: abort.
     previous = signal.signal(signal.SIGINT, lambda *_: _request_stop(stop))
     bar = None
     try:
-        for ev in train(cfg, stop):
+        for ev in train(cfg, stop, resume_checkpoint):
             if isinstance(ev, RunStarted):
                 print_start(ev, print_model, notes)
             elif isinstance(ev, BatchProgress):

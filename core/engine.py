@@ -254,10 +254,11 @@ class _Diverged(Exception):
     pass
 
 
-def train(cfg: TrainConfig, stop: threading.Event | None = None) -> Iterator:
+def train(cfg: TrainConfig, stop: threading.Event | None = None, resume_checkpoint: dict | None = None) -> Iterator:
     """Run (or resume) a training run, yielding events. Bad input raises
     UserError (before the first event, or later for data found unreadable or a
-    failed write); stop and divergence end with a RunEnded."""
+    failed write); stop and divergence end with a RunEnded. resume_checkpoint:
+    cfg.resume as read_checkpoint gave it, when the caller has read it already."""
     cfg.validate()
     stop = stop or threading.Event()
     device = resolve_device(cfg.device)
@@ -265,7 +266,7 @@ def train(cfg: TrainConfig, stop: threading.Event | None = None) -> Iterator:
 
     resume = None
     if cfg.resume:
-        resume, resume_notes = read_resume(cfg)
+        resume, resume_notes = read_resume(cfg, resume_checkpoint)
         notes += resume_notes
     info = scan_dataset(cfg.data_dir, cfg.val_split, cfg.seed)
     if resume and resume["class_names"] != info.classes:
@@ -492,10 +493,11 @@ def fixed_run_settings(ckpt: dict) -> dict:
     return saved
 
 
-def read_resume(cfg: TrainConfig) -> tuple[dict, list[str]]:
-    """The checkpoint to resume, with cfg's arch/policy/dropout set to the
-    checkpoint's (they must match to restore the optimizer state)."""
-    ckpt = ck.read_checkpoint(cfg.resume)
+def read_resume(cfg: TrainConfig, ckpt: dict | None = None) -> tuple[dict, list[str]]:
+    """The checkpoint to resume (read from cfg.resume unless given), with cfg's
+    arch/policy/dropout set to the checkpoint's (they must match to restore the
+    optimizer state)."""
+    ckpt = ckpt if ckpt is not None else ck.read_checkpoint(cfg.resume)
     if int(ckpt["epoch"]) >= cfg.epochs:
         raise ConfigError(f"{cfg.resume} already finished epoch {ckpt['epoch']}; pass a larger --epochs "
                           f"(the new total, e.g. --epochs {int(ckpt['epoch']) + 10}) to train further")

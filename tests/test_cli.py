@@ -445,3 +445,18 @@ def test_resume_of_a_reference_checkpoint_with_freeze_flags_and_an_unrecorded_dr
     assert p.returncode == 2 and "--policy full cannot change on --resume: the saved run used last" in p.stderr, p.stderr
     p = cli("train.py", "--device", "cpu", "--resume", str(tmp_path / "ref.pt"), "--epochs", "2", "--dropout", "0.2")
     assert p.returncode == 0 and "EPOCH 2/2" in p.stdout and "policy=last" in p.stdout, p.stderr
+
+
+def test_resume_reads_the_checkpoint_once(tiny_dataset, tmp_path, monkeypatch):
+    """train.py --resume checks the typed flags against the checkpoint and hands that
+    same dict to the engine: a 45-135 MB file is read once, not once per check."""
+    import train
+    from core import checkpoint as ck
+    assert train.main(["--data-dir", str(tiny_dataset), "--device", "cpu", "--weights", "none", "--epochs", "1",
+                       "--batch-size", "4", "--output-dir", str(tmp_path)]) == 0
+    latest = next(tmp_path.glob("*/latest.pt"))
+    reads, real = [], ck.load_file
+    monkeypatch.setattr(ck, "load_file", lambda path, *a, **kw: reads.append(Path(path)) or real(path, *a, **kw))
+    assert train.main(["--resume", str(latest), "--epochs", "2", "--device", "cpu", "--policy", "head"]) == 0
+    assert reads == [latest]
+    assert ck.read_checkpoint(latest)["epoch"] == 2
