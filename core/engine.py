@@ -181,6 +181,16 @@ def empty_best() -> dict:
     return {"acc": 0.0, "acc_epoch": 0, "acc_loss": float("inf"), "loss": float("inf"), "loss_epoch": 0}
 
 
+def update_best(best: dict, epoch: int, val_loss: float, val_acc: float) -> tuple[bool, bool]:
+    """Apply one epoch's validation to `best`; (new best accuracy, new best loss)."""
+    improved_acc, improved_loss = is_better_acc(val_acc, val_loss, best), is_better_loss(val_loss, best)
+    if improved_acc:
+        best.update(acc=val_acc, acc_epoch=epoch, acc_loss=val_loss)
+    if improved_loss:
+        best.update(loss=val_loss, loss_epoch=epoch)
+    return improved_acc, improved_loss
+
+
 # ---------------------------------------------------------------- in-process caches (the app trains many runs)
 
 _CACHE_LOCK = threading.Lock()
@@ -348,12 +358,7 @@ def train(cfg: TrainConfig, stop: threading.Event | None = None, resume_checkpoi
             tr = yield from train_one_epoch(model, prefix, frozen, suffix, optimizer, loss_fn, train_src, cfg,
                                             device, epoch, aug, stop, scaler)
             va = yield from evaluate(model, frozen, suffix, val_src, cfg, device, epoch, stop)
-            improved_acc = is_better_acc(va[1], va[0], best)
-            improved_loss = is_better_loss(va[0], best)
-            if improved_acc:
-                best.update(acc=va[1], acc_epoch=epoch, acc_loss=va[0])
-            if improved_loss:
-                best.update(loss=va[0], loss_epoch=epoch)
+            improved_acc, improved_loss = update_best(best, epoch, *va)
             ended = EpochEnded(epoch, cfg.epochs, tr[0], tr[1], va[0], va[1], optimizer.param_groups[0]["lr"],
                                time.perf_counter() - t0, improved_acc, improved_loss, str(run_dir / "latest.pt"))
             history.append(ended.as_row())

@@ -93,14 +93,32 @@ def list_runs(checkpoints_dir) -> list[RunInfo]:
 
 
 def checkpoint_choices(checkpoints_dir) -> list[tuple[str, str]]:
-    """(label, path) for the dropdown of the Predict tab; newest run's best_acc.pt first."""
+    """(label, path) for the dropdown of the Predict tab, newest run's best_acc.pt
+    first; each label says which epoch the file holds and that epoch's metric."""
     out = []
     for run in list_runs(checkpoints_dir):
+        rows = file_rows(run.history)
         for fname in CHECKPOINT_FILES:
             p = run.path / fname
             if p.is_file():
-                acc = ""
-                if fname == "best_acc.pt" and run.best_val_acc is not None:
-                    acc = f" (best val_acc {run.best_val_acc:.2f})"
-                out.append((f"{run.name} / {fname}{acc}", str(p)))
+                row, metric = rows.get(fname), "val_loss" if fname == "best_loss.pt" else "val_acc"
+                what = f" · epoch {row['epoch']} · {metric} {row[metric]:.3f}" if row else ""
+                out.append((f"{run.name} / {fname}{what}", str(p)))
+    return out
+
+
+def file_rows(history: list[dict]) -> dict[str, dict]:
+    """The metrics.csv row each checkpoint file holds, by the engine's own rules
+    (a best file is the latest.pt of its epoch): no 45-135 MB file is opened."""
+    from core.engine import empty_best, update_best
+    best, out = empty_best(), {}
+    for row in history:
+        if row.get("val_loss") is None or row.get("val_acc") is None:
+            continue
+        improved_acc, improved_loss = update_best(best, row["epoch"], row["val_loss"], row["val_acc"])
+        if improved_acc:
+            out["best_acc.pt"] = row
+        if improved_loss:
+            out["best_loss.pt"] = row
+        out["latest.pt"] = row
     return out

@@ -334,6 +334,14 @@ def test_refresh_checkpoints_preselects_newest_best_acc(trained, app):
     newest = max((p for p in app["checkpoints"].iterdir() if (p / "metrics.csv").exists()),
                  key=lambda p: (p / "metrics.csv").stat().st_mtime)
     assert update["value"] == str(newest / "best_acc.pt")
+    # each label names the epoch its file really holds, and that epoch's metric
+    from core.checkpoint import saved_epoch
+    labels = {path: label for label, path in update["choices"]}
+    assert {Path(p).name for p in labels} >= {"best_acc.pt", "best_loss.pt", "latest.pt"}
+    for path, label in labels.items():
+        m = re.search(r" · epoch (\d+) · (val_acc|val_loss) (\d\.\d{3})$", label)
+        assert m and int(m.group(1)) == saved_epoch(path), label
+        assert m.group(2) == ("val_loss" if path.endswith("best_loss.pt") else "val_acc")
 
 
 # ---------------------------------------------------------------- model tab
