@@ -1,7 +1,7 @@
 """Side-by-side benchmark: naive reference-style loop vs the project's engine.
 
-    python bench/run_bench.py                      # the full run (about 45-60 min on 2 busy cores)
-    python bench/run_bench.py --quick              # smoke run (a few minutes)
+    python bench/run_bench.py                      # the full run (about 1 h on an idle 2-core machine, longer on a busy one)
+    python bench/run_bench.py --quick              # smoke run (about 5-10 min)
     python bench/run_bench.py --datasets mini --repeats 3 --sections train
     python bench/run_bench.py --render results.json   # re-write the markdown from saved results
 

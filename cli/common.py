@@ -75,6 +75,7 @@ def run_cli(fn) -> int:
 
 
 REQUIRED = ("torch", "torchvision", "PIL", "numpy", "tqdm", "gradio", "plotly")
+PIP_NAMES = {"PIL": "pillow"}  # module -> the name pip installs it by
 
 
 def missing_package(e: ModuleNotFoundError) -> str:
@@ -83,7 +84,7 @@ def missing_package(e: ModuleNotFoundError) -> str:
     import importlib.util
     first = (e.name or "?").split(".")[0]
     missing = [first] + [m for m in REQUIRED if m != first and importlib.util.find_spec(m) is None]
-    names = ", ".join(f"'{m}'" for m in missing)
+    names = ", ".join(f"'{PIP_NAMES.get(m, m)}'" for m in missing)
     return (f"error: the package{'s' if len(missing) > 1 else ''} {names} {'are' if len(missing) > 1 else 'is'} not "
             f"installed for {sys.executable}. Run `bash scripts/setup.sh` once, then use .venv/bin/python "
             f"(or `source .venv/bin/activate` first).")

@@ -293,19 +293,19 @@ def _unlink_quietly(p) -> None:
 
 # ---------------------------------------------------------------- reading
 
-def load_file(path, trust_pickle: bool = False):
+def load_file(path, trust_pickle: bool = False, what: str = "checkpoint"):
     """torch.load with weights_only=True; clear errors for missing, truncated,
     random or pickled-code files. With trust_pickle, a full-model pickle loads.
-    Only CheckpointError escapes."""
+    Only CheckpointError escapes. `what` names the file in messages."""
     p = Path(path).expanduser()
     if p.is_dir():
         inside = [n for n in ("latest.pt", "best_acc.pt") if (p / n).is_file()]
-        raise CheckpointError(f"checkpoint {p} is a folder, not a .pt file"
+        raise CheckpointError(f"{what} {p} is a folder, not a .pt file"
                               + (f"; the file in it is e.g. {p / inside[0]}" if inside else ""))
     if not p.exists():
-        raise CheckpointError(f"checkpoint {p} does not exist")
+        raise CheckpointError(f"{what} {p} does not exist")
     if not p.is_file():
-        raise CheckpointError(f"checkpoint {p} is not a regular file (device, pipe or socket)")
+        raise CheckpointError(f"{what} {p} is not a regular file (device, pipe or socket)")
     if p.stat().st_size == 0:
         raise CheckpointError(f"{p} is empty (0 bytes); the file is damaged or was never written")
     kind = non_torch_content(p)

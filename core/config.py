@@ -5,6 +5,7 @@ the engine never sees an unchecked value."""
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -141,7 +142,8 @@ class TrainConfig:
     def to_dict(self) -> dict:
         """Plain types only, so it can live inside a weights_only checkpoint."""
         d = dataclasses.asdict(self)
-        d["data_dir"] = str(Path(self.data_dir).expanduser().absolute())  # a resume from another folder finds it
+        # absolute (a resume from another folder finds it) and without ../ (normpath, as the shell shows it)
+        d["data_dir"] = os.path.abspath(Path(self.data_dir).expanduser())
         return d
 
     @classmethod

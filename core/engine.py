@@ -326,8 +326,9 @@ def train(cfg: TrainConfig, stop: threading.Event | None = None, resume_checkpoi
         train_imgs = yield from decoded_images(info.train, cfg.resize_size, keep_decoded, threads, stop)
         val_imgs = yield from decoded_images(info.val, cfg.resize_size, keep_decoded, threads, stop)
         unreadable = [s for s in info.skipped if s not in known]
-        if unreadable:
-            info.warnings.append(skipped_warning(unreadable))
+        if unreadable:  # the DATASET counts were taken before decoding: say what trains now
+            info.warnings.append(skipped_warning(unreadable) + "\n" + "\n".join(
+                f"  {s.name} now: {len(s.samples)} images | per_class={s.counts()}" for s in (info.train, info.val)))
             yield Notice("warning", info.warnings[-1])
         for split in (info.train, info.val):
             if not split.samples or len({y for _, y in split.samples}) < len(info.classes):
@@ -376,6 +377,10 @@ def train(cfg: TrainConfig, stop: threading.Event | None = None, resume_checkpoi
         stop.clear()
         if epochs_done == 0 and new_folder:
             remove_empty_run(run_dir)
+    if status != "completed":  # what is on disk now
+        message += ("; checkpoints of completed epochs are kept" if epochs_done else
+                    "; no epoch had completed, so nothing was saved"
+                    + ("" if run_dir.exists() else f" (the run folder {run_dir} was removed)"))
     try:
         exports = export_formats(run_dir, cfg, info.classes)  # from best_acc.pt, whatever the status
     except OSError as e:  # the run itself is saved; say so instead of losing the summary
@@ -659,7 +664,7 @@ def train_one_epoch(model, prefix, frozen, suffix, optimizer, loss_fn, src: Inpu
     loss_sum, correct, seen = 0.0, 0, 0
     for step, idx in enumerate(batches, 1):
         if stop.is_set():
-            raise _Stopped(f"stopped by request during epoch {epoch}; checkpoints of completed epochs are kept")
+            raise _Stopped(f"stopped by request during epoch {epoch}")
         x = to_device(src.batch(idx, flips, aug, gen), device)
         y = src.labels[idx].to(device)
         with autocast(cfg, device):
@@ -668,7 +673,7 @@ def train_one_epoch(model, prefix, frozen, suffix, optimizer, loss_fn, src: Inpu
         if not torch.isfinite(loss) or loss.item() > EXPLODED_LOSS * max(1.0, math.log(logits.shape[1])):
             what = f"became {loss.item()}" if not torch.isfinite(loss) else f"exploded to {loss.item():.3g}"
             raise _Diverged(f"training diverged: loss {what} at epoch {epoch}, batch {step} "
-                            f"(lr={cfg.lr:g} is probably too high; try 0.001). Checkpoints of earlier epochs are kept.")
+                            f"(lr={cfg.lr:g} is probably too high; try 0.001)")
         optimizer.zero_grad(set_to_none=True)
         if scaler:
             scaler.scale(loss).backward()
@@ -692,7 +697,7 @@ def evaluate(model, frozen, suffix, src: InputSource, cfg, device, epoch, stop):
     loss_sum, correct = 0.0, 0
     for step, idx in enumerate(batches, 1):
         if stop.is_set():
-            raise _Stopped(f"stopped by request during validation of epoch {epoch}; checkpoints of completed epochs are kept")
+            raise _Stopped(f"stopped by request during validation of epoch {epoch}")
         x = to_device(src.batch(idx, None, "none", None), device)
         y = src.labels[idx].to(device)
         with torch.inference_mode(), autocast(cfg, device):

@@ -120,7 +120,7 @@ def load_backbone_weights(model: nn.Module, arch: str, weights: str) -> str:
 
 def read_weights_file(path: str) -> dict:
     from .checkpoint import load_file  # local import: checkpoint imports models
-    obj = load_file(path)
+    obj = load_file(path, what="--weights file")
     if isinstance(obj, dict) and "model_state" in obj:
         obj = obj["model_state"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):

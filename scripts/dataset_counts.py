@@ -32,8 +32,8 @@ def layout_problems(data_dir) -> list[str]:
     from core.errors import DatasetError
     try:
         return scan_dataset(data_dir).warnings
-    except DatasetError as e:
-        return [str(e)]
+    except DatasetError as e:  # its advice names train.py's flags (--val-split)
+        return [f"train.py would refuse this folder: {e}"]
 
 
 def report(data_dir) -> None:

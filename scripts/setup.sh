@@ -5,7 +5,14 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
-  "$PY" -m venv .venv
+  # torch 2.14 and gradio 6 need Python 3.10+; say so before a long failed install
+  if ! "$PY" -c 'import sys; sys.exit(sys.version_info < (3, 10))' 2>/dev/null; then
+    echo "setup: $PY is $("$PY" -V 2>/dev/null || echo "not found"); Python 3.10 or newer is needed (tested on 3.11)." \
+         "Point PYTHON at one: PYTHON=python3.11 bash scripts/setup.sh" >&2
+    exit 1
+  fi
+  "$PY" -m venv .venv || { echo "setup: '$PY -m venv' failed; on Debian/Ubuntu: sudo apt-get install python3-venv" >&2
+                          rm -rf .venv; exit 1; }
 fi
 REQ=requirements.txt
 [ "${1:-}" = "--dev" ] && REQ=requirements-dev.txt

@@ -166,6 +166,9 @@ def test_dataset_counts_script(tiny_dataset, tmp_path):
     r = cli("scripts/dataset_counts.py", "--data-dir", str(tmp_path / "noval"))
     assert "val: MISSING" in r.stdout
     assert "WARNING:" in r.stderr and "at least 2 are needed" in r.stderr
+    (tmp_path / "noval" / "train" / "b").mkdir()
+    r = cli("scripts/dataset_counts.py", "--data-dir", str(tmp_path / "noval"))  # advice for train.py, named so
+    assert "WARNING: train.py would refuse this folder:" in r.stderr and "--val-split 0.2" in r.stderr, r.stderr
     # what train.py would refuse is said too: images loose in train/, class folders that differ
     import shutil
     loose = tmp_path / "loose"
@@ -219,7 +222,7 @@ def test_bad_flags_and_absent_device_are_clear(tiny_dataset, tmp_path):
              (["--policy", "everything"], "invalid choice"),
              (["--epochs", "0"], "--epochs must be"),
              (["--arch", "vgg16"], "not supported"),
-             (["--weights", str(tmp_path / "missing.pth")], "does not exist")]
+             (["--weights", str(tmp_path / "missing.pth")], f"--weights file {tmp_path / 'missing.pth'} does not exist")]
     for extra, msg in cases:
         if "cuda" in extra and torch.cuda.is_available():
             continue
@@ -303,8 +306,11 @@ def ck_with_epochs(src: Path, epoch: int, dst: Path) -> Path:
     return dst
 
 
-def test_a_missing_package_is_named_not_called_a_bug(capsys):
-    """`python train.py` with a Python that lacks the project's packages (no venv)."""
+def test_a_missing_package_is_named_not_called_a_bug(capsys, monkeypatch):
+    """`python train.py` with a Python that lacks the project's packages (no venv):
+    every missing one is named, by the name pip knows it by."""
+    import importlib.util
+
     from cli.common import run_cli
 
     def needs_a_package():
@@ -313,6 +319,10 @@ def test_a_missing_package_is_named_not_called_a_bug(capsys):
     assert run_cli(needs_a_package) == 1
     err = capsys.readouterr().err
     assert "'no_such_package_xyz' is not installed" in err and "scripts/setup.sh" in err and "bug" not in err
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in ("PIL", "gradio") else real(name, *a))
+    assert run_cli(needs_a_package) == 1
+    assert "the packages 'no_such_package_xyz', 'pillow', 'gradio' are not installed for" in capsys.readouterr().err
 
 
 def test_predict_flag_mistakes_are_caught_before_any_work(tiny_dataset, tmp_path):

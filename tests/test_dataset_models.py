@@ -100,6 +100,13 @@ def test_config_validation_messages(field, value, msg):
         TrainConfig(**{field: value}).validate()
 
 
+def test_saved_data_dir_is_absolute_and_plain(tmp_path, monkeypatch):
+    """args.json keeps the folder as the user would type it from /: no ../ left in."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a").mkdir()
+    assert TrainConfig(data_dir="a/../photos").to_dict()["data_dir"] == str(tmp_path / "photos")
+
+
 def test_resnet_structure_kept_and_only_fc_replaced():
     m = build_model("resnet18", 3, 0.0, "none")
     assert [n for n, _ in m.named_children()] == ["conv1", "bn1", "relu", "maxpool", "layer1", "layer2",

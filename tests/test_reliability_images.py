@@ -342,6 +342,21 @@ def test_training_on_only_bad_images_fails_clearly(tmp_path, capsys):
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())  # no empty run folder
 
 
+def test_images_found_unreadable_while_decoding_correct_the_dataset_counts(tmp_path, capsys):
+    """The DATASET lines count files before decoding; when some turn out unreadable
+    the warning says what trains instead of leaving the earlier counts standing."""
+    import train
+    root = make_image_dataset(tmp_path / "ds")
+    (root / "train" / "cat" / "notes.jpg").write_text("not a photo")
+    assert train.main(["--data-dir", str(root), "--weights", "none", "--epochs", "1", "--device", "cpu",
+                       "--output-dir", str(tmp_path / "out")]) == 0
+    out, err = capsys.readouterr()
+    assert "train: 9 images" in out
+    assert "skipped 1 unreadable or non-image file(s)" in err and "notes.jpg" in err
+    assert "train now: 8 images | per_class={'cat': 4, 'fish': 4}" in err
+    assert "val now: 4 images | per_class={'cat': 2, 'fish': 2}" in err
+
+
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     import train

@@ -58,6 +58,7 @@ def test_divergence_stops_with_diverged_and_keeps_the_best_checkpoint(tmp_path):
     assert r.returncode == 3, r.stderr[-2000:]
     assert "Traceback" not in r.stderr
     assert "DIVERGED: training diverged: loss" in r.stderr and "lr=10 is probably too high" in r.stderr, r.stderr
+    assert "checkpoints of completed epochs are kept" in r.stderr
     done = 1 + r.stdout.count("EPOCH ")
     assert done < 8
     best = torch.load(run / "best_acc.pt", weights_only=True)
@@ -81,6 +82,9 @@ def test_lr_10_stops_with_diverged(tmp_path):
     end = events[-1]
     assert isinstance(end, RunEnded) and end.status == "diverged", [type(e).__name__ for e in events[-3:]]
     assert "diverged" in end.message and "lr" in end.message
+    # diverged in its first epoch: the message does not promise checkpoints that were never written
+    assert end.epochs_done == 0 and "no epoch had completed, so nothing was saved" in end.message, end.message
+    assert "kept" not in end.message and not Path(end.run_dir).exists() and end.run_dir in end.message
 
 
 # ---------------------------------------------------------------- environment errors
