@@ -8,6 +8,12 @@ import gradio as gr
 from PIL import UnidentifiedImageError
 
 
+class NotAnImage(str):
+    """What SafeImage hands a handler for an upload that is no image: the
+    message. The handler decides how to show it (raising here, before any
+    handler ran, left the last answer on screen and toasted once per event)."""
+
+
 class SafeImage(gr.Image):
     """gr.Image whose upload of a non-image (possible over the API, or a renamed
     file) gives a clear message instead of Pillow's bare exception."""
@@ -20,5 +26,5 @@ class SafeImage(gr.Image):
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
             name = Path(getattr(payload, "orig_name", None) or getattr(payload, "path", None) or "the file").name
             reason = "not an image file" if isinstance(e, UnidentifiedImageError) else f"cannot decode image ({e})"
-            raise gr.Error(html.escape(f"{name}: {reason}. Upload a JPEG, PNG, GIF, BMP, TIFF or WebP image.",
-                                       quote=False), title="Not an image", print_exception=False) from None
+            return NotAnImage(html.escape(f"{name}: {reason}. Upload a JPEG, PNG, GIF, BMP, TIFF or WebP image.",
+                                          quote=False))

@@ -21,8 +21,8 @@ class SafeImage(gr.Image):
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
             name = Path(getattr(payload, "orig_name", None) or getattr(payload, "path", None) or "the file").name
             reason = "not an image file" if isinstance(e, UnidentifiedImageError) else f"cannot decode image ({e})"
-            raise gr.Error(html.escape(f"{name}: {reason}. Upload a JPEG, PNG, GIF, BMP, TIFF or WebP image.",
-                                       quote=False), title="Not an image", print_exception=False) from None
+            return NotAnImage(html.escape(f"{name}: {reason}. Upload a JPEG, PNG, GIF, BMP, TIFF or WebP image.",
+                                          quote=False))
     from typing import Callable, Literal, Sequence, Any, TYPE_CHECKING
     from gradio.blocks import Block
     if TYPE_CHECKING:

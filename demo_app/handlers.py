@@ -19,6 +19,7 @@ from core.errors import UserError
 from core.images import load_rgb
 
 from . import datasets, inference, modelview, plots, runs
+from .components import NotAnImage
 from .session import Failed, TrainingService
 
 EPOCH_COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds", "best"]
@@ -29,6 +30,7 @@ PRED_COLUMNS = ["file", "top-1", "p", "top-k", "error"]
 # never lost: every frame carries the whole history).
 MIN_FRAME_S = 0.25
 READY = "Ready. Check the dataset, pick a freeze policy and press **Start**."
+BATCH_STALE = "ⓘ The checkpoint changed: press **Classify all** to classify these images with it."
 START_LABEL = "▶ Start training"
 LAYER_COLUMNS = ["layer", "type", "output shape", "params", "trains", "note"]
 WEIGHT_SOURCES = [("ImageNet (torchvision)", "imagenet"), ("None (random init)", "none"), ("Local file", "local file")]
@@ -305,11 +307,18 @@ class Handlers:
 
     def stop_shown(self):
         """Stop for the page: with nothing running, a pop-up says so and the
-        status keeps the finished run's result."""
-        if self.service.current is None or self.service.current.done.is_set():
+        status keeps the finished run's result. -> (status, checkpoint, its
+        description): the status names the best checkpoint as preselected, so it
+        is, on this page too (which may not be the page that started the run)."""
+        h = self.service.current
+        if h is None or h.done.is_set():
             gr.Info("No training run is in progress.")
-            return gr.skip()
-        return self.stop()
+            return gr.skip(), gr.skip(), gr.skip()
+        status = self.stop()
+        best = h.ended.best_acc_path if h.ended is not None else None
+        if not best:
+            return status, gr.skip(), gr.skip()
+        return status, self.refresh_checkpoints(best), self.checkpoint_info(best, None, False)
 
     def watch(self, poll_s: float = 1.0, request: gr.Request = None):
         """Page load: a run already in progress (started before a reload, or in
@@ -322,10 +331,12 @@ class Handlers:
             return
         shown = None
         while not h.done.wait(0 if shown is None else poll_s):
+            status = f"▶ A training run is in progress: {h.describe()}. Stop works from here too."
             if shown != (len(h.history), len(h.log)):
                 shown = (len(h.history), len(h.log))
-                yield *self._watch_frame(f"▶ A training run is in progress: {h.describe()}. Stop works from here "
-                                         "too.", h, request), gr.skip(), gr.skip(), self.start_button(True)
+                yield *self._watch_frame(status, h, request), gr.skip(), gr.skip(), self.start_button(True)
+            else:  # the phase's progress and the clock move on: the status line only, no chart redraw
+                yield status, *[gr.skip()] * 7, self.start_button(True)
         if h.ended is not None:
             # The description too: the preselected best_acc.pt may keep its path while its weights changed.
             best = h.ended.best_acc_path
@@ -334,6 +345,19 @@ class Handlers:
         else:
             yield (error_markdown("Could not train", h.failed.message if h.failed else "no result"),
                    *[gr.skip()] * 3, "\n".join(h.log), *[gr.skip()] * 3, self.start_button(False))
+
+    def followed_settings(self):
+        """Page load during a run: the form shows that run's settings, in the order
+        of ui.py's train inputs (else a Start after it ends would train whatever
+        the fresh form holds, not what the page showed training)."""
+        h = self.service.current
+        if h is None or h.done.is_set():
+            return [gr.skip()] * 16
+        c = h.cfg
+        local = c.weights not in ("imagenet", "none")
+        return [c.data_dir, c.arch, "local file" if local else c.weights, c.weights if local else "", c.policy,
+                c.epochs, c.batch_size, c.lr, c.weight_decay, c.dropout, c.augment, c.seed, c.device,
+                c.val_split or 0, c.run_name, c.amp]
 
     def _watch_frame(self, status, h, request=None):
         """(status, loss, accuracy, table, log, run state): the run's own state,
@@ -367,6 +391,8 @@ class Handlers:
         """-> ({label: p} top-k, timing markdown)."""
         if image is None:
             return None, ""
+        if isinstance(image, NotAnImage):
+            raise gr.Error(str(image), title="Not an image", print_exception=False)
         pred = self._predictor(selected, uploaded, trust)
         try:
             r = inference.predict_one(pred, image, k)
@@ -412,8 +438,18 @@ class Handlers:
             summary += f" · ⚠ {bad} file(s) could not be read (see the error column)"
         if len(preds) - bad > inference.GALLERY_LIMIT:
             summary += f" · gallery shows the first {inference.GALLERY_LIMIT}"
+        used = Path(inference.choose_checkpoint(selected, uploaded))
+        summary += f" · by `{used.name if uploaded else used.parent.name + '/' + used.name}`"
         table = pd.DataFrame(inference.table_rows(preds, names), columns=PRED_COLUMNS)
         return table, inference.gallery_items(preds, names), inference.write_csv(preds, names), summary
+
+    @staticmethod
+    def batch_stale(summary):
+        """The checkpoint changed: results on screen are the old model's. Cleared,
+        and the summary says how to redo them."""
+        if not summary or summary.startswith(BATCH_STALE[:2]):
+            return gr.skip(), gr.skip(), gr.skip(), gr.skip()
+        return None, None, None, BATCH_STALE
 
     def examples(self, data_dir):
         """Gallery of validation images (thumbnails) and their paths."""

@@ -71,6 +71,7 @@ class RunHandle:
     run_dir: str | None = None
     epoch: int = 0
     phase: str = "setup"
+    progress: tuple[int, int] = (0, 0)  # (done, total) of the current phase
     ended: RunEnded | None = None
     history: list[dict] = field(default_factory=list)  # epoch rows so far, for pages that join late
     log: list[str] = field(default_factory=list)  # the run log so far (replaced, never changed in place)
@@ -86,8 +87,10 @@ class RunHandle:
 
     def describe(self) -> str:
         name = self.run_dir.rsplit("/", 1)[-1] if self.run_dir else self.cfg.run_name
-        where = {"setup": "setting up", "run": "setting up", "decode": "decoding images",
-                 "cache": "computing features"}.get(self.phase, f"epoch {max(self.epoch, 1)}/{self.cfg.epochs}")
+        done, total = self.progress
+        where = {"setup": "setting up", "run": "setting up", "decode": f"decoding images {done}/{total}",
+                 "cache": f"computing features {done}/{total} images"}.get(
+            self.phase, f"epoch {max(self.epoch, 1)}/{self.cfg.epochs}, {self.phase} batch {done}/{total}")
         return f"{name} ({self.cfg.policy}, {where}, started {time.time() - self.started_at:.0f} s ago)"
 
 
@@ -123,7 +126,7 @@ class TrainingService:
                 if isinstance(ev, RunStarted):
                     h.run_dir, h.phase = ev.run_dir, "run"
                 elif isinstance(ev, BatchProgress):
-                    h.phase, h.epoch = ev.phase, ev.epoch
+                    h.phase, h.epoch, h.progress = ev.phase, ev.epoch, (ev.step, ev.total)
                 elif isinstance(ev, EpochEnded):
                     h.epoch = ev.epoch
                     h.history = h.history + [history_row(ev)]  # a new list: readers never see it change

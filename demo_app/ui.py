@@ -248,7 +248,8 @@ def build_app(checkpoints_dir, data_dir, uploads_dir=None, service: TrainingServ
                            **private)
         for fn, inputs, outputs in refreshed:
             run = run.then(fn, inputs, outputs, show_progress="hidden", **private)
-        stop_btn.click(h.stop_shown, None, status, concurrency_limit=None, show_progress="hidden", **private)
+        stop_btn.click(h.stop_shown, None, [status, ckpt, ckpt_info], concurrency_limit=None, show_progress="hidden",
+                       **private)
         compare.change(h.compare_changed, [compare, run_state], acc_plot, show_progress="hidden", **private)
         compare_refresh.click(h.refresh_compare, compare, compare, **private)
 
@@ -264,6 +265,8 @@ def build_app(checkpoints_dir, data_dir, uploads_dir=None, service: TrainingServ
         batch_inputs, batch_outputs = [files, folder, k, ckpt, ckpt_file, trust], [batch_table, batch_gallery,
                                                                                  batch_csv, batch_summary]
         gr.on([batch_btn.click, folder.submit], h.predict_batch_shown, batch_inputs, batch_outputs, **private)
+        gr.on([ckpt.change, ckpt_file.change, trust.change], h.batch_stale, batch_summary, batch_outputs,
+              show_progress="hidden", **private)
         # The API endpoints raise errors (the page shows them inline instead); hidden buttons carry them.
         gr.Button(visible=False).click(h.predict, predict_inputs, [label, pred_time], api_name="predict")
         gr.Button(visible=False).click(h.predict_batch, batch_inputs, batch_outputs, api_name="predict_batch")
@@ -276,12 +279,15 @@ def build_app(checkpoints_dir, data_dir, uploads_dir=None, service: TrainingServ
 
         # ------------------------------------------------------------ page load
         demo.load(h.watch, None, [status, loss_plot, acc_plot, epochs_table, log_box, run_state, ckpt, ckpt_info,
-                                  start_btn], concurrency_limit=None, show_progress="hidden", **private)
-        demo.load(h.check_dataset_shown, [data_dir, val_split, seed], ds_outputs, **private)
+                                  start_btn], concurrency_limit=None, show_progress="hidden", **private).then(
+            h.refresh_compare, compare, compare, **private)  # a followed run joins the list when it ends
+        # A page opened during a run shows that run's settings, then checks its dataset.
+        demo.load(h.followed_settings, None, train_inputs[:-1], **private).then(
+            h.check_dataset_shown, [data_dir, val_split, seed], ds_outputs, **private).then(
+            h.examples, [data_dir], [examples, example_paths], **private)
         demo.load(h.weights_note, arch, weights_source, **private)
         demo.load(h.refresh_compare, compare, compare, **private)
         demo.load(h.refresh_checkpoints, ckpt, ckpt, **private)
-        demo.load(h.examples, [data_dir], [examples, example_paths], **private)
         demo.load(h.model_tab, [m_arch, m_policy, m_classes], model_outputs, **private)
     demo.handlers = h  # for tests and app.py
     return demo

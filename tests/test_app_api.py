@@ -299,6 +299,7 @@ def test_predict_batch_table_gallery_and_csv(trained, app, tmp_path):
     lines = Path(csv_path).read_text().strip().splitlines()
     assert lines[0].startswith("file,path,top1,p,topk,error") and len(lines) == 36
     assert "34" in summary and "could not be read" in summary
+    assert summary.endswith(f"by `{Path(ckpt).parent.name}/best_acc.pt`")  # which model said so
 
 
 def test_predict_errors_are_clear(trained, app, tmp_path):
@@ -503,10 +504,17 @@ def test_a_page_opened_during_a_run_follows_it_to_the_end(tmp_path):
     starter = h.start(str(data), "resnet18", "none", None, "full", 3, 2, 1e-3, 1e-4, 0, "auto", 7, "cpu", 0,
                       "", False, [])
     next(starter)  # the run is started; the starting page then goes away (reload)
+    # the reloaded page's form shows the run's settings, in ui.py's order of train inputs
+    assert h.followed_settings() == [str(data), "resnet18", "none", "", "full", 3, 2, 1e-3, 1e-4, 0.0, "auto", 7,
+                                     "cpu", 0, "resnet18-full", False]
     frames = list(h.watch(poll_s=0.05))
     assert all("in progress" in f[0] for f in frames[:-1]) and len(frames) >= 2
-    rows = [0 if f[3] is None or isinstance(f[3], type(handlers.gr.skip())) else len(f[3]) for f in frames[:-1]]
+    tables = [f[3] for f in frames[:-1] if f[3] is None or not isinstance(f[3], type(handlers.gr.skip()))]
+    rows = [0 if t is None else len(t) for t in tables]
     assert rows == sorted(rows) and rows[-1] >= 2  # epochs appear as they end (the last may end with the run)
+    # between epochs the status line alone moves on, with the phase's progress
+    assert any(re.search(r"(epoch \d/3, (train|val) batch \d+/\d+|computing features|decoding images \d+/\d+)", f[0])
+               for f in frames[:-1]), [f[0] for f in frames]
     final = frames[-1]
     assert "Completed" in final[0] and len(final[3]) == 3
     # the accuracy chart and the run state (which 'Compare policies' draws from) hold the run too
@@ -518,6 +526,7 @@ def test_a_page_opened_during_a_run_follows_it_to_the_end(tmp_path):
     assert f"epoch {best}" in final[7]  # its description is redone (the path may be the one already shown)
     # Start is greyed out on the following page while the run trains, and back at its end.
     assert all(f[8]["interactive"] is False for f in frames[:-1]) and final[8]["interactive"] is True
+    assert all(isinstance(v, type(handlers.gr.skip())) for v in h.followed_settings())  # nothing to follow now
     assert all(len(f) == 9 for f in frames)  # the outputs ui.py wires to watch()
     for _ in starter:  # the original stream still ends normally
         pass
@@ -552,8 +561,21 @@ def test_the_page_shows_predict_problems_in_place_of_the_old_answer(trained, tmp
     broken.write_bytes(b"\x00garbage" * 100)
     label, timing = h.predict_shown(image, 2, ckpt, str(broken), False)
     assert label is None and timing.startswith("⚠ **Checkpoint problem:**") and "broken.pt" in timing
+    # a non-image dropped on the page: the image box hands over its message, shown in place of the old label
+    from demo_app.components import SafeImage
+    text = tmp_path / "notes.jpg"
+    text.write_text("not a photo")
+    not_image = SafeImage(type="pil").preprocess(handlers.gr.FileData(path=str(text), orig_name="notes.jpg"))
+    label, timing = h.predict_shown(not_image, 2, ckpt, None, False)
+    assert label is None and timing.startswith("⚠ **Not an image:** notes.jpg: not an image file")
     *cleared, summary = h.predict_batch_shown([], "", 2, ckpt, None, False)
     assert cleared == [None, None, None] and summary.startswith("⚠ **No images:**")
+    # another checkpoint chosen: results of the old one are cleared, and the page says how to redo them
+    *shown, summary = h.predict_batch_shown(None, str(DATA / "val"), 2, ckpt, None, False)
+    assert len(shown[0]) == 32
+    *cleared, said = h.batch_stale(summary)
+    assert cleared == [None, None, None] and said == handlers.BATCH_STALE
+    assert all(isinstance(v, type(handlers.gr.skip())) for v in h.batch_stale(said))  # nothing more to clear
 
 
 def test_weights_note_says_whether_imagenet_weights_are_here(tmp_path, monkeypatch):
@@ -582,3 +604,24 @@ def test_a_bare_state_dict_is_described_as_having_no_class_names(trained, tmp_pa
     info = h.checkpoint_info(None, str(sd), False)
     assert "classes: class_0, class_1 (this file stores no class names" in info, info
     assert "no class names" not in h.checkpoint_info(trained["final"][CHECKPOINT]["value"], None, False)
+
+
+def test_stop_from_a_page_that_did_not_start_the_run_preselects_its_best_checkpoint(tmp_path):
+    """Stop's status says the best checkpoint is preselected in the Predict tab; on a
+    page other than the starting one that was untrue. It now is, description too."""
+    from demo_app import handlers
+    data = make_image_dataset(tmp_path / "ds", n_train=6, n_val=2)
+    h = handlers.Handlers(tmp_path / "ck", data, tmp_path / "up")
+    starter = h.start(str(data), "resnet18", "none", None, "full", 50, 2, 1e-3, 1e-4, 0, "auto", 7, "cpu", 0,
+                      "", False, [])
+    next(starter)
+    deadline = time.monotonic() + 120
+    while not h.service.current.history:
+        assert time.monotonic() < deadline, "first epoch never ended"
+        time.sleep(0.1)
+    status, ckpt, info = h.stop_shown()  # this page never ran the Start stream
+    assert "Stopped" in status and "preselected in the Predict tab" in status
+    best = re.search(r"`([^`]+best_acc\.pt)`", status).group(1)
+    assert ckpt["value"] == best and best in [v for _, v in ckpt["choices"]]
+    assert "epoch" in info and "best_acc.pt" in info
+    list(starter)  # the starting page's stream ends too
