@@ -111,8 +111,9 @@ def load_backbone_weights(model: nn.Module, arch: str, weights: str) -> str:
     unexpected = sorted(set(backbone) - set(expected))
     wrong_shape = sorted(k for k in set(expected) & set(backbone) if tuple(expected[k].shape) != tuple(backbone[k].shape))
     if missing or unexpected or wrong_shape:
-        raise WeightsError(f"weights from {source} do not fit {arch}: "
-                           f"missing keys {few_keys(missing)}; unexpected keys {few_keys(unexpected)}; wrong shapes {few_keys(wrong_shape)}. "
+        found = [f"{what} {few_keys(keys)}" for what, keys in (("missing keys", missing), ("unexpected keys", unexpected),
+                                                                ("wrong shapes", wrong_shape)) if keys]
+        raise WeightsError(f"weights from {source} do not fit {arch}: {'; '.join(found)}. "
                            f"Is the file for a different --arch?")
     model.load_state_dict(backbone, strict=False)
     return source

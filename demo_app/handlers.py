@@ -46,15 +46,26 @@ _FLAG_RE = re.compile("(?:" + "|".join(re.escape(f) for f in FIELD_NAMES) + r")(
 _UPLOAD_DIR_RE = re.compile(re.escape(str(Path(tempfile.gettempdir()) / "gradio")) + r"/[0-9a-f]+/")
 
 
-_PASS_FLAG_RE = re.compile(r"\bpass (--[\w-]+) (\S+)")  # "pass --val-split 0.2" -> "set ... to 0.2"
+_PASS_FLAG_RE = re.compile(r"\bpass (?:its parent, )?(--[\w-]+) (\S+?)(?=[,;.]?(?:\s|$))")  # "pass --val-split 0.2"
+# "--val-split 0.5 ignored", "--weights none": a flag and its value -> "'Field' = value"
+_FLAG_VALUE_RE = re.compile(r"(--[\w-]+) ((?:[\d./~]|none\b|imagenet\b|auto\b|PATH)\S*?)(?=[,;:)]?(?:\s|$))")
 _PICKLE_HINT = "predict.py --trust-pickle 1 (in the app: tick 'trust pickle')"
+_WEIGHTS_CHOICES = {"none": "None (random init)", "imagenet": "ImageNet (torchvision)", "PATH.pth": "Local file"}
+
+
+def _value_for_the_app(flag: str, value: str) -> str:
+    return _WEIGHTS_CHOICES.get(value, value) if flag == "--weights" else value
 
 
 def for_the_app(message: str) -> str:
-    """A core/CLI message worded for the app: field names for flags, an
-    uploaded file by its name rather than Gradio's temp path."""
-    text = _PASS_FLAG_RE.sub(lambda m: f"set {m.group(1)} to {m.group(2)}" if m.group(1) in FIELD_NAMES
-                             else m.group(0), str(message)).replace(_PICKLE_HINT, "tick 'Trust pickle'")
+    """A core/CLI message worded for the app: field names (and the app's
+    choices) for flags and their values, an uploaded file by its name rather
+    than Gradio's temp path."""
+    text = _PASS_FLAG_RE.sub(lambda m: f"set {m.group(1)} to {_value_for_the_app(m.group(1), m.group(2))}"
+                             if m.group(1) in FIELD_NAMES else m.group(0), str(message))
+    text = _FLAG_VALUE_RE.sub(lambda m: f"{m.group(1)} = {_value_for_the_app(m.group(1), m.group(2))}"
+                              if m.group(1) in FIELD_NAMES else m.group(0), text)
+    text = text.replace(_PICKLE_HINT, "tick 'Trust pickle'")
     return _UPLOAD_DIR_RE.sub("", _FLAG_RE.sub(lambda m: f"'{FIELD_NAMES[m.group(0)]}'", text))
 
 
@@ -109,10 +120,18 @@ class Handlers:
         try:
             split = _float(val_split or 0, FIELD_NAMES["--val-split"]) or None
             check_val_split(split)  # the rule Start applies, shown before it
-            info = datasets.check(data_dir or self.data_dir, split, _int(seed or 0, FIELD_NAMES["--seed"]))
+            info = datasets.check(self.dataset_folder(data_dir), split, _int(seed or 0, FIELD_NAMES["--seed"]))
         except UserError as e:
             raise user_error(e, "Dataset problem") from None
-        return datasets.summary_markdown(info), len(info.classes)
+        return for_the_app(datasets.summary_markdown(info)), len(info.classes)
+
+    def dataset_folder(self, data_dir) -> str:
+        """The folder box's value; empty is a mistake to say, not the demo set to use silently."""
+        folder = (data_dir or "").strip()
+        if not folder:
+            raise UserError(f"'Dataset folder' is empty: enter the folder that holds train/ and val/ "
+                            f"(the demo set is {self.data_dir})")
+        return folder
 
     def check_dataset_shown(self, data_dir, val_split=0, seed=1337):
         """Like check_dataset, but a problem replaces the summary (a pop-up
@@ -129,17 +148,23 @@ class Handlers:
         try:
             root = datasets.import_zip(zip_file, self.uploads_dir)
         except UserError as e:  # said in the summary: raised, it would badge the folder box and hide its path
-            return gr.skip(), f"⚠ **Zip refused:** {user_error(e).message}", gr.skip()
+            return gr.skip(), (f"⚠ **Zip refused:** {user_error(e).message}\n\nThe Dataset folder above is "
+                               f"unchanged: Start trains on it."), gr.skip()
         summary, n = self.check_dataset_shown(str(root), val_split, seed)  # the folder is kept for a fix either way
         return str(root), f"Extracted to `{root}`\n\n" + summary, n
 
     # ------------------------------------------------------------ settings
 
     @staticmethod
-    def weights_note(arch):
-        """Whether ImageNet weights for `arch` are on this machine yet: not, on a
-        fresh or offline one, where Start would stop at once to say so."""
+    def weights_note(arch, source="imagenet"):
+        """What the chosen weights are; for ImageNet, whether they are on this
+        machine yet: not, on a fresh or offline one, where Start would stop at
+        once to say so."""
         from core.models import imagenet_cache_path
+        if source == "none":
+            return gr.update(info="Random init: no pretrained features (with a frozen backbone expect chance accuracy)")
+        if source == "local file":
+            return gr.update(info=f"A state_dict (.pth) of a {arch} backbone on this machine; the head is always new")
         path = imagenet_cache_path(arch)
         if path.is_file():
             return gr.update(info=f"ImageNet weights for {arch}: in the torch cache")
@@ -175,7 +200,7 @@ class Handlers:
             weights = weights_source or "imagenet"
         policy, F = policy or "head", FIELD_NAMES
         return TrainConfig(
-            data_dir=(data_dir or "").strip() or str(self.data_dir), arch=arch, weights=weights, policy=policy,
+            data_dir=self.dataset_folder(data_dir), arch=arch, weights=weights, policy=policy,
             epochs=_int(epochs, F["--epochs"]), batch_size=_int(batch_size, F["--batch-size"]),
             lr=_float(lr, F["--lr"]), weight_decay=_float(weight_decay, F["--weight-decay"]),
             dropout=_float(dropout or 0, F["--dropout"]), augment=augment or "auto", seed=_int(seed, F["--seed"]),
@@ -276,9 +301,9 @@ class Handlers:
             log_lines = log_lines + [f"ERROR: {failed.message}"]
         if failed is not None:
             status = error_markdown("Could not train", failed.message)
-            if failed.kind == "WeightsError":
-                status += ("\n\n→ In this app: set **Pretrained weights** to *None (random init)*, or to *Local file* "
-                           "with the path of a backbone state_dict.")
+            if failed.kind == "WeightsError" and "do not fit" in failed.message:
+                status += ("\n\n→ In this app: choose the **Architecture** the weights file was made for, or "
+                           "another file.")
             yield self._train_frame(status, state, overlays, log_lines)
             raise user_error(failed.message, "Training failed")
         frame = list(self._train_frame(end_status(ended), state, overlays, log_lines))
@@ -470,8 +495,9 @@ class Handlers:
     @staticmethod
     def model_tab(arch, policy, n_classes, dropout=0.0):
         try:
-            n = max(2, _int(n_classes or 2, "Classes"))
-            if n > MAX_CLASSES:
+            # range checked here, not by the box's minimum/maximum: Gradio's check logs a traceback per entry
+            n = _int(2 if n_classes is None else n_classes, "Classes")
+            if not 2 <= n <= MAX_CLASSES:
                 raise UserError(f"'Classes' must be from 2 to {MAX_CLASSES:,} (got {n:,})")
         except UserError as e:
             raise user_error(e, "Model") from None

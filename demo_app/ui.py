@@ -25,8 +25,9 @@ CSS = """
 .section-title h3 { margin: 0.2em 0 0 0; }
 #pickle-warning { font-size: 0.85em; color: #b45309; }
 #start-btn, #stop-btn { min-height: 46px; font-size: 1.05em; }
-/* the status line itself explains a failed run; hide the tracker's "Error" badge over it */
-#train-status [data-testid="status-tracker"]:has(.error) { display: none !important; }
+/* the status line itself explains a failed run; hide the tracker's "Error" badge over it and over the progress strip */
+#train-status [data-testid="status-tracker"]:has(.error),
+#train-progress [data-testid="status-tracker"]:has(.error) { display: none !important; }
 """
 THEME = gr.themes.Default(primary_hue="blue", secondary_hue="orange")
 
@@ -105,7 +106,8 @@ def build_app(checkpoints_dir, data_dir, uploads_dir=None, service: TrainingServ
                             augment = gr.Dropdown(list(AUGMENTS), value="auto",
                                                   label="Augmentation", elem_id="augment",
                                                   info="auto: none for head only (backbone runs once per image), flips for "
-                                                       "layer4 + head (two cached views), random crops + flips for full")
+                                                       "the last stage + head (two cached views), random crops + flips "
+                                                       "for full")
                         with gr.Accordion("Advanced", open=False):
                             device = gr.Dropdown(list(DEVICES), value="auto", label="Device",
                                                  elem_id="device")
@@ -194,7 +196,7 @@ def build_app(checkpoints_dir, data_dir, uploads_dir=None, service: TrainingServ
                     m_arch = gr.Dropdown(list(ARCHS), value="resnet18", label="Architecture", elem_id="model-arch")
                     m_policy = gr.Radio(policy_choices("resnet18"), value="head", label="Freeze policy", elem_id="model-policy",
                                         scale=2)
-                    m_classes = gr.Number(2, label="Classes (new head outputs)", precision=None, minimum=2, maximum=MAX_CLASSES,
+                    m_classes = gr.Number(2, label=f"Classes (new head outputs, 2 to {MAX_CLASSES:,})", precision=None,
                                           elem_id="model-classes")
                 m_totals = gr.Markdown("", elem_id="model-totals")
                 with gr.Row(equal_height=True):
@@ -223,7 +225,8 @@ def build_app(checkpoints_dir, data_dir, uploads_dir=None, service: TrainingServ
               **private)
         arch.change(lambda a: a, arch, m_arch, **private)
         arch.change(lambda a: gr.update(choices=policy_choices(a)), arch, policy, **private)
-        arch.change(h.weights_note, arch, weights_source, **private)
+        gr.on([arch.change, weights_source.change], h.weights_note, [arch, weights_source], weights_source,
+              show_progress="hidden", **private)
         m_arch.change(lambda a: gr.update(choices=policy_choices(a)), m_arch, m_policy, **private)
         policy.change(lambda p: p, policy, m_policy, **private)
         n_classes.change(lambda n: n, n_classes, m_classes, **private)
@@ -285,7 +288,7 @@ def build_app(checkpoints_dir, data_dir, uploads_dir=None, service: TrainingServ
         demo.load(h.followed_settings, None, train_inputs[:-1], **private).then(
             h.check_dataset_shown, [data_dir, val_split, seed], ds_outputs, **private).then(
             h.examples, [data_dir], [examples, example_paths], **private)
-        demo.load(h.weights_note, arch, weights_source, **private)
+        demo.load(h.weights_note, [arch, weights_source], weights_source, **private)
         demo.load(h.refresh_compare, compare, compare, **private)
         demo.load(h.refresh_checkpoints, ckpt, ckpt, **private)
         demo.load(h.model_tab, [m_arch, m_policy, m_classes], model_outputs, **private)

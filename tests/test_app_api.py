@@ -184,7 +184,7 @@ def test_imagenet_weights_offline_gives_the_fix(app):
     with pytest.raises(AppError) as e:
         train_job(app["client"], weights_source="imagenet").result(timeout=120)
     msg = str(e.value)
-    assert "ImageNet weights for resnet18 are not cached and cannot be downloaded (TL_OFFLINE=1 is set" in msg and "'Pretrained weights' none" in msg
+    assert "ImageNet weights for resnet18 are not cached and cannot be downloaded (TL_OFFLINE=1 is set" in msg and "'Pretrained weights' = None (random init)" in msg
     assert "--weights" not in msg  # the app's field, not the CLI flag
     assert "Traceback" not in msg
     assert not app["service"].busy
@@ -225,6 +225,14 @@ def test_check_dataset_counts_and_errors(app):
     for bad in (5, -0.5):  # refused when checked, not first at Start
         said = app["client"].predict(str(DATA), bad, 1337, api_name="/check_dataset")
         assert said.startswith("⚠") and "fraction between 0 and 1" in said
+    # an emptied folder box is said, not silently replaced by the demo set
+    empty = app["client"].predict("  ", 0, 1337, api_name="/check_dataset")
+    assert empty.startswith("⚠") and "'Dataset folder' is empty" in empty and "**2 classes**" not in empty
+    with pytest.raises(AppError, match="'Dataset folder' is empty"):
+        train_job(app["client"], data_dir="").result(timeout=60)
+    # the dataset's warnings name the app's fields, not the CLI's flags
+    ignored = app["client"].predict(str(DATA), 0.5, 1337, api_name="/check_dataset")
+    assert "'Validation fraction (Advanced)' = 0.5 ignored" in ignored and "--val-split" not in ignored
 
 
 def test_dataset_zip_upload(app, tmp_path):
@@ -243,6 +251,7 @@ def test_bad_zip_uploads_give_clear_errors(app, tmp_path):
     def refusal(path) -> str:
         _, summary = app["client"].predict(handle_file(path), 0, 1337, api_name="/upload_dataset_zip")
         assert summary.startswith("⚠ **Zip refused:**"), summary
+        assert summary.endswith("The Dataset folder above is unchanged: Start trains on it.")
         return summary
     not_zip = tmp_path / "photos.zip"
     not_zip.write_bytes(b"this is not a zip")
@@ -340,7 +349,7 @@ def test_refresh_checkpoints_preselects_newest_best_acc(trained, app):
     labels = {path: label for label, path in update["choices"]}
     assert {Path(p).name for p in labels} >= {"best_acc.pt", "best_loss.pt", "latest.pt"}
     for path, label in labels.items():
-        m = re.search(r" · epoch (\d+) · (val_acc|val_loss) (\d\.\d{3})$", label)
+        m = re.search(r" · epoch (\d+) · (val_acc|val_loss) (\d+\.\d{3})$", label)
         assert m and int(m.group(1)) == saved_epoch(path), label
         assert m.group(2) == ("val_loss" if path.endswith("best_loss.pt") else "val_acc")
 
@@ -377,14 +386,15 @@ def test_model_summary_rows_and_totals(app):
               for (r, c), css in styled._compute().ctx.items()}
     assert "#fef3c7" in str(styles[("bn1", "type")]) and "#bbf7d0" in str(styles[("bn1", "trains")])
     assert "10000 outputs" in mnv2[3] or "10,000 outputs" in mnv2[3]
-    with pytest.raises(AppError, match="greater than maximum value 10000"):  # Gradio checks the Number's range
-        app["client"].predict("resnet18", "head", 10**8, api_name="/model_summary")
+    for bad in (10**8, 1, 0, -3):  # the handler checks the range (the box's own check logged tracebacks)
+        with pytest.raises(AppError, match=r"'Classes' must be from 2 to 10,000 \(got"):
+            app["client"].predict("resnet18", "head", bad, api_name="/model_summary")
     import gradio as gr
 
     from demo_app.handlers import Handlers
     with pytest.raises(AppError, match="'Classes' must be a whole number"):
         app["client"].predict("resnet18", "head", 2.5, api_name="/model_summary")
-    for bad in (10**8, float("inf"), "lots"):  # and the handler itself, for other callers
+    for bad in (10**8, float("inf"), "lots", 1):  # and the handler itself, for other callers
         with pytest.raises(gr.Error, match="'Classes' must be"):
             Handlers.model_tab("resnet18", "head", bad)
 
@@ -587,6 +597,9 @@ def test_weights_note_says_whether_imagenet_weights_are_here(tmp_path, monkeypat
     from demo_app.handlers import Handlers
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
     assert "not on this machine yet" in Handlers.weights_note("resnet18")["info"]
+    # with another source chosen, the note is about that source
+    assert Handlers.weights_note("resnet18", "none")["info"].startswith("Random init")
+    assert "state_dict (.pth) of a mobilenet_v2 backbone" in Handlers.weights_note("mobilenet_v2", "local file")["info"]
     cached = imagenet_cache_path("resnet18")
     cached.parent.mkdir(parents=True)
     cached.write_bytes(b"x")

@@ -262,7 +262,7 @@ def test_local_weights_file_run(page, app):
     page.screenshot(path=str(ASSETS / "train.png"), full_page=True)
 
 
-def test_predict_tab_labels_an_uploaded_image(page, app):
+def test_predict_tab_labels_an_uploaded_image(page, app, tmp_path):
     page.get_by_role("tab", name="Predict").click()
     page.wait_for_function("document.querySelector('#checkpoint input').value.includes('best_acc.pt')")
     page.wait_for_function("document.querySelector('#checkpoint-info').innerText.includes('classes: cat, fish')")
@@ -315,6 +315,17 @@ def test_predict_tab_labels_an_uploaded_image(page, app):
         const text = document.querySelector('#predict-label').innerText;
         return top && top.innerText.trim() === {label2!r} && {percents_of(p2)!r}.some(x => text.includes(x)); }})()""",
                            timeout=15_000)
+    # ...and clears the batch results, which were the other model's
+    page.wait_for_function("document.querySelector('#batch-summary').innerText.includes('The checkpoint changed')")
+    assert page.evaluate(rows_js("batch-table")) == 0
+
+    # a file that is no image: the old label goes, the reason stands in its place
+    not_image = tmp_path / "notes.jpg"
+    not_image.write_text("not a photo")
+    page.locator("#predict-image input[type=file]").set_input_files(str(not_image))
+    page.wait_for_function("document.querySelector('#predict-time').innerText.includes('Not an image')")
+    assert "notes.jpg: not an image file" in page.locator("#predict-time").inner_text()
+    assert page.locator("#predict-label [data-testid=label-output-value]").count() == 0
 
 
 def test_model_tab_shows_the_layers(page):
