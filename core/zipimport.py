@@ -3,6 +3,7 @@ before a byte is written, and files only ever land inside a new folder."""
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import shutil
 import stat
@@ -16,6 +17,7 @@ MAX_TOTAL_BYTES = 2 * 2**30   # uncompressed size limit
 MAX_FILES = 50_000
 MAX_RATIO = 200               # compression ratio limit; JPEGs barely compress
 MAX_TOTAL_RATIO_FLOOR = 64 * 2**20  # the overall ratio limit applies above this size
+SOURCE_FILE = ".zip-sha256"  # in each extraction: the zip's digest and the dataset root inside it
 
 
 def dataset_root_in(names: list[str]) -> str:
@@ -70,8 +72,9 @@ def check_members(zf: zipfile.ZipFile) -> list[zipfile.ZipInfo]:
 
 def extract_dataset_zip(zip_path, dest_root, name: str | None = None) -> Path:
     """Validate and extract into a new folder under dest_root; return the
-    dataset root (the folder holding train/). Raises DatasetError (and only
-    that); on any failure the new folder is removed again."""
+    dataset root (the folder holding train/). The same zip uploaded again
+    reuses its earlier extraction instead of another copy. Raises DatasetError
+    (and only that); on any failure the new folder is removed again."""
     zip_path = Path(zip_path)
     if not zip_path.is_file():
         raise DatasetError(f"{zip_path.name} does not exist or is not a file")
@@ -83,9 +86,14 @@ def extract_dataset_zip(zip_path, dest_root, name: str | None = None) -> Path:
             if not any(not i.is_dir() for i in infos):
                 raise DatasetError(f"{zip_path.name} is an empty zip (no files in it)")
             root = dataset_root_in([member_name(i) for i in infos if not i.is_dir()])
+            digest = file_sha256(zip_path)
+            earlier = earlier_extraction(Path(dest_root), digest, infos)
+            if earlier is not None:
+                return earlier / root
             target = new_target_dir(Path(dest_root), name or zip_path.stem)
             try:
                 extract_members(zf, infos, target)
+                (target / SOURCE_FILE).write_text(digest + "\n")
             except BaseException:
                 shutil.rmtree(target, ignore_errors=True)
                 raise
@@ -103,6 +111,33 @@ def extract_dataset_zip(zip_path, dest_root, name: str | None = None) -> Path:
     except Exception as e:  # zlib.error, EOFError, NotImplementedError (compression method), struct.error, ...
         raise DatasetError(f"{zip_path.name} is a damaged or unsupported zip file ({first_line(e)})") from None
     return target / root if root else target
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def earlier_extraction(base: Path, digest: str, infos) -> Path | None:
+    """An earlier extraction of the same zip, if it still holds exactly the zip's
+    files at their sizes (one the user changed since is not reused)."""
+    if not base.is_dir():
+        return None
+    expected = {member_name(i): i.file_size for i in infos if not i.is_dir()}
+    for folder in sorted(base.iterdir()):
+        try:
+            if (folder / SOURCE_FILE).read_text().strip() != digest:
+                continue
+            found = {p.relative_to(folder).as_posix(): p.stat().st_size for p in folder.rglob("*")
+                     if p.is_file() and p.name != SOURCE_FILE}
+        except (OSError, UnicodeDecodeError):
+            continue
+        if found == expected:
+            return folder
+    return None
 
 
 def new_target_dir(base: Path, name: str) -> Path:

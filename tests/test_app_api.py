@@ -244,6 +244,14 @@ def test_dataset_zip_upload(app, tmp_path):
     folder, summary = app["client"].predict(handle_file(zpath), 0, 1337, api_name="/upload_dataset_zip")
     assert Path(folder).parent.parent == app["uploads"] and (Path(folder) / "train" / "cat").is_dir()
     assert "**2 classes**" in summary and "| cat | 3 | 2 |" in summary and "very few training images" in summary
+    # the same zip again: its earlier extraction, not another copy; another zip: a folder of its own
+    again, _ = app["client"].predict(handle_file(zpath), 0, 1337, api_name="/upload_dataset_zip")
+    assert again == folder and len(list(app["uploads"].iterdir())) == 1
+    with zipfile.ZipFile(tmp_path / "other.zip", "w") as z:
+        for p in sorted(ds.rglob("*.jpg"))[1:]:
+            z.write(p, p.relative_to(ds))
+    other, _ = app["client"].predict(handle_file(tmp_path / "other.zip"), 0, 1337, api_name="/upload_dataset_zip")
+    assert other != folder and (Path(other) / "train").is_dir() and len(list(app["uploads"].iterdir())) == 2
 
 
 def test_bad_zip_uploads_give_clear_errors(app, tmp_path):

@@ -228,8 +228,15 @@ def test_windows_backslash_zip_extracts_into_folders(sandbox):
     assert len(info.train.samples) == 4
 
 
-def test_two_uploads_of_the_same_zip_get_separate_folders(sandbox):
+def test_the_same_zip_again_reuses_its_extraction_while_it_is_intact(sandbox):
+    """No second copy of the same upload; but a folder changed since (a file
+    deleted, edited or added) is not passed off as the zip's contents."""
     z = make_zip(sandbox / "zips" / "same.zip", GOOD_ENTRIES)
     a = extract_dataset_zip(z, sandbox / "uploads")
+    assert extract_dataset_zip(z, sandbox / "uploads") == a
+    victim = next(p for p in sorted(a.rglob("*")) if p.is_file() and not p.name.startswith("."))
+    victim.unlink()
     b = extract_dataset_zip(z, sandbox / "uploads")
-    assert a != b and a.is_dir() and b.is_dir()
+    assert b != a and b.is_dir() and len(list((sandbox / "uploads").iterdir())) == 2
+    (b / "train" / "extra.jpg").write_bytes(b"x")
+    assert extract_dataset_zip(z, sandbox / "uploads") not in (a, b)
