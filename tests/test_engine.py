@@ -134,9 +134,10 @@ def test_rerun_takes_features_from_memory_without_refolding(tiny_dataset, tmp_pa
     second = run(cfg_for(tiny_dataset, tmp_path / "b", policy="last", augment="light", epochs=2))
     assert len(folds) == 1 and not any(isinstance(e, BatchProgress) and e.phase == "cache" for e in second[0])
     # bit-identical on the CPU; cuDNN's backward kernels add atomics-order rounding on a GPU
+    # (seen: 2e-7 relative, on val losses near 90)
     tol = 0 if TEST_DEVICE == "cpu" else 1e-5
     for a, b in zip(first[1], second[1]):
-        assert [getattr(a, k) for k in METRICS] == pytest.approx([getattr(b, k) for k in METRICS], abs=tol)
+        assert [getattr(a, k) for k in METRICS] == pytest.approx([getattr(b, k) for k in METRICS], rel=tol, abs=tol)
 
 
 def test_a_frozen_random_backbone_is_pointed_out(tiny_dataset, tmp_path):
