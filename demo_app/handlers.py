@@ -548,7 +548,7 @@ def end_status(ev: RunEnded) -> str:
     best = ""
     if ev.best_acc_path:
         best = (f" Best epoch **{ev.best['acc_epoch']}** (val_acc {ev.best['acc']:.3f}) → "
-                f"`{ev.best_acc_path}` (preselected in the Predict tab).")
+                f"`{ev.best_acc_path}` (preselected in the Predict tab's checkpoint list).")
     if ev.status == "completed":
         return f"✔ **Completed**: {ev.epochs_done} epoch(s).{best}"
     if ev.status == "stopped":
