@@ -379,8 +379,7 @@ def train(cfg: TrainConfig, stop: threading.Event | None = None, resume_checkpoi
             remove_empty_run(run_dir)
     if status != "completed":  # what is on disk now
         message += ("; checkpoints of completed epochs are kept" if epochs_done else
-                    "; no epoch had completed, so nothing was saved"
-                    + ("" if run_dir.exists() else f" (the run folder {run_dir} was removed)"))
+                    "; nothing was saved" + ("" if run_dir.exists() else f" and the run folder {run_dir} was removed"))
     try:
         exports = export_formats(run_dir, cfg, info.classes)  # from best_acc.pt, whatever the status
     except OSError as e:  # the run itself is saved; say so instead of losing the summary

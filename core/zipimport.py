@@ -8,6 +8,7 @@ import os
 import shutil
 import stat
 import zipfile
+import zlib
 from datetime import datetime
 from pathlib import Path, PurePosixPath
 
@@ -17,7 +18,7 @@ MAX_TOTAL_BYTES = 2 * 2**30   # uncompressed size limit
 MAX_FILES = 50_000
 MAX_RATIO = 200               # compression ratio limit; JPEGs barely compress
 MAX_TOTAL_RATIO_FLOOR = 64 * 2**20  # the overall ratio limit applies above this size
-SOURCE_FILE = ".zip-sha256"  # in each extraction: the zip's digest and the dataset root inside it
+SOURCE_SUFFIX = ".zip-sha256"  # beside each extraction <folder>: the zip's digest, for reuse_or_extract
 
 
 def dataset_root_in(names: list[str]) -> str:
@@ -72,9 +73,8 @@ def check_members(zf: zipfile.ZipFile) -> list[zipfile.ZipInfo]:
 
 def extract_dataset_zip(zip_path, dest_root, name: str | None = None) -> Path:
     """Validate and extract into a new folder under dest_root; return the
-    dataset root (the folder holding train/). The same zip uploaded again
-    reuses its earlier extraction instead of another copy. Raises DatasetError
-    (and only that); on any failure the new folder is removed again."""
+    dataset root (the folder holding train/). Raises DatasetError (and only
+    that); on any failure the new folder is removed again."""
     zip_path = Path(zip_path)
     if not zip_path.is_file():
         raise DatasetError(f"{zip_path.name} does not exist or is not a file")
@@ -86,14 +86,9 @@ def extract_dataset_zip(zip_path, dest_root, name: str | None = None) -> Path:
             if not any(not i.is_dir() for i in infos):
                 raise DatasetError(f"{zip_path.name} is an empty zip (no files in it)")
             root = dataset_root_in([member_name(i) for i in infos if not i.is_dir()])
-            digest = file_sha256(zip_path)
-            earlier = earlier_extraction(Path(dest_root), digest, infos)
-            if earlier is not None:
-                return earlier / root
             target = new_target_dir(Path(dest_root), name or zip_path.stem)
             try:
                 extract_members(zf, infos, target)
-                (target / SOURCE_FILE).write_text(digest + "\n")
             except BaseException:
                 shutil.rmtree(target, ignore_errors=True)
                 raise
@@ -121,23 +116,53 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def earlier_extraction(base: Path, digest: str, infos) -> Path | None:
-    """An earlier extraction of the same zip, if it still holds exactly the zip's
-    files at their sizes (one the user changed since is not reused)."""
-    if not base.is_dir():
-        return None
-    expected = {member_name(i): i.file_size for i in infos if not i.is_dir()}
-    for folder in sorted(base.iterdir()):
+def reuse_or_extract(zip_path, dest_root, name: str | None = None) -> tuple[Path, bool]:
+    """(dataset root, reused): the same zip uploaded again gets its earlier
+    extraction while that still holds exactly the zip's files, else a new one
+    (extract_dataset_zip, whose errors it raises)."""
+    zip_path, base = Path(zip_path), Path(dest_root)
+    digest = file_sha256(zip_path) if zip_path.is_file() else None
+    earlier = earlier_extraction(zip_path, base, digest) if digest else None
+    if earlier is not None:
+        return earlier, True
+    root = extract_dataset_zip(zip_path, base, name)
+    folder = base / root.relative_to(base).parts[0]
+    try:
+        (base / (folder.name + SOURCE_SUFFIX)).write_text(digest + "\n")
+    except OSError:  # only reuse is lost
+        pass
+    return root, False
+
+
+def earlier_extraction(zip_path: Path, base: Path, digest: str) -> Path | None:
+    """The dataset root of an earlier extraction of this zip (same SHA-256) whose
+    files are still exactly the zip's: names, sizes and CRC-32s (a folder the
+    user changed since is not passed off as the zip's contents)."""
+    for marker in sorted(base.glob("*" + SOURCE_SUFFIX)) if base.is_dir() else []:
         try:
-            if (folder / SOURCE_FILE).read_text().strip() != digest:
+            if marker.read_text().strip() != digest:
                 continue
-            found = {p.relative_to(folder).as_posix(): p.stat().st_size for p in folder.rglob("*")
-                     if p.is_file() and p.name != SOURCE_FILE}
-        except (OSError, UnicodeDecodeError):
+            folder = base / marker.name[:-len(SOURCE_SUFFIX)]
+            with zipfile.ZipFile(zip_path) as zf:
+                infos = [i for i in zf.infolist() if not i.is_dir()]
+            expected = {member_name(i): (i.file_size, i.CRC) for i in infos}
+            files = {p.relative_to(folder).as_posix(): p for p in folder.rglob("*") if p.is_file()}
+            if files.keys() != expected.keys() or any(p.stat().st_size != expected[n][0] for n, p in files.items()):
+                continue
+            if all(file_crc32(p) == expected[n][1] for n, p in files.items()):
+                root = dataset_root_in(list(expected))
+                return folder / root if root else folder
+        except (OSError, ValueError, UnicodeDecodeError, zipfile.BadZipFile, DatasetError):
             continue
-        if found == expected:
-            return folder
     return None
+
+
+def file_crc32(path: Path) -> int:
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            crc = zlib.crc32(chunk, crc)
+    return crc
 
 
 def new_target_dir(base: Path, name: str) -> Path:

@@ -5,7 +5,7 @@ from pathlib import Path
 
 from core.data import DatasetInfo, scan_dataset
 from core.predict import list_images
-from core.zipimport import extract_dataset_zip
+from core.zipimport import reuse_or_extract
 
 
 def check(data_dir: str, val_split: float | None = None, seed: int = 0) -> DatasetInfo:
@@ -13,7 +13,8 @@ def check(data_dir: str, val_split: float | None = None, seed: int = 0) -> Datas
     return scan_dataset(str(data_dir).strip(), val_split or None, int(seed or 0))
 
 
-def summary_markdown(info: DatasetInfo) -> str:
+def summary_markdown(info: DatasetInfo, say=str) -> str:
+    """Counts per class and split, then the warnings, each worded by `say`."""
     train, val = info.train.counts(), info.val.counts()
     lines = [f"**{len(info.classes)} classes**, {len(info.train.samples)} train / {len(info.val.samples)} val images"
              + (f" (val = {info.val_from_split:.0%} held out of train)" if info.val_from_split else ""),
@@ -22,7 +23,7 @@ def summary_markdown(info: DatasetInfo) -> str:
     if info.warnings:
         lines.append("")
         for w in info.warnings:
-            first, *rest = w.split("\n")
+            first, *rest = say(w).split("\n")
             lines.append(f"⚠ {first}")
             lines += [f"<br>&nbsp;&nbsp;`{r.strip()}`" for r in rest[:5]]
     else:
@@ -30,9 +31,10 @@ def summary_markdown(info: DatasetInfo) -> str:
     return "\n".join(lines)
 
 
-def import_zip(zip_path: str, uploads_dir) -> Path:
-    """Extract an uploaded dataset zip into its own new folder under uploads/."""
-    return extract_dataset_zip(zip_path, uploads_dir, Path(zip_path).stem)
+def import_zip(zip_path: str, uploads_dir) -> tuple[Path, bool]:
+    """Extract an uploaded dataset zip into its own new folder under uploads/,
+    or reuse that of the same zip uploaded before. -> (dataset root, reused)."""
+    return reuse_or_extract(zip_path, uploads_dir, Path(zip_path).stem)
 
 
 def example_images(data_dir: str, per_class: int = 4) -> list[tuple[str, str]]:

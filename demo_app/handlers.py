@@ -42,13 +42,16 @@ FIELD_NAMES = {"--epochs": "Epochs", "--batch-size": "Batch size", "--lr": "Lear
                "--val-split": "Validation fraction (Advanced)", "--data-dir": "Dataset folder",
                "--arch": "Architecture", "--augment": "Augmentation", "--seed": "Seed",
                "--device": "Device (Advanced)", "--weights": "Pretrained weights", "--policy": "Freeze policy"}
-_FLAG_RE = re.compile("(?:" + "|".join(re.escape(f) for f in FIELD_NAMES) + r")(?![\w-])")
+# (not inside a word or right after a quote: a class folder named '--lr 3' stays as it is)
+_FLAG_RE = re.compile(r"(?<![\w'/-])(?:" + "|".join(re.escape(f) for f in FIELD_NAMES) + r")(?![\w-])")
 _UPLOAD_DIR_RE = re.compile(re.escape(str(Path(tempfile.gettempdir()) / "gradio")) + r"/[0-9a-f]+/")
 
 
 _PASS_FLAG_RE = re.compile(r"\bpass (?:its parent, )?(--[\w-]+) (\S+?)(?=[,;.]?(?:\s|$))")  # "pass --val-split 0.2"
 # "--val-split 0.5 ignored", "--weights none": a flag and its value -> "'Field' = value"
-_FLAG_VALUE_RE = re.compile(r"(--[\w-]+) ((?:[\d./~]|none\b|imagenet\b|auto\b|PATH)\S*?)(?=[,;:)]?(?:\s|$))")
+_KEYWORDS = r"none|imagenet|auto|cpu|cuda|mps|head|last|full|light|standard|resnet18|mobilenet_v2"
+_FLAG_VALUE_RE = re.compile(r"(?<![\w'/-])(--[\w-]+) ((?:[\d./~]|(?:" + _KEYWORDS + r")\b|PATH)\S*?)(?=[,;:)]?(?:\s|$))")
+_PASS_BARE_FLAG_RE = re.compile(r"\bpass (--[\w-]+)(?=[,;.)]|$)")  # "pass --arch" -> "set 'Architecture'"
 _PICKLE_HINT = "predict.py --trust-pickle 1 (in the app: tick 'trust pickle')"
 _WEIGHTS_CHOICES = {"none": "None (random init)", "imagenet": "ImageNet (torchvision)", "PATH.pth": "Local file"}
 
@@ -65,6 +68,7 @@ def for_the_app(message: str) -> str:
                              if m.group(1) in FIELD_NAMES else m.group(0), str(message))
     text = _FLAG_VALUE_RE.sub(lambda m: f"{m.group(1)} = {_value_for_the_app(m.group(1), m.group(2))}"
                               if m.group(1) in FIELD_NAMES else m.group(0), text)
+    text = _PASS_BARE_FLAG_RE.sub(lambda m: f"set {m.group(1)}" if m.group(1) in FIELD_NAMES else m.group(0), text)
     text = text.replace(_PICKLE_HINT, "tick 'Trust pickle'")
     return _UPLOAD_DIR_RE.sub("", _FLAG_RE.sub(lambda m: f"'{FIELD_NAMES[m.group(0)]}'", text))
 
@@ -123,7 +127,7 @@ class Handlers:
             info = datasets.check(self.dataset_folder(data_dir), split, _int(seed or 0, FIELD_NAMES["--seed"]))
         except UserError as e:
             raise user_error(e, "Dataset problem") from None
-        return for_the_app(datasets.summary_markdown(info)), len(info.classes)
+        return datasets.summary_markdown(info, for_the_app), len(info.classes)
 
     def dataset_folder(self, data_dir) -> str:
         """The folder box's value; empty is a mistake to say, not the demo set to use silently."""
@@ -146,12 +150,13 @@ class Handlers:
         if not zip_file:
             return gr.skip(), gr.skip(), gr.skip()
         try:
-            root = datasets.import_zip(zip_file, self.uploads_dir)
+            root, reused = datasets.import_zip(zip_file, self.uploads_dir)
         except UserError as e:  # said in the summary: raised, it would badge the folder box and hide its path
-            return gr.skip(), (f"⚠ **Zip refused:** {user_error(e).message}\n\nThe Dataset folder above is "
-                               f"unchanged: Start trains on it."), gr.skip()
+            return gr.skip(), f"⚠ **Zip refused:** {user_error(e).message}\n\nThe Dataset folder above is unchanged.", \
+                gr.skip()
         summary, n = self.check_dataset_shown(str(root), val_split, seed)  # the folder is kept for a fix either way
-        return str(root), f"Extracted to `{root}`\n\n" + summary, n
+        done = "The same zip as before: using its extraction" if reused else "Extracted to"
+        return str(root), f"{done} `{root}`\n\n" + summary, n
 
     # ------------------------------------------------------------ settings
 
@@ -382,7 +387,7 @@ class Handlers:
         local = c.weights not in ("imagenet", "none")
         return [c.data_dir, c.arch, "local file" if local else c.weights, c.weights if local else "", c.policy,
                 c.epochs, c.batch_size, c.lr, c.weight_decay, c.dropout, c.augment, c.seed, c.device,
-                c.val_split or 0, c.run_name, c.amp]
+                c.val_split or 0, "" if c.run_name == f"{c.arch}-{c.policy}" else c.run_name, c.amp]
 
     def _watch_frame(self, status, h, request=None):
         """(status, loss, accuracy, table, log, run state): the run's own state,
@@ -472,13 +477,15 @@ class Handlers:
     def batch_stale(summary):
         """The checkpoint changed: results on screen are the old model's. Cleared,
         and the summary says how to redo them."""
-        if not summary or summary.startswith(BATCH_STALE[:2]):
+        if not summary or "image(s) classified" not in summary:  # no results (or an error) on screen
             return gr.skip(), gr.skip(), gr.skip(), gr.skip()
         return None, None, None, BATCH_STALE
 
     def examples(self, data_dir):
         """Gallery of validation images (thumbnails) and their paths."""
-        items = datasets.example_images(data_dir or self.data_dir)
+        if not (data_dir or "").strip():  # an emptied folder box is no dataset (see dataset_folder)
+            return [], []
+        items = datasets.example_images(data_dir)
         thumbs = [(inference.thumbnail(p, 160), cap) for p, cap in items]
         keep = [(t, c, p) for (t, c), (p, _) in zip(thumbs, items) if t is not None]
         return [(t, c) for t, c, _ in keep], [p for _, _, p in keep]
@@ -552,5 +559,6 @@ def end_status(ev: RunEnded) -> str:
     if ev.status == "completed":
         return f"✔ **Completed**: {ev.epochs_done} epoch(s).{best}"
     if ev.status == "stopped":
-        return f"■ **Stopped** after {ev.epochs_done} completed epoch(s) ({ev.message}).{best}"
+        done = f"after {ev.epochs_done} completed epoch(s)" if ev.epochs_done else "before any epoch completed"
+        return f"■ **Stopped** {done} ({ev.message}).{best}"
     return f"⚠ **Diverged**: {html.escape(ev.message, quote=False)}{best}"

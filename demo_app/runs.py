@@ -113,8 +113,8 @@ def file_rows(history: list[dict]) -> dict[str, dict]:
     from core.engine import empty_best, update_best
     best, out = empty_best(), {}
     for row in history:
-        if row.get("val_loss") is None or row.get("val_acc") is None:
-            continue
+        if not all(isinstance(row.get(k), (int, float)) for k in ("epoch", "val_loss", "val_acc")):
+            continue  # a hand-edited or foreign metrics.csv
         improved_acc, improved_loss = update_best(best, row["epoch"], row["val_loss"], row["val_acc"])
         if improved_acc:
             out["best_acc.pt"] = row

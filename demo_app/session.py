@@ -88,8 +88,8 @@ class RunHandle:
     def describe(self) -> str:
         name = self.run_dir.rsplit("/", 1)[-1] if self.run_dir else self.cfg.run_name
         done, total = self.progress
-        where = {"setup": "setting up", "run": "setting up", "decode": f"decoding images {done}/{total}",
-                 "cache": f"computing features {done}/{total} images"}.get(
+        where = {"setup": "setting up", "run": "setting up", "decode": "decoding images",  # (per split: no total)
+                 "cache": f"running the frozen layers once per image, {done}/{total}"}.get(
             self.phase, f"epoch {max(self.epoch, 1)}/{self.cfg.epochs}, {self.phase} batch {done}/{total}")
         return f"{name} ({self.cfg.policy}, {where}, started {time.time() - self.started_at:.0f} s ago)"
 

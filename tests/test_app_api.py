@@ -245,13 +245,15 @@ def test_dataset_zip_upload(app, tmp_path):
     assert Path(folder).parent.parent == app["uploads"] and (Path(folder) / "train" / "cat").is_dir()
     assert "**2 classes**" in summary and "| cat | 3 | 2 |" in summary and "very few training images" in summary
     # the same zip again: its earlier extraction, not another copy; another zip: a folder of its own
-    again, _ = app["client"].predict(handle_file(zpath), 0, 1337, api_name="/upload_dataset_zip")
-    assert again == folder and len(list(app["uploads"].iterdir())) == 1
+    again, said = app["client"].predict(handle_file(zpath), 0, 1337, api_name="/upload_dataset_zip")
+    assert again == folder and said.startswith("The same zip as before: using its extraction")
+    assert len([p for p in app["uploads"].iterdir() if p.is_dir()]) == 1
     with zipfile.ZipFile(tmp_path / "other.zip", "w") as z:
         for p in sorted(ds.rglob("*.jpg"))[1:]:
             z.write(p, p.relative_to(ds))
     other, _ = app["client"].predict(handle_file(tmp_path / "other.zip"), 0, 1337, api_name="/upload_dataset_zip")
-    assert other != folder and (Path(other) / "train").is_dir() and len(list(app["uploads"].iterdir())) == 2
+    assert other != folder and (Path(other) / "train").is_dir()
+    assert len([p for p in app["uploads"].iterdir() if p.is_dir()]) == 2
 
 
 def test_bad_zip_uploads_give_clear_errors(app, tmp_path):
@@ -259,7 +261,7 @@ def test_bad_zip_uploads_give_clear_errors(app, tmp_path):
     def refusal(path) -> str:
         _, summary = app["client"].predict(handle_file(path), 0, 1337, api_name="/upload_dataset_zip")
         assert summary.startswith("⚠ **Zip refused:**"), summary
-        assert summary.endswith("The Dataset folder above is unchanged: Start trains on it.")
+        assert summary.endswith("The Dataset folder above is unchanged.")
         return summary
     not_zip = tmp_path / "photos.zip"
     not_zip.write_bytes(b"this is not a zip")
@@ -492,7 +494,7 @@ def test_busy_message_names_the_phase_a_run_is_in():
         h.phase, h.epoch = phase, epoch
         said[phase] = h.describe()
     assert "setting up" in said["setup"] and "setting up" in said["run"]
-    assert "decoding images" in said["decode"] and "computing features" in said["cache"]
+    assert "decoding images" in said["decode"] and "running the frozen layers" in said["cache"]
     assert "epoch 2/5" in said["train"] and "epoch 2/5" in said["val"]
 
 
@@ -505,6 +507,10 @@ def test_run_list_and_examples_tolerate_what_users_have(tmp_path, monkeypatch):
     rows = runs.read_metrics(csv_file)
     assert rows[0] == {"epoch": 1, "train_loss": 0.7, "val_acc": 0.5} and rows[1]["val_loss"] == 0.55
     assert plots._series(rows, "val_loss") == ([2], [0.55])
+    # a text cell: that row names no checkpoint's epoch, and the Predict list still builds
+    csv_file.write_text("epoch,val_acc,val_loss\n1,0.5,0.6\n2,n/a,0.5\n")
+    assert {k: r["epoch"] for k, r in runs.file_rows(runs.read_metrics(csv_file)).items()} == \
+        {"best_acc.pt": 1, "best_loss.pt": 1, "latest.pt": 1}
     monkeypatch.setenv("HOME", str(tmp_path))
     make_image_dataset(tmp_path / "photos", n_train=2, n_val=2)
     examples = datasets.example_images("~/photos")
@@ -523,15 +529,16 @@ def test_a_page_opened_during_a_run_follows_it_to_the_end(tmp_path):
                       "", False, [])
     next(starter)  # the run is started; the starting page then goes away (reload)
     # the reloaded page's form shows the run's settings, in ui.py's order of train inputs
+    # (an empty run name stays empty: the default would name a later run of another policy after this one)
     assert h.followed_settings() == [str(data), "resnet18", "none", "", "full", 3, 2, 1e-3, 1e-4, 0.0, "auto", 7,
-                                     "cpu", 0, "resnet18-full", False]
+                                     "cpu", 0, "", False]
     frames = list(h.watch(poll_s=0.05))
     assert all("in progress" in f[0] for f in frames[:-1]) and len(frames) >= 2
     tables = [f[3] for f in frames[:-1] if f[3] is None or not isinstance(f[3], type(handlers.gr.skip()))]
     rows = [0 if t is None else len(t) for t in tables]
     assert rows == sorted(rows) and rows[-1] >= 2  # epochs appear as they end (the last may end with the run)
     # between epochs the status line alone moves on, with the phase's progress
-    assert any(re.search(r"(epoch \d/3, (train|val) batch \d+/\d+|computing features|decoding images \d+/\d+)", f[0])
+    assert any(re.search(r"(epoch \d/3, (train|val) batch \d+/\d+|running the frozen layers|decoding images)", f[0])
                for f in frames[:-1]), [f[0] for f in frames]
     final = frames[-1]
     assert "Completed" in final[0] and len(final[3]) == 3
@@ -594,6 +601,7 @@ def test_the_page_shows_predict_problems_in_place_of_the_old_answer(trained, tmp
     *cleared, said = h.batch_stale(summary)
     assert cleared == [None, None, None] and said == handlers.BATCH_STALE
     assert all(isinstance(v, type(handlers.gr.skip())) for v in h.batch_stale(said))  # nothing more to clear
+    assert all(isinstance(v, type(handlers.gr.skip())) for v in h.batch_stale("⚠ **No images:** add some"))
 
 
 def test_weights_note_says_whether_imagenet_weights_are_here(tmp_path, monkeypatch):
@@ -646,3 +654,28 @@ def test_stop_from_a_page_that_did_not_start_the_run_preselects_its_best_checkpo
     assert ckpt["value"] == best and best in [v for _, v in ckpt["choices"]]
     assert "epoch" in info and "best_acc.pt" in info
     list(starter)  # the starting page's stream ends too
+
+
+@pytest.mark.parametrize("core_says,app_says", [
+    ("--device 'cuda' was requested but CUDA is not available; use --device cpu or --device auto",
+     "use 'Device (Advanced)' = cpu or 'Device (Advanced)' = auto"),
+    ("with policy 'head' ... use ImageNet weights or --policy full", "or 'Freeze policy' = full"),
+    ("cannot tell the architecture of x.pt; pass --arch", "cannot tell the architecture of x.pt; set 'Architecture'"),
+    ("or train without pretrained weights: --weights none, or a local file: --weights PATH.pth",
+     "'Pretrained weights' = None (random init), or a local file: 'Pretrained weights' = Local file"),
+    ("/a/train looks like a split itself: pass its parent, --data-dir /a", "set 'Dataset folder' to /a"),
+    ("add /x/val/<class>/ folders, or pass --val-split 0.2 to hold out", "or set 'Validation fraction (Advanced)' to 0.2 to")])
+def test_core_messages_name_the_apps_fields_and_choices(core_says, app_says):
+    from demo_app.handlers import for_the_app
+    said = for_the_app(core_says)
+    assert app_says in said and "--" not in said, said
+
+
+def test_dataset_summary_rewrites_warnings_not_class_names(tmp_path):
+    """Class folders and paths are shown as they are; only the warnings' advice
+    is worded for the app."""
+    from demo_app import handlers
+    data = make_image_dataset(tmp_path / "ds", classes=("--lr 3", "fish"), n_train=3, n_val=2)
+    summary, n = handlers.Handlers(tmp_path / "ck", data, tmp_path / "up").check_dataset(str(data), 0.5)
+    assert n == 2 and "| --lr 3 | 3 | 2 |" in summary and "for ['--lr 3', 'fish']" in summary
+    assert "'Validation fraction (Advanced)' = 0.5 ignored" in summary

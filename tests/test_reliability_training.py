@@ -83,7 +83,7 @@ def test_lr_10_stops_with_diverged(tmp_path):
     assert isinstance(end, RunEnded) and end.status == "diverged", [type(e).__name__ for e in events[-3:]]
     assert "diverged" in end.message and "lr" in end.message
     # diverged in its first epoch: the message does not promise checkpoints that were never written
-    assert end.epochs_done == 0 and "no epoch had completed, so nothing was saved" in end.message, end.message
+    assert end.epochs_done == 0 and "; nothing was saved and the run folder" in end.message, end.message
     assert "kept" not in end.message and not Path(end.run_dir).exists() and end.run_dir in end.message
 
 

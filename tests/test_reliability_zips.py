@@ -228,15 +228,30 @@ def test_windows_backslash_zip_extracts_into_folders(sandbox):
     assert len(info.train.samples) == 4
 
 
-def test_the_same_zip_again_reuses_its_extraction_while_it_is_intact(sandbox):
-    """No second copy of the same upload; but a folder changed since (a file
-    deleted, edited or added) is not passed off as the zip's contents."""
+def test_two_extractions_of_the_same_zip_get_separate_folders(sandbox):
     z = make_zip(sandbox / "zips" / "same.zip", GOOD_ENTRIES)
     a = extract_dataset_zip(z, sandbox / "uploads")
-    assert extract_dataset_zip(z, sandbox / "uploads") == a
-    victim = next(p for p in sorted(a.rglob("*")) if p.is_file() and not p.name.startswith("."))
-    victim.unlink()
     b = extract_dataset_zip(z, sandbox / "uploads")
-    assert b != a and b.is_dir() and len(list((sandbox / "uploads").iterdir())) == 2
+    assert a != b and a.is_dir() and b.is_dir()
+
+
+def test_the_same_upload_again_reuses_its_extraction_while_it_is_intact(sandbox):
+    """No second copy of the same upload; but a folder changed since (a file
+    deleted, overwritten at the same size, or added) is not passed off as the
+    zip's contents. A zip holding a folder named like the marker still extracts."""
+    from core.zipimport import SOURCE_SUFFIX, reuse_or_extract
+    uploads = sandbox / "uploads"
+    z = make_zip(sandbox / "zips" / "same.zip", {**GOOD_ENTRIES, SOURCE_SUFFIX + "/x.txt": b"hi"})
+    a, reused = reuse_or_extract(z, uploads)
+    assert not reused and (a / "train").is_dir()
+    assert reuse_or_extract(z, uploads) == (a, True)
+    victim = next(p for p in sorted(a.rglob("*.jpg")))
+    victim.write_bytes(bytes(victim.stat().st_size))  # same size, other bytes
+    b, reused = reuse_or_extract(z, uploads)
+    assert not reused and b != a
+    assert reuse_or_extract(z, uploads) == (b, True)
     (b / "train" / "extra.jpg").write_bytes(b"x")
-    assert extract_dataset_zip(z, sandbox / "uploads") not in (a, b)
+    c, reused = reuse_or_extract(z, uploads)
+    assert not reused and c not in (a, b)
+    other = make_zip(sandbox / "zips" / "other.zip", dict(list(GOOD_ENTRIES.items())[1:]))
+    assert reuse_or_extract(other, uploads)[1] is False
