@@ -108,11 +108,16 @@ def extract_dataset_zip(zip_path, dest_root, name: str | None = None) -> Path:
     return target / root if root else target
 
 
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
+def _chunks(path: Path):
     with open(path, "rb") as f:
         while chunk := f.read(1 << 20):
-            h.update(chunk)
+            yield chunk
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    for chunk in _chunks(path):
+        h.update(chunk)
     return h.hexdigest()
 
 
@@ -159,9 +164,8 @@ def earlier_extraction(zip_path: Path, base: Path, digest: str) -> Path | None:
 
 def file_crc32(path: Path) -> int:
     crc = 0
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            crc = zlib.crc32(chunk, crc)
+    for chunk in _chunks(path):
+        crc = zlib.crc32(chunk, crc)
     return crc
 
 

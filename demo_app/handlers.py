@@ -211,7 +211,7 @@ class Handlers:
             dropout=_float(dropout or 0, F["--dropout"]), augment=augment or "auto", seed=_int(seed, F["--seed"]),
             device=device or "auto", amp=bool(amp),
             val_split=_float(val_split or 0, F["--val-split"]) or None, output_dir=str(self.checkpoints_dir),
-            run_name=(run_name or "").strip() or f"{arch}-{policy}", extra={"ui": "gradio"},
+            run_name=(run_name or "").strip() or default_run_name(arch, policy), extra={"ui": "gradio"},
         ).validate()
 
     # ------------------------------------------------------------ training
@@ -346,9 +346,7 @@ class Handlers:
             return gr.skip(), gr.skip(), gr.skip()
         status = self.stop()
         best = h.ended.best_acc_path if h.ended is not None else None
-        if not best:
-            return status, gr.skip(), gr.skip()
-        return status, self.refresh_checkpoints(best), self.checkpoint_info(best, None, False)
+        return (status, *self._preselect(best)) if best else (status, gr.skip(), gr.skip())
 
     def watch(self, poll_s: float = 1.0, request: gr.Request = None):
         """Page load: a run already in progress (started before a reload, or in
@@ -368,10 +366,10 @@ class Handlers:
             else:  # the phase's progress and the clock move on: the status line only, no chart redraw
                 yield status, *[gr.skip()] * 7, self.start_button(True)
         if h.ended is not None:
-            # The description too: the preselected best_acc.pt may keep its path while its weights changed.
             best = h.ended.best_acc_path
-            yield (*self._watch_frame(end_status(h.ended), h, request), self.refresh_checkpoints(best),
-                   self.checkpoint_info(best, None, False) if best else gr.skip(), self.start_button(False))
+            yield (*self._watch_frame(end_status(h.ended), h, request),
+                   *(self._preselect(best) if best else (self.refresh_checkpoints(None), gr.skip())),
+                   self.start_button(False))
         else:
             yield (error_markdown("Could not train", h.failed.message if h.failed else "no result"),
                    *[gr.skip()] * 3, "\n".join(h.log), *[gr.skip()] * 3, self.start_button(False))
@@ -387,7 +385,7 @@ class Handlers:
         local = c.weights not in ("imagenet", "none")
         return [c.data_dir, c.arch, "local file" if local else c.weights, c.weights if local else "", c.policy,
                 c.epochs, c.batch_size, c.lr, c.weight_decay, c.dropout, c.augment, c.seed, c.device,
-                c.val_split or 0, "" if c.run_name == f"{c.arch}-{c.policy}" else c.run_name, c.amp]
+                c.val_split or 0, "" if c.run_name == default_run_name(c.arch, c.policy) else c.run_name, c.amp]
 
     def _watch_frame(self, status, h, request=None):
         """(status, loss, accuracy, table, log, run state): the run's own state,
@@ -399,10 +397,15 @@ class Handlers:
     # ------------------------------------------------------------ predict
 
     def refresh_checkpoints(self, current=None):
-        choices = inference_choices(self.checkpoints_dir)
+        choices = runs.checkpoint_choices(self.checkpoints_dir)
         values = [v for _, v in choices]
         value = current if current in values else (values[0] if values else None)
         return gr.update(choices=choices, value=value)
+
+    def _preselect(self, best: str):
+        """(checkpoint list with `best` chosen, its description). The description is
+        redone too: a best_acc.pt may keep its path while its weights changed."""
+        return self.refresh_checkpoints(best), self.checkpoint_info(best, None, False)
 
     def _predictor(self, selected, uploaded, trust):
         try:
@@ -547,8 +550,9 @@ def _layer_style(row, kinds):
     return [marked.get(col, "") for col in row.index]
 
 
-def inference_choices(checkpoints_dir):
-    return runs.checkpoint_choices(checkpoints_dir)
+def default_run_name(arch: str, policy: str) -> str:
+    """The app's run name when the box is left empty."""
+    return f"{arch}-{policy}"
 
 
 def end_status(ev: RunEnded) -> str:

@@ -132,7 +132,9 @@ class TrainingService:
                     h.history = h.history + [history_row(ev)]  # a new list: readers never see it change
                 elif isinstance(ev, RunEnded):
                     h.ended = ev
-                h.log = h.log + log_lines(ev)
+                lines = log_lines(ev)
+                if lines:  # (none for the per-batch progress events: no copy of the log per batch)
+                    h.log = h.log + lines
                 h.events.put(ev)
         except UserError as e:
             h.failed = Failed(str(e), kind=type(e).__name__)
