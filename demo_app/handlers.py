@@ -103,10 +103,17 @@ def _float(value, name: str, kind: str = "a number") -> float:
         raise UserError(f"'{name}' must be {kind} (got {value!r})") from None
 
 
-def epochs_frame(history: list[dict]) -> pd.DataFrame:
-    rows = [[r["epoch"], round(r["train_loss"], 4), round(r["train_acc"], 4), round(r["val_loss"], 4),
-             round(r["val_acc"], 4), r["lr"], round(r["seconds"], 2), "★" if r.get("best") else ""] for r in history]
-    return pd.DataFrame(rows, columns=EPOCH_COLUMNS)
+# Fixed decimals: a plain float column showed an accuracy of 1.0 as "1" beside "0.9688".
+EPOCH_FORMATS = {"train_loss": "{:.4f}", "train_acc": "{:.4f}", "val_loss": "{:.4f}", "val_acc": "{:.4f}",
+                 "lr": "{:g}", "seconds": "{:.2f}"}
+
+
+def epochs_frame(history: list[dict]):
+    """The epochs table: numbers stay numbers (the table sorts them as such),
+    shown with fixed decimals through a Styler."""
+    rows = [[r["epoch"], r["train_loss"], r["train_acc"], r["val_loss"], r["val_acc"], r["lr"], r["seconds"],
+             "★" if r.get("best") else ""] for r in history]
+    return pd.DataFrame(rows, columns=EPOCH_COLUMNS).style.format(EPOCH_FORMATS)
 
 
 class Handlers:

@@ -93,6 +93,9 @@ def test_train_streams_one_update_per_epoch(trained, app):
     rows = table_rows(final)
     assert [r[0] for r in rows] == [1, 2]
     assert all(0 <= r[2] <= 1 and 0 <= r[4] <= 1 for r in rows)
+    # shown with fixed decimals (an accuracy of 1.0 used to read "1" beside "0.9688")
+    shown = final[TABLE]["metadata"]["display_value"]
+    assert all(re.fullmatch(r"\d+\.\d{4}", cell) for row in shown for cell in row[1:5]), shown
     for idx in (LOSS, ACC):
         traces = plot_traces(final, idx)
         assert [len(t["x"]) for t in traces[:2]] == [2, 2], "train and val curves with one point per epoch"
@@ -119,7 +122,7 @@ def test_fast_epochs_are_coalesced_into_fewer_frames_without_losing_rows(tmp_pat
     frames = list(h.start(str(data), "resnet18", "none", None, "head", 5, 4, 1e-3, 1e-4, 0, "auto", 7, "cpu", 0,
                           "", False, []))
     epoch_frames = [f for f in frames if f[0].startswith("▶ Epoch")]
-    rows = [len(f[3]) for f in frames]
+    rows = [len(f[3].data) for f in frames]  # a Styler over the table
     assert len(epoch_frames) == (5 if min_frame_s == 0 else 1)
     assert rows == sorted(rows) and rows[-1] == 5 and "Completed" in frames[-1][0]
     assert all(f"EPOCH {e}/5" in frames[-1][4] for e in range(1, 6))
@@ -535,13 +538,13 @@ def test_a_page_opened_during_a_run_follows_it_to_the_end(tmp_path):
     frames = list(h.watch(poll_s=0.05))
     assert all("in progress" in f[0] for f in frames[:-1]) and len(frames) >= 2
     tables = [f[3] for f in frames[:-1] if f[3] is None or not isinstance(f[3], type(handlers.gr.skip()))]
-    rows = [0 if t is None else len(t) for t in tables]
+    rows = [0 if t is None else len(t.data) for t in tables]
     assert rows == sorted(rows) and rows[-1] >= 2  # epochs appear as they end (the last may end with the run)
     # between epochs the status line alone moves on, with the phase's progress
     assert any(re.search(r"(epoch \d/3, (train|val) batch \d+/\d+|running the frozen layers|decoding images)", f[0])
                for f in frames[:-1]), [f[0] for f in frames]
     final = frames[-1]
-    assert "Completed" in final[0] and len(final[3]) == 3
+    assert "Completed" in final[0] and len(final[3].data) == 3
     # the accuracy chart and the run state (which 'Compare policies' draws from) hold the run too
     assert [len(t.x) for t in final[2].data[:2]] == [3, 3] and len(final[5]["history"]) == 3
     assert final[5]["run"] and final[5]["run"] in final[6]["value"]

@@ -194,14 +194,16 @@ def test_a_refused_start_says_why_and_gives_start_back(page, app):
 def test_a_reloaded_page_follows_the_run_to_its_end(page, app):
     """Reloading during a run used to leave a status that never changed; the
     page now follows the run: live status, then the epoch table and the result."""
-    configure(page, epochs=3)
-    page.locator("#policy").get_by_text("Full fine-tune").click()  # slow enough to reload mid-run
+    # Full fine-tune, 5 epochs (~20 s here): long enough that the reloaded page
+    # still finds the run going on a slow or busy machine.
+    configure(page, epochs=5)
+    page.locator("#policy").get_by_text("Full fine-tune").click()
     start(page)
     page.reload()
     page.wait_for_selector("#train-status")
     wait_status(page, r"in progress", timeout=30)
     wait_status(page, r"Completed", timeout=240)
-    page.wait_for_function(f"{rows_js('epochs-table')} === 3", timeout=10_000)
+    page.wait_for_function(f"{rows_js('epochs-table')} === 5", timeout=10_000)
     page.wait_for_function("document.querySelector('#dataset-summary').innerText.includes('classes')")
 
 
@@ -211,6 +213,8 @@ def test_train_two_epochs_fills_both_charts(page, app):
     text = wait_status(page, r"Completed", timeout=120)
     assert "Best epoch" in text and "best_acc.pt" in text
     assert row_count(page, "epochs-table") == 2
+    grid = page.locator("#epochs-table [role=grid]").inner_text()  # losses and accuracies with 4 decimals
+    assert len(re.findall(r"(?<![\d.])\d+\.\d{4}(?![\d])", grid)) == 2 * 4, grid
     for plot in ("loss-plot", "acc-plot"):
         page.wait_for_function(f"(() => {{ const d = ({PLOT_DATA_JS})('{plot}');"
                                f" return d && d.length >= 2 && d[0].n === 2 && d[1].n === 2; }})()")

@@ -392,5 +392,7 @@ def test_cli_predict_on_every_bad_and_odd_image(checkpoint, tmp_path, capsys):
             continue
         (folder / name).write_bytes(data)
     assert predict.main(["--image", str(folder), "--all", "1", "--checkpoint", str(checkpoint), "--device", "cpu"]) == 0
-    out = capsys.readouterr().out
-    assert out.count("TOPK:") == len(GOOD) and out.count("ERROR: ") == len(BAD) - 1
+    cap = capsys.readouterr()
+    assert cap.out.count("TOPK:") == len(GOOD) and cap.out.count("ERROR: ") == len(BAD) - 1
+    n = len(GOOD) + len(BAD) - 1
+    assert cap.err.strip().splitlines()[-1] == f"{len(BAD) - 1} of {n} image(s) could not be read", cap.err
