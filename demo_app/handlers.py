@@ -480,7 +480,8 @@ class Handlers:
             summary += f" · gallery shows the first {inference.GALLERY_LIMIT}"
         used = Path(inference.choose_checkpoint(selected, uploaded))
         summary += f" · by `{used.name if uploaded else used.parent.name + '/' + used.name}`"
-        table = pd.DataFrame(inference.table_rows(preds, names), columns=PRED_COLUMNS)
+        table = pd.DataFrame(inference.table_rows(preds, names), columns=PRED_COLUMNS).style.format(
+            {"p": "{:.4f}"}, na_rep="")  # fixed decimals: 0.777 beside 0.8609 read as less precise
         return table, inference.gallery_items(preds, names), inference.write_csv(preds, names), summary
 
     @staticmethod

@@ -317,6 +317,8 @@ def test_predict_batch_table_gallery_and_csv(trained, app, tmp_path):
     assert [r[0] for r in rows[:3]] == [good[0].name, good[1].name, "notes.jpg"]
     assert "not a supported image" in rows[2][4], "an unreadable file is reported, not fatal"
     assert all(r[1] in ("cat", "fish") and 0.5 <= r[2] <= 1 for r in rows if not r[4])
+    shown = [r[2] for r in table["metadata"]["display_value"]]  # p with fixed decimals, blank for a failure
+    assert shown[2] == "" and all(re.fullmatch(r"[01]\.\d{4}", v) for i, v in enumerate(shown) if i != 2), shown
     assert len(gallery) == 34 and all(g["caption"].split()[0] in ("cat", "fish") for g in gallery)
     lines = Path(csv_path).read_text().strip().splitlines()
     assert lines[0].startswith("file,path,top1,p,topk,error") and len(lines) == 36
@@ -600,7 +602,7 @@ def test_the_page_shows_predict_problems_in_place_of_the_old_answer(trained, tmp
     assert cleared == [None, None, None] and summary.startswith("⚠ **No images:**")
     # another checkpoint chosen: results of the old one are cleared, and the page says how to redo them
     *shown, summary = h.predict_batch_shown(None, str(DATA / "val"), 2, ckpt, None, False)
-    assert len(shown[0]) == 32
+    assert len(shown[0].data) == 32  # a Styler over the table
     *cleared, said = h.batch_stale(summary)
     assert cleared == [None, None, None] and said == handlers.BATCH_STALE
     assert all(isinstance(v, type(handlers.gr.skip())) for v in h.batch_stale(said))  # nothing more to clear
