@@ -366,15 +366,20 @@ def looks_like_code_pickle(e: Exception) -> bool:
 
 def make_checkpoint(*, model: nn.Module, optimizer, epoch: int, best: dict, class_names: list[str],
                     weights: str, args: dict, history: list[dict], arch: str, dropout: float, policy: str,
-                    resize_size: int, image_size: int, scaler=None) -> dict:
+                    resize_size: int, image_size: int, scaler=None, val_confusion=None,
+                    best_val_confusion=None) -> dict:
     """A plain-type dict: the reference's keys plus what is needed to rebuild the
-    model, and the loss scale of a float16 (CUDA --amp 1) run so a resume keeps it."""
+    model, the loss scale of a float16 (CUDA --amp 1) run so a resume keeps it,
+    and per-class validation counts ([[true, predicted, count], ...], core.metrics)
+    of this epoch and of the best-accuracy epoch."""
     return {
         "format_version": FORMAT_VERSION,
         "epoch": int(epoch),
         "model_state": on_cpu(model.state_dict()),
         "optimizer_state": on_cpu(optimizer.state_dict()) if optimizer is not None else None,
         "scaler_state": scaler.state_dict() if scaler is not None else None,
+        "val_confusion": val_confusion,
+        "best_val_confusion": best_val_confusion,
         "best_val_acc": float(best["acc"]),
         "best_val_loss": float(best["loss"]),
         "best_epoch": int(best["acc_epoch"]),

@@ -38,6 +38,7 @@ from .data import (DatasetInfo, Split, center_crop, decode_resized, decode_split
                    normalize, random_resized_crop, scan_dataset, skipped_warning)
 from .device import amp_dtype, amp_note, inference_batch_size, resolve_device, usable_cpus
 from .errors import CheckpointError, ConfigError, DatasetError, UserError
+from .metrics import confusion_pairs, per_class, per_class_lines
 from .models import apply_policy, build_model, fold_batchnorm, param_counts, set_train_mode, split_model
 
 
@@ -98,6 +99,7 @@ class EpochEnded:
     best_acc: bool
     best_loss: bool
     latest_path: str
+    confusion: list = field(default_factory=list)  # [[true, predicted, count], ...] on val (core.metrics)
 
     def line(self) -> str:
         """The reference's EPOCH line, byte for byte."""
@@ -120,11 +122,23 @@ class RunEnded:
     best_loss_path: str | None
     history: list[dict]
     exports: list[str] = field(default_factory=list)
+    best_confusion: list | None = None  # validation of the best-accuracy epoch, when known
+    classes: list[str] = field(default_factory=list)
 
     def end_lines(self) -> list[str]:
-        """Status (unless completed), the BEST block and exported files."""
+        """Status (unless completed), the BEST block, per-class results and exported files."""
         lines = [] if self.status == "completed" else [f"{self.status.upper()}: {self.message}"]
-        return lines + self.best_lines() + [f"EXPORTED: {p}" for p in self.exports]
+        return lines + self.best_lines() + self.per_class_lines() + [f"EXPORTED: {p}" for p in self.exports]
+
+    def per_class_rows(self) -> list[dict]:
+        return per_class(self.best_confusion, self.classes) if self.best_confusion else []
+
+    def per_class_lines(self) -> list[str]:
+        rows = self.per_class_rows()
+        if not rows:
+            return []
+        return [f"PER_CLASS: val accuracy by class at the best_acc epoch ({self.best['acc_epoch']})",
+                *per_class_lines(rows)]
 
     def best_lines(self) -> list[str]:
         if not self.best.get("acc_epoch") and not self.best.get("loss_epoch"):
@@ -306,6 +320,7 @@ def train(cfg: TrainConfig, stop: threading.Event | None = None, resume_checkpoi
         run_dir, new_folder = new_run_dir(cfg.output_dir, cfg.run_name), True
     history = list(resume["history"]) if resume else []
     best = resume_best(resume) if resume else empty_best()
+    best_confusion = resume.get("best_val_confusion") if resume else None
     start_epoch = int(resume["epoch"]) + 1 if resume else 1
     if new_folder:
         ck.atomic_write_json(run_dir / "args.json", cfg.to_dict())
@@ -358,13 +373,16 @@ def train(cfg: TrainConfig, stop: threading.Event | None = None, resume_checkpoi
             t0 = time.perf_counter()
             tr = yield from train_one_epoch(model, prefix, frozen, suffix, optimizer, loss_fn, train_src, cfg,
                                             device, epoch, aug, stop, scaler)
-            va = yield from evaluate(model, frozen, suffix, val_src, cfg, device, epoch, stop)
-            improved_acc, improved_loss = update_best(best, epoch, *va)
-            ended = EpochEnded(epoch, cfg.epochs, tr[0], tr[1], va[0], va[1], optimizer.param_groups[0]["lr"],
-                               time.perf_counter() - t0, improved_acc, improved_loss, str(run_dir / "latest.pt"))
+            val_loss, val_acc, confusion = yield from evaluate(model, frozen, suffix, val_src, cfg, device, epoch, stop)
+            improved_acc, improved_loss = update_best(best, epoch, val_loss, val_acc)
+            if improved_acc:
+                best_confusion = confusion
+            ended = EpochEnded(epoch, cfg.epochs, tr[0], tr[1], val_loss, val_acc, optimizer.param_groups[0]["lr"],
+                               time.perf_counter() - t0, improved_acc, improved_loss, str(run_dir / "latest.pt"),
+                               confusion)
             history.append(ended.as_row())
             save_epoch(run_dir, model, optimizer, scaler, epoch, best, info.classes, cfg, history, improved_acc,
-                       improved_loss)
+                       improved_loss, confusion, best_confusion)
             epochs_done = epoch
             yield ended
             if stop.is_set() and epoch < cfg.epochs:  # a stop after the last epoch changes nothing
@@ -389,7 +407,7 @@ def train(cfg: TrainConfig, stop: threading.Event | None = None, resume_checkpoi
     yield RunEnded(status, message, str(run_dir), epochs_done, dict(best),
                    str(run_dir / "best_acc.pt") if (run_dir / "best_acc.pt").exists() else None,
                    str(run_dir / "best_loss.pt") if (run_dir / "best_loss.pt").exists() else None,
-                   history, exports)
+                   history, exports, best_confusion, list(info.classes))
 
 
 def memory_formats(cfg: TrainConfig, device: torch.device) -> tuple[torch.memory_format, torch.memory_format]:
@@ -693,7 +711,7 @@ def evaluate(model, frozen, suffix, src: InputSource, cfg, device, epoch, stop):
     cached = src.features is not None
     formats = memory_formats(cfg, device)
     batches = torch.arange(len(src)).split(inference_batch_size(device, cfg.batch_size, cached))
-    loss_sum, correct = 0.0, 0
+    loss_sum, predicted = 0.0, []
     for step, idx in enumerate(batches, 1):
         if stop.is_set():
             raise _Stopped(f"stopped by request during validation of epoch {epoch}")
@@ -702,19 +720,21 @@ def evaluate(model, frozen, suffix, src: InputSource, cfg, device, epoch, stop):
         with torch.inference_mode(), autocast(cfg, device):
             logits = forward(frozen, suffix, x, cached, formats).float()
             loss_sum += nn.functional.cross_entropy(logits, y, reduction="sum").item()
-        correct += (logits.argmax(1) == y).sum().item()
+        predicted.append(logits.argmax(1).cpu())
         yield BatchProgress("val", epoch, step, len(batches))
+    predicted = torch.cat(predicted)
     n = len(src)
-    return loss_sum / n, correct / n
+    return loss_sum / n, (predicted == src.labels).sum().item() / n, confusion_pairs(src.labels, predicted)
 
 
 def save_epoch(run_dir: Path, model, optimizer, scaler, epoch, best, classes, cfg, history, improved_acc,
-               improved_loss):
+               improved_loss, val_confusion=None, best_val_confusion=None):
     """latest.pt every epoch; best files are hard links to it (no second 45 MB write)."""
     ckpt = ck.make_checkpoint(model=model, optimizer=optimizer, epoch=epoch, best=best, class_names=classes,
                               weights=cfg.weights, args=cfg.to_dict(), history=history, arch=cfg.arch,
                               dropout=cfg.dropout, policy=cfg.policy, resize_size=cfg.resize_size,
-                              image_size=cfg.image_size, scaler=scaler)
+                              image_size=cfg.image_size, scaler=scaler, val_confusion=val_confusion,
+                              best_val_confusion=best_val_confusion)
     try:
         with ck.one_dir_sync():
             latest = ck.atomic_torch_save(ckpt, run_dir / "latest.pt")

@@ -17,6 +17,7 @@ from core.config import MAX_CLASSES, TrainConfig, check_val_split
 from core.engine import BatchProgress, EpochEnded, Notice, RunEnded, RunStarted
 from core.errors import UserError
 from core.images import load_rgb
+from core.metrics import per_class_summary
 
 from . import datasets, inference, modelview, plots, runs
 from .components import NotAnImage
@@ -568,6 +569,9 @@ def end_status(ev: RunEnded) -> str:
     if ev.best_acc_path:
         best = (f" Best epoch **{ev.best['acc_epoch']}** (val_acc {ev.best['acc']:.3f}) → "
                 f"`{ev.best_acc_path}` (preselected in the Predict tab's checkpoint list).")
+        rows = ev.per_class_rows()
+        if rows:
+            best += f"<br>Val by class at that epoch: {html.escape(per_class_summary(rows), quote=False)}"
     if ev.status == "completed":
         return f"✔ **Completed**: {ev.epochs_done} epoch(s).{best}"
     if ev.status == "stopped":

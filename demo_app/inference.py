@@ -11,6 +11,7 @@ from PIL import Image
 
 from core.errors import CheckpointError, ImageLoadError, UserError
 from core.images import load_rgb
+from core.metrics import per_class, per_class_summary
 from core.predict import Prediction, Predictor, cached_predictor, list_images
 
 
@@ -43,7 +44,9 @@ def describe(pred: Predictor, path: str) -> str:
         bits.append(f"best val_acc {float(i['best_val_acc']):.3f} (epoch {i['best_epoch']})")
     unnamed = i.get("format") != "checkpoint dict" and all(c == f"class_{n}" for n, c in enumerate(pred.class_names))
     note = " (this file stores no class names: they are numbered)" if unnamed else ""
-    return " · ".join(bits) + f"<br>classes: {', '.join(pred.class_names)}{note}"
+    rows = per_class(i.get("val_confusion"), pred.class_names)
+    by_class = f"<br>val by class at epoch {i['epoch']}: {per_class_summary(rows)}" if rows else ""
+    return " · ".join(bits) + f"<br>classes: {', '.join(pred.class_names)}{note}{by_class}"
 
 
 @dataclass

@@ -638,6 +638,19 @@ def test_a_bare_state_dict_is_described_as_having_no_class_names(trained, tmp_pa
     info = h.checkpoint_info(None, str(sd), False)
     assert "classes: class_0, class_1 (this file stores no class names" in info, info
     assert "no class names" not in h.checkpoint_info(trained["final"][CHECKPOINT]["value"], None, False)
+    assert "val by class" not in info  # a bare state_dict has no validation results
+
+
+def test_run_status_and_checkpoint_info_give_val_accuracy_by_class(trained, tmp_path):
+    from demo_app import handlers
+    best = trained["final"][CHECKPOINT]["value"]
+    m = re.search(r"Val by class at that epoch: cat (\d+)/16.* · fish (\d+)/16", trained["final"][STATUS])
+    assert m, trained["final"][STATUS]
+    acc = float(re.search(r"val_acc (\d\.\d+)", trained["final"][STATUS]).group(1))
+    assert round((int(m.group(1)) + int(m.group(2))) / 32, 3) == acc  # the same epoch's counts
+    info = handlers.Handlers(tmp_path / "ck", DATA, tmp_path / "up").checkpoint_info(best, None, False)
+    epoch = re.search(r"Best epoch \*\*(\d+)", trained["final"][STATUS]).group(1)
+    assert f"val by class at epoch {epoch}: cat" in info, info
 
 
 def test_stop_from_a_page_that_did_not_start_the_run_preselects_its_best_checkpoint(tmp_path):

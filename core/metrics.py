@@ -1,0 +1,74 @@
+"""Per-class validation results: which classes a model gets right, and what it
+takes the others for. Kept as sparse [true, predicted, count] triples (plain
+ints, so checkpoints still load with weights_only=True): 10,000 classes cost no
+more than the validation images they have, where a dense matrix would not fit."""
+from __future__ import annotations
+
+import torch
+
+SHOWN_CLASSES = 20  # past this the CLI lists the worst classes only
+
+
+def confusion_pairs(labels: torch.Tensor, predicted: torch.Tensor) -> list[list[int]]:
+    """[[true, predicted, count], ...] for the pairs that occur, sorted."""
+    if labels.numel() == 0:
+        return []
+    pairs, counts = torch.unique(torch.stack([labels.cpu(), predicted.cpu()], 1), dim=0, return_counts=True)
+    return [[t, p, c] for (t, p), c in zip(pairs.tolist(), counts.tolist())]
+
+
+def per_class(confusion, classes: list[str]) -> list[dict]:
+    """One row per class that has validation images, in class order: images,
+    correct, acc, and the label most often given instead (taken_for, taken_count;
+    None and 0 when every image was right). Malformed entries are ignored: the
+    triples may come from a file."""
+    images, correct, wrong = [0] * len(classes), [0] * len(classes), [dict() for _ in classes]
+    for entry in confusion if isinstance(confusion, (list, tuple)) else []:
+        try:
+            t, p, c = (int(v) for v in entry)
+        except (TypeError, ValueError):
+            continue
+        if not (0 <= t < len(classes) and 0 <= p < len(classes)) or c <= 0:
+            continue
+        images[t] += c
+        if t == p:
+            correct[t] += c
+        else:
+            wrong[t][p] = wrong[t].get(p, 0) + c
+    rows = []
+    for i, name in enumerate(classes):
+        if not images[i]:
+            continue
+        top = max(wrong[i].items(), key=lambda kv: (kv[1], -kv[0]), default=None)
+        rows.append({"class": name, "images": images[i], "correct": correct[i], "acc": correct[i] / images[i],
+                     "taken_for": classes[top[0]] if top else None, "taken_count": top[1] if top else 0})
+    return rows
+
+
+def per_class_lines(rows: list[dict], limit: int = SHOWN_CLASSES) -> list[str]:
+    """`  cat: 15/16 = 0.9375 (1 taken for fish)`; over `limit` classes, the
+    `limit` lowest accuracies and how many more there are."""
+    shown, rest = worst_first(rows, limit)
+    lines = [f"  {r['class']}: {r['correct']}/{r['images']} = {r['acc']:.4f}"
+             + (f" ({r['taken_count']} taken for {r['taken_for']})" if r["taken_for"] else "") for r in shown]
+    if rest:
+        lines.append(f"  ... {len(rest)} more classes, each at {rest[0]['acc']:.4f} or better")
+    return lines
+
+
+def worst_first(rows: list[dict], limit: int) -> tuple[list[dict], list[dict]]:
+    """(rows to show, the rest): all in class order when they fit, else the
+    `limit` lowest accuracies first and the rest, lowest first."""
+    if len(rows) <= limit:
+        return rows, []
+    ranked = sorted(rows, key=lambda r: (r["acc"], r["class"]))
+    return ranked[:limit], ranked[limit:]
+
+
+def per_class_summary(rows: list[dict], limit: int = 10) -> str:
+    """One line for the app: `cat 15/16 · fish 14/16 (2 taken for cat)`; over
+    `limit` classes, the lowest accuracies first and how many more there are."""
+    shown, rest = worst_first(rows, limit)
+    text = " · ".join(f"{r['class']} {r['correct']}/{r['images']}"
+                      + (f" ({r['taken_count']} taken for {r['taken_for']})" if r["taken_for"] else "") for r in shown)
+    return text + (f" · … {len(rest)} more classes, each at {rest[0]['acc']:.0%} or better" if rest else "")
