@@ -63,8 +63,9 @@ def _predict(args) -> int:
         print(f"best_epoch: {pred.info['best_epoch']}")
         print(f"best_val_acc: {pred.info['best_val_acc']:.4f}" if pred.info.get("best_val_acc") is not None else "best_val_acc: n/a")
     print(f"class_names: {pred.class_names}")
-    rows, failed = [], 0
+    rows, failed, results = [], 0, []
     for r in pred.predict_paths(images, args.topk, args.batch_size):
+        results.append(r)
         print(f"IMAGE: {r.path}")
         if r.error:
             failed += 1
@@ -84,9 +85,27 @@ def _predict(args) -> int:
         except OSError as e:
             raise UserError(f"could not write --csv {args.csv}: {e.strerror or e}") from None
         print(f"CSV: {args.csv} ({len(rows)} rows)")
+    if len(images) > 1:
+        print("\n".join(folder_check_lines(results, pred.class_names)))
     if failed and len(images) > 1:
         print(f"{failed} of {len(images)} image(s) could not be read", file=sys.stderr)
     return 2 if failed == len(images) else 0
+
+
+def folder_check_lines(results, classes, shown: int = 20) -> list[str]:
+    """CHECK and WRONG lines for images in folders named after classes
+    (val/<class>/...): the model against the folder names. None without such folders."""
+    from core.metrics import folder_check, folder_labels
+    labels = folder_labels([r.path for r in results], classes)
+    right, checked, wrong = folder_check([None if r.error else r.label for r in results], labels)
+    if not checked:
+        return []
+    lines = [f"CHECK: {right}/{checked} = {right / checked:.4f} right against the folder names "
+             f"({checked} of {len(results)} images are in folders named after classes)"]
+    lines += [f"  WRONG: {results[i].path} (predicted {results[i].label}, folder {labels[i]})" for i in wrong[:shown]]
+    if len(wrong) > shown:
+        lines.append(f"  ... {len(wrong) - shown} more wrong (their IMAGE lines above)")
+    return lines
 
 
 def check_csv_path(path: str):

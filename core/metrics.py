@@ -1,8 +1,11 @@
 """Per-class validation results: which classes a model gets right, and what it
 takes the others for. Kept as sparse [true, predicted, count] triples (plain
 ints, so checkpoints still load with weights_only=True): 10,000 classes cost no
-more than the validation images they have, where a dense matrix would not fit."""
+more than the validation images they have, where a dense matrix would not fit.
+Prediction on a folder laid out like val/<class>/ is checked the same way."""
 from __future__ import annotations
+
+from pathlib import Path
 
 import torch
 
@@ -72,3 +75,18 @@ def per_class_summary(rows: list[dict], limit: int = 10) -> str:
     text = " · ".join(f"{r['class']} {r['correct']}/{r['images']}"
                       + (f" ({r['taken_count']} taken for {r['taken_for']})" if r["taken_for"] else "") for r in shown)
     return text + (f" · … {len(rest)} more classes, each at {rest[0]['acc']:.0%} or better" if rest else "")
+
+
+def folder_labels(paths, classes: list[str]) -> list[str | None]:
+    """The class each image's own folder is named after, else None: a folder laid
+    out like val/<class>/ lets prediction check the model against it."""
+    names = set(classes)
+    return [parent if (parent := Path(p).parent.name) in names else None for p in paths]
+
+
+def folder_check(predicted: list[str | None], labels: list[str | None]) -> tuple[int, int, list[int]]:
+    """(right, checked, indices of the wrong ones) over the images that have a
+    folder label and a prediction (unreadable files have none)."""
+    checked = [i for i, (p, y) in enumerate(zip(predicted, labels)) if p is not None and y is not None]
+    wrong = [i for i in checked if predicted[i] != labels[i]]
+    return len(checked) - len(wrong), len(checked), wrong

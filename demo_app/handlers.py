@@ -17,14 +17,14 @@ from core.config import MAX_CLASSES, TrainConfig, check_val_split
 from core.engine import BatchProgress, EpochEnded, Notice, RunEnded, RunStarted
 from core.errors import UserError
 from core.images import load_rgb
-from core.metrics import per_class_summary
+from core.metrics import folder_labels, per_class_summary
 
 from . import datasets, inference, modelview, plots, runs
 from .components import NotAnImage
 from .session import Failed, TrainingService
 
 EPOCH_COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds", "best"]
-PRED_COLUMNS = ["file", "top-1", "p", "top-k", "error"]
+PRED_COLUMNS = ["file", "top-1", "p", "top-k", "error", "check"]
 # Head-only epochs on a small set can end several times a second; each frame
 # redraws two Plotly charts, and a browser that falls behind shows Stop late.
 # Epoch frames are therefore spaced at least this far apart (the rows are
@@ -468,6 +468,8 @@ class Handlers:
         uploads = {str(f): Path(f).name for f in (files or [])}
         names = [inference.display_name(p, (folder or "").strip(), uploads) for p in paths]
         preds = inference.predict_many(pred, paths, k)
+        # images in folders named after classes (val/<class>/...) are checked against them; uploads are not
+        labels = folder_labels(["" if p in uploads else p for p in paths], pred.class_names)
         bad = sum(1 for p in preds if p.error)
         counts: dict[str, int] = {}
         for p in preds:
@@ -477,13 +479,15 @@ class Handlers:
             (", ".join(f"{c} × {n}" for c, n in sorted(counts.items())) or "none")
         if bad:
             summary += f" · ⚠ {bad} file(s) could not be read (see the error column)"
+        summary += inference.folder_check_summary(preds, names, labels)
         if len(preds) - bad > inference.GALLERY_LIMIT:
-            summary += f" · gallery shows the first {inference.GALLERY_LIMIT}"
+            summary += f" · gallery shows the first {inference.GALLERY_LIMIT}" + \
+                (" (wrong ones first)" if "wrong:" in summary else "")
         used = Path(inference.choose_checkpoint(selected, uploaded))
         summary += f" · by `{used.name if uploaded else used.parent.name + '/' + used.name}`"
-        table = pd.DataFrame(inference.table_rows(preds, names), columns=PRED_COLUMNS).style.format(
+        table = pd.DataFrame(inference.table_rows(preds, names, labels), columns=PRED_COLUMNS).style.format(
             {"p": "{:.4f}"}, na_rep="")  # fixed decimals: 0.777 beside 0.8609 read as less precise
-        return table, inference.gallery_items(preds, names), inference.write_csv(preds, names), summary
+        return table, inference.gallery_items(preds, names, labels), inference.write_csv(preds, names, labels), summary
 
     @staticmethod
     def batch_stale(summary):

@@ -11,7 +11,7 @@ from PIL import Image
 
 from core.errors import CheckpointError, ImageLoadError, UserError
 from core.images import load_rgb
-from core.metrics import per_class, per_class_summary
+from core.metrics import folder_check, per_class, per_class_summary
 from core.predict import Prediction, Predictor, cached_predictor, list_images
 
 
@@ -96,25 +96,42 @@ def predict_many(pred: Predictor, paths: list[str], k: int) -> list[Prediction]:
     return list(pred.predict_paths(paths, int(k)))
 
 
-def table_rows(preds: list[Prediction], names: list[str]) -> list[list]:
+def table_rows(preds: list[Prediction], names: list[str], labels: list[str | None]) -> list[list]:
+    """One row per image; `check` compares the prediction with the class its
+    folder is named after (core.metrics.folder_labels), blank without one."""
     rows = []
-    for p, name in zip(preds, names):
+    for p, name, y in zip(preds, names, labels):
         if p.error:
-            rows.append([name, "—", None, "", p.error])
+            rows.append([name, "—", None, "", p.error, ""])
         else:
-            rows.append([name, p.label, round(p.p, 4), ", ".join(f"{lab} {pr:.3f}" for lab, pr in p.topk), ""])
+            check = "" if y is None else "✓" if p.label == y else f"✗ folder: {y}"
+            rows.append([name, p.label, round(p.p, 4), ", ".join(f"{lab} {pr:.3f}" for lab, pr in p.topk), "",
+                         check])
     return rows
 
 
-def write_csv(preds: list[Prediction], names: list[str]) -> str:
-    """CSV in a fresh temp folder (Gradio serves files from the temp dir)."""
+def folder_check_summary(preds: list[Prediction], names: list[str], labels: list[str | None], shown: int = 5) -> str:
+    """' · against the folder names: **30/32** right; wrong: a.jpg → fish, ...' or ''."""
+    right, checked, wrong = folder_check([None if p.error else p.label for p in preds], labels)
+    if not checked:
+        return ""
+    text = f" · against the folder names: **{right}/{checked}** right"
+    if wrong:
+        text += "; wrong: " + ", ".join(f"{names[i]} → {preds[i].label}" for i in wrong[:shown])
+        text += f" and {len(wrong) - shown} more (see the check column)" if len(wrong) > shown else ""
+    return text
+
+
+def write_csv(preds: list[Prediction], names: list[str], labels: list[str | None]) -> str:
+    """CSV in a fresh temp folder (Gradio serves files from the temp dir);
+    folder_class: the class the image's folder is named after, if any."""
     out = Path(tempfile.mkdtemp(prefix="tl_predictions_")) / "predictions.csv"
     with open(out, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
-        w.writerow(["file", "path", "top1", "p", "topk", "error"])
-        for p, name in zip(preds, names):
+        w.writerow(["file", "path", "top1", "p", "topk", "error", "folder_class"])
+        for p, name, y in zip(preds, names, labels):
             w.writerow([name, p.path, p.label or "", f"{p.p:.6f}" if p.p is not None else "",
-                        "; ".join(f"{lab}:{pr:.6f}" for lab, pr in p.topk), p.error or ""])
+                        "; ".join(f"{lab}:{pr:.6f}" for lab, pr in p.topk), p.error or "", y or ""])
     return str(out)
 
 
@@ -127,13 +144,18 @@ def thumbnail(path: str, size: int = 256) -> Image.Image | None:
     return img
 
 
-def gallery_items(preds: list[Prediction], names: list[str]) -> list[tuple[Image.Image, str]]:
-    """(thumbnail, caption) for readable images; thumbnails, so any folder works."""
+def gallery_items(preds: list[Prediction], names: list[str], labels: list[str | None]) -> list[tuple[Image.Image, str]]:
+    """(thumbnail, caption) for readable images; thumbnails, so any folder works.
+    Images whose folder names another class come first, marked ✗."""
+    wrong = {i for i, (p, y) in enumerate(zip(preds, labels)) if not p.error and y is not None and p.label != y}
+    order = sorted(wrong) + [i for i in range(len(preds)) if i not in wrong]
     out = []
-    for p, name in zip(preds, names):
+    for i in order:
+        p, name = preds[i], names[i]
         if p.error or len(out) >= GALLERY_LIMIT:
             continue
         thumb = thumbnail(p.path)
         if thumb is not None:
-            out.append((thumb, f"{p.label} {p.p:.0%} · {name}"))
+            mark = f"✗ (folder: {labels[i]}) " if i in wrong else ""
+            out.append((thumb, f"{mark}{p.label} {p.p:.0%} · {name}"))
     return out

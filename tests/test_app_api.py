@@ -319,11 +319,29 @@ def test_predict_batch_table_gallery_and_csv(trained, app, tmp_path):
     assert all(r[1] in ("cat", "fish") and 0.5 <= r[2] <= 1 for r in rows if not r[4])
     shown = [r[2] for r in table["metadata"]["display_value"]]  # p with fixed decimals, blank for a failure
     assert shown[2] == "" and all(re.fullmatch(r"[01]\.\d{4}", v) for i, v in enumerate(shown) if i != 2), shown
-    assert len(gallery) == 34 and all(g["caption"].split()[0] in ("cat", "fish") for g in gallery)
+    assert len(gallery) == 34 and all(re.match(r"(✗ \(folder: (cat|fish)\) )?(cat|fish) \d+% · ", g["caption"])
+                                      for g in gallery)
     lines = Path(csv_path).read_text().strip().splitlines()
     assert lines[0].startswith("file,path,top1,p,topk,error") and len(lines) == 36
     assert "34" in summary and "could not be read" in summary
     assert summary.endswith(f"by `{Path(ckpt).parent.name}/best_acc.pt`")  # which model said so
+    # the folder's val/<class>/ images are checked against their folder names, the uploads are not;
+    # the count agrees with the engine's own validation of this checkpoint
+    import torch
+
+    from core.metrics import per_class
+    saved = torch.load(ckpt, weights_only=True)
+    right = sum(r["correct"] for r in per_class(saved["val_confusion"], saved["class_names"]))
+    assert f"against the folder names: **{right}/32** right" in summary, summary
+    checks = [r[5] for r in rows]
+    assert checks[:3] == ["", "", ""] and checks[3:].count("✓") == right
+    assert all(c == "✓" or re.fullmatch(r"✗ folder: (cat|fish)", c) for c in checks[3:])
+    wrong = [r for r in rows[3:] if r[5] != "✓"]
+    assert all(r[5].split()[-1] != r[1] and f"{r[5].split()[-1]}/" in r[0] for r in wrong)
+    if wrong:  # listed in the summary, and first in the gallery
+        assert f"wrong: {wrong[0][0]} → {wrong[0][1]}" in summary
+        assert gallery[0]["caption"].startswith("✗ (folder: ") and wrong[0][0] in gallery[0]["caption"]
+    assert lines[0].endswith(",folder_class") and lines[1].endswith(",") and lines[-1].rsplit(",", 1)[1] == "fish"
 
 
 def test_predict_errors_are_clear(trained, app, tmp_path):

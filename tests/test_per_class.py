@@ -79,3 +79,34 @@ def test_train_prints_per_class_results_and_resume_keeps_them(tmp_path):
     assert resumed_block[0] == f"val accuracy by class at the best_acc epoch ({best_now})"
     if best_now == best_epoch:
         assert resumed_block == block
+
+
+def test_predict_checks_a_labelled_folder_like_validation_did(tmp_path):
+    """predict.py on val/<class>/ compares each prediction with its folder's class;
+    the Predictor must agree with the engine's own validation of that checkpoint."""
+    data = make_image_dataset(tmp_path / "ds")
+    r = cli("train.py", "--data-dir", str(data), "--device", "cpu", "--weights", "none", "--batch-size", "4",
+            "--seed", "7", "--epochs", "2", "--output-dir", str(tmp_path / "out"))
+    assert r.returncode == 0, r.stderr
+    best = run_dir_of(r.stdout) / "best_acc.pt"
+    p = cli("predict.py", "--image", str(data / "val"), "--all", "1", "--checkpoint", str(best), "--device", "cpu")
+    assert p.returncode == 0, p.stderr
+    m = re.search(r"^CHECK: (\d+)/(\d+) = (\d\.\d{4}) right against the folder names \((\d+) of (\d+) images", p.stdout,
+                  re.M)
+    assert m, p.stdout
+    right, checked = int(m.group(1)), int(m.group(2))
+    from core.metrics import per_class
+    ckpt = torch.load(best, weights_only=True)
+    rows = per_class(ckpt["val_confusion"], ckpt["class_names"])
+    assert (right, checked) == (sum(r["correct"] for r in rows), sum(r["images"] for r in rows))
+    wrong = re.findall(r"^  WRONG: (.+) \(predicted (\w+), folder (\w+)\)$", p.stdout, re.M)
+    assert len(wrong) == min(checked - right, 20) and all(pred != folder for _, pred, folder in wrong)
+    assert all(f"/{folder}/" in path for path, _, folder in wrong)
+    # a folder not named after a class is not checked; nor is a single image
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for f in list((data / "val").rglob("*.jpg"))[:3]:
+        (flat / f.name).write_bytes(f.read_bytes())
+    for image in (flat, next((data / "val").rglob("*.jpg"))):
+        q = cli("predict.py", "--image", str(image), "--all", "1", "--checkpoint", str(best), "--device", "cpu")
+        assert q.returncode == 0 and "CHECK:" not in q.stdout, q.stdout
