@@ -86,7 +86,8 @@ def _predict(args) -> int:
             raise UserError(f"could not write --csv {args.csv}: {e.strerror or e}") from None
         print(f"CSV: {args.csv} ({len(rows)} rows)")
     if len(images) > 1:
-        print("\n".join(folder_check_lines(results, pred.class_names)))
+        for line in folder_check_lines(results, pred.class_names):
+            print(line)
     if failed and len(images) > 1:
         print(f"{failed} of {len(images)} image(s) could not be read", file=sys.stderr)
     return 2 if failed == len(images) else 0
@@ -94,14 +95,16 @@ def _predict(args) -> int:
 
 def folder_check_lines(results, classes, shown: int = 20) -> list[str]:
     """CHECK and WRONG lines for images in folders named after classes
-    (val/<class>/...): the model against the folder names. None without such folders."""
+    (val/<class>/...): the model against the folder names. [] without such folders."""
     from core.metrics import folder_check, folder_labels
     labels = folder_labels([r.path for r in results], classes)
     right, checked, wrong = folder_check([None if r.error else r.label for r in results], labels)
     if not checked:
         return []
+    in_class_folders = sum(y is not None for y in labels)
+    unread = f", {in_class_folders - checked} of them unreadable" if in_class_folders > checked else ""
     lines = [f"CHECK: {right}/{checked} = {right / checked:.4f} right against the folder names "
-             f"({checked} of {len(results)} images are in folders named after classes)"]
+             f"({in_class_folders} of {len(results)} images are in folders named after classes{unread})"]
     lines += [f"  WRONG: {results[i].path} (predicted {results[i].label}, folder {labels[i]})" for i in wrong[:shown]]
     if len(wrong) > shown:
         lines.append(f"  ... {len(wrong) - shown} more wrong (their IMAGE lines above)")

@@ -38,7 +38,7 @@ from .data import (DatasetInfo, Split, center_crop, decode_resized, decode_split
                    normalize, random_resized_crop, scan_dataset, skipped_warning)
 from .device import amp_dtype, amp_note, inference_batch_size, resolve_device, usable_cpus
 from .errors import CheckpointError, ConfigError, DatasetError, UserError
-from .metrics import confusion_pairs, per_class, per_class_lines
+from .metrics import clean_confusion, confusion_pairs, per_class, per_class_lines
 from .models import apply_policy, build_model, fold_batchnorm, param_counts, set_train_mode, split_model
 
 
@@ -131,7 +131,7 @@ class RunEnded:
         return lines + self.best_lines() + self.per_class_lines() + [f"EXPORTED: {p}" for p in self.exports]
 
     def per_class_rows(self) -> list[dict]:
-        return per_class(self.best_confusion, self.classes) if self.best_confusion else []
+        return per_class(self.best_confusion, self.classes)
 
     def per_class_lines(self) -> list[str]:
         rows = self.per_class_rows()
@@ -320,7 +320,7 @@ def train(cfg: TrainConfig, stop: threading.Event | None = None, resume_checkpoi
         run_dir, new_folder = new_run_dir(cfg.output_dir, cfg.run_name), True
     history = list(resume["history"]) if resume else []
     best = resume_best(resume) if resume else empty_best()
-    best_confusion = resume.get("best_val_confusion") if resume else None
+    best_confusion = clean_confusion(resume.get("best_val_confusion"), len(info.classes)) if resume else None
     start_epoch = int(resume["epoch"]) + 1 if resume else 1
     if new_folder:
         ck.atomic_write_json(run_dir / "args.json", cfg.to_dict())

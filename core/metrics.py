@@ -5,6 +5,7 @@ more than the validation images they have, where a dense matrix would not fit.
 Prediction on a folder laid out like val/<class>/ is checked the same way."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -20,19 +21,27 @@ def confusion_pairs(labels: torch.Tensor, predicted: torch.Tensor) -> list[list[
     return [[t, p, c] for (t, p), c in zip(pairs.tolist(), counts.tolist())]
 
 
+def clean_confusion(value, num_classes: int) -> list[list[int]] | None:
+    """The triples of `value` that are whole, in range and counted (a checkpoint
+    from elsewhere may hold anything under the key); None when none are."""
+    if not isinstance(value, (list, tuple)):
+        return None
+    out = []
+    for entry in value:
+        if not isinstance(entry, (list, tuple)) or len(entry) != 3 or not all(type(v) is int for v in entry):
+            continue
+        t, p, c = entry
+        if 0 <= t < num_classes and 0 <= p < num_classes and c > 0:
+            out.append([t, p, c])
+    return out or None
+
+
 def per_class(confusion, classes: list[str]) -> list[dict]:
     """One row per class that has validation images, in class order: images,
     correct, acc, and the label most often given instead (taken_for, taken_count;
-    None and 0 when every image was right). Malformed entries are ignored: the
-    triples may come from a file."""
+    None and 0 when every image was right). Malformed entries are skipped."""
     images, correct, wrong = [0] * len(classes), [0] * len(classes), [dict() for _ in classes]
-    for entry in confusion if isinstance(confusion, (list, tuple)) else []:
-        try:
-            t, p, c = (int(v) for v in entry)
-        except (TypeError, ValueError):
-            continue
-        if not (0 <= t < len(classes) and 0 <= p < len(classes)) or c <= 0:
-            continue
+    for t, p, c in clean_confusion(confusion, len(classes)) or []:
         images[t] += c
         if t == p:
             correct[t] += c
@@ -74,14 +83,16 @@ def per_class_summary(rows: list[dict], limit: int = 10) -> str:
     shown, rest = worst_first(rows, limit)
     text = " · ".join(f"{r['class']} {r['correct']}/{r['images']}"
                       + (f" ({r['taken_count']} taken for {r['taken_for']})" if r["taken_for"] else "") for r in shown)
-    return text + (f" · … {len(rest)} more classes, each at {rest[0]['acc']:.0%} or better" if rest else "")
+    floor = math.floor(rest[0]["acc"] * 100) if rest else 0  # rounded up, 99.6% would read "100% or better"
+    return text + (f" · … {len(rest)} more classes, each at {floor}% or better" if rest else "")
 
 
 def folder_labels(paths, classes: list[str]) -> list[str | None]:
-    """The class each image's own folder is named after, else None: a folder laid
-    out like val/<class>/ lets prediction check the model against it."""
+    """The class each image's own folder is named after, else None (also for a
+    path given as None: an upload): a folder laid out like val/<class>/ lets
+    prediction check the model against it."""
     names = set(classes)
-    return [parent if (parent := Path(p).parent.name) in names else None for p in paths]
+    return [None if p is None else parent if (parent := Path(p).parent.name) in names else None for p in paths]
 
 
 def folder_check(predicted: list[str | None], labels: list[str | None]) -> tuple[int, int, list[int]]:

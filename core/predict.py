@@ -17,6 +17,7 @@ from . import checkpoint as ck
 from .data import center_crop, normalize, resize_short_side
 from .device import inference_batch_size, resolve_device
 from .errors import CheckpointError, ImageLoadError, UserError
+from .metrics import clean_confusion
 from .models import fold_batchnorm
 from .images import is_image_name, load_rgb
 
@@ -67,7 +68,7 @@ class Predictor:
             c = ck.normalise_checkpoint(obj, path)
             info = {"format": "checkpoint dict", "path": str(path), "epoch": c.get("epoch"),
                     "best_epoch": c.get("best_epoch"), "best_val_acc": c.get("best_val_acc"),
-                    "arch": c["arch"], "weights": c.get("weights"), "val_confusion": c.get("val_confusion")}
+                    "arch": c["arch"], "weights": c.get("weights"), "val_confusion": clean_confusion(c.get("val_confusion"), len(c["class_names"]))}
             pre = c.get("preprocess") or {}
             return cls(ck.model_from_checkpoint(c, path), c["class_names"], device, info,
                        int(pre.get("resize", 256)), int(pre.get("crop", 224)))

@@ -469,7 +469,7 @@ class Handlers:
         names = [inference.display_name(p, (folder or "").strip(), uploads) for p in paths]
         preds = inference.predict_many(pred, paths, k)
         # images in folders named after classes (val/<class>/...) are checked against them; uploads are not
-        labels = folder_labels(["" if p in uploads else p for p in paths], pred.class_names)
+        labels = folder_labels([None if p in uploads else p for p in paths], pred.class_names)
         bad = sum(1 for p in preds if p.error)
         counts: dict[str, int] = {}
         for p in preds:
@@ -479,10 +479,10 @@ class Handlers:
             (", ".join(f"{c} × {n}" for c, n in sorted(counts.items())) or "none")
         if bad:
             summary += f" · ⚠ {bad} file(s) could not be read (see the error column)"
-        summary += inference.folder_check_summary(preds, names, labels)
+        checked, n_wrong = inference.folder_check_summary(preds, names, labels)
+        summary += checked
         if len(preds) - bad > inference.GALLERY_LIMIT:
-            summary += f" · gallery shows the first {inference.GALLERY_LIMIT}" + \
-                (" (wrong ones first)" if "wrong:" in summary else "")
+            summary += f" · gallery shows the first {inference.GALLERY_LIMIT}" + (" (wrong ones first)" if n_wrong else "")
         used = Path(inference.choose_checkpoint(selected, uploaded))
         summary += f" · by `{used.name if uploaded else used.parent.name + '/' + used.name}`"
         table = pd.DataFrame(inference.table_rows(preds, names, labels), columns=PRED_COLUMNS).style.format(
@@ -575,7 +575,7 @@ def end_status(ev: RunEnded) -> str:
                 f"`{ev.best_acc_path}` (preselected in the Predict tab's checkpoint list).")
         rows = ev.per_class_rows()
         if rows:
-            best += f"<br>Val by class at that epoch: {html.escape(per_class_summary(rows), quote=False)}"
+            best += f"<br>Val by class at that epoch: {inference.md_text(per_class_summary(rows))}"
     if ev.status == "completed":
         return f"✔ **Completed**: {ev.epochs_done} epoch(s).{best}"
     if ev.status == "stopped":

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import csv
+import html
+import re
 import tempfile
 import time
 from dataclasses import dataclass
@@ -45,8 +47,8 @@ def describe(pred: Predictor, path: str) -> str:
     unnamed = i.get("format") != "checkpoint dict" and all(c == f"class_{n}" for n, c in enumerate(pred.class_names))
     note = " (this file stores no class names: they are numbered)" if unnamed else ""
     rows = per_class(i.get("val_confusion"), pred.class_names)
-    by_class = f"<br>val by class at epoch {i['epoch']}: {per_class_summary(rows)}" if rows else ""
-    return " · ".join(bits) + f"<br>classes: {', '.join(pred.class_names)}{note}{by_class}"
+    by_class = f"<br>val by class at epoch {i['epoch']}: {md_text(per_class_summary(rows))}" if rows else ""
+    return " · ".join(bits) + f"<br>classes: {md_text(', '.join(pred.class_names))}{note}{by_class}"
 
 
 @dataclass
@@ -105,21 +107,28 @@ def table_rows(preds: list[Prediction], names: list[str], labels: list[str | Non
             rows.append([name, "—", None, "", p.error, ""])
         else:
             check = "" if y is None else "✓" if p.label == y else f"✗ folder: {y}"
-            rows.append([name, p.label, round(p.p, 4), ", ".join(f"{lab} {pr:.3f}" for lab, pr in p.topk), "",
-                         check])
+            rows.append([name, p.label, p.p, ", ".join(f"{lab} {pr:.3f}" for lab, pr in p.topk), "", check])
     return rows
 
 
-def folder_check_summary(preds: list[Prediction], names: list[str], labels: list[str | None], shown: int = 5) -> str:
-    """' · against the folder names: **30/32** right; wrong: a.jpg → fish, ...' or ''."""
+def folder_check_summary(preds: list[Prediction], names: list[str], labels: list[str | None],
+                         shown: int = 5) -> tuple[str, int]:
+    """(' · against the folder names: **30/32** right; wrong: a.jpg → fish, ...'
+    or '', how many are wrong)."""
     right, checked, wrong = folder_check([None if p.error else p.label for p in preds], labels)
     if not checked:
-        return ""
+        return "", 0
     text = f" · against the folder names: **{right}/{checked}** right"
     if wrong:
-        text += "; wrong: " + ", ".join(f"{names[i]} → {preds[i].label}" for i in wrong[:shown])
+        text += "; wrong: " + ", ".join(f"{md_text(names[i])} → {md_text(preds[i].label)}" for i in wrong[:shown])
         text += f" and {len(wrong) - shown} more (see the check column)" if len(wrong) > shown else ""
-    return text
+    return text, len(wrong)
+
+
+def md_text(text: str) -> str:
+    """`text` shown as itself in gr.Markdown: HTML and Markdown syntax escaped
+    (a class named <unk> vanished, a file name with * turned italic)."""
+    return re.sub(r"([\\`*_{}\[\]()#+\-!|~>])", r"\\\1", html.escape(text, quote=False))
 
 
 def write_csv(preds: list[Prediction], names: list[str], labels: list[str | None]) -> str:

@@ -330,6 +330,7 @@ def test_predict_batch_table_gallery_and_csv(trained, app, tmp_path):
     import torch
 
     from core.metrics import per_class
+    from demo_app.inference import md_text
     saved = torch.load(ckpt, weights_only=True)
     right = sum(r["correct"] for r in per_class(saved["val_confusion"], saved["class_names"]))
     assert f"against the folder names: **{right}/32** right" in summary, summary
@@ -339,7 +340,7 @@ def test_predict_batch_table_gallery_and_csv(trained, app, tmp_path):
     wrong = [r for r in rows[3:] if r[5] != "✓"]
     assert all(r[5].split()[-1] != r[1] and f"{r[5].split()[-1]}/" in r[0] for r in wrong)
     if wrong:  # listed in the summary, and first in the gallery
-        assert f"wrong: {wrong[0][0]} → {wrong[0][1]}" in summary
+        assert f"wrong: {md_text(wrong[0][0])} → {wrong[0][1]}" in summary
         assert gallery[0]["caption"].startswith("✗ (folder: ") and wrong[0][0] in gallery[0]["caption"]
     assert lines[0].endswith(",folder_class") and lines[1].endswith(",") and lines[-1].rsplit(",", 1)[1] == "fish"
 
@@ -654,7 +655,7 @@ def test_a_bare_state_dict_is_described_as_having_no_class_names(trained, tmp_pa
     torch.save(torch.load(trained["final"][CHECKPOINT]["value"], weights_only=True)["model_state"], sd)
     h = handlers.Handlers(tmp_path / "ck", DATA, tmp_path / "up")
     info = h.checkpoint_info(None, str(sd), False)
-    assert "classes: class_0, class_1 (this file stores no class names" in info, info
+    assert "classes: class\\_0, class\\_1 (this file stores no class names" in info, info  # Markdown-escaped
     assert "no class names" not in h.checkpoint_info(trained["final"][CHECKPOINT]["value"], None, False)
     assert "val by class" not in info  # a bare state_dict has no validation results
 
@@ -669,6 +670,18 @@ def test_run_status_and_checkpoint_info_give_val_accuracy_by_class(trained, tmp_
     info = handlers.Handlers(tmp_path / "ck", DATA, tmp_path / "up").checkpoint_info(best, None, False)
     epoch = re.search(r"Best epoch \*\*(\d+)", trained["final"][STATUS]).group(1)
     assert f"val by class at epoch {epoch}: cat" in info, info
+
+
+def test_uploaded_images_are_not_checked_against_their_folder(trained, tmp_path):
+    """An upload's folder is not the user's labelling (even a val/cat/ file given
+    as an upload); images from the folder box are checked."""
+    from demo_app import handlers
+    h = handlers.Handlers(tmp_path / "ck", DATA, tmp_path / "up")
+    cat = sorted((DATA / "val" / "cat").glob("*.jpg"))[0]
+    table, gallery, _, summary = h.predict_batch([str(cat)], "", 2, trained["final"][CHECKPOINT]["value"], None, False)
+    assert table.data["check"].tolist() == [""] and "against the folder names" not in summary
+    table, *_ = h.predict_batch([], str(DATA / "val" / "cat"), 2, trained["final"][CHECKPOINT]["value"], None, False)
+    assert all(c == "✓" or c == "✗ folder: cat" for c in table.data["check"]) and len(table.data) == 16
 
 
 def test_stop_from_a_page_that_did_not_start_the_run_preselects_its_best_checkpoint(tmp_path):

@@ -193,17 +193,22 @@ def test_a_refused_start_says_why_and_gives_start_back(page, app):
 
 def test_a_reloaded_page_follows_the_run_to_its_end(page, app):
     """Reloading during a run used to leave a status that never changed; the
-    page now follows the run: live status, then the epoch table and the result."""
-    # Full fine-tune, 5 epochs (~20 s here): long enough that the reloaded page
-    # still finds the run going on a slow or busy machine.
-    configure(page, epochs=5)
+    page now follows the run: its settings, live status, the epoch table, and
+    Stop from there ends it with the result."""
+    # A run that only ends when stopped: while the server trains, a reload can take
+    # longer than a short run (a 3- and a 5-epoch run were over before the page was back).
+    configure(page, epochs=300)
     page.locator("#policy").get_by_text("Full fine-tune").click()
     start(page)
     page.reload()
     page.wait_for_selector("#train-status")
-    wait_status(page, r"in progress", timeout=30)
-    wait_status(page, r"Completed", timeout=240)
-    page.wait_for_function(f"{rows_js('epochs-table')} === 5", timeout=10_000)
+    wait_status(page, r"in progress", timeout=60)
+    assert page.locator("#epochs input[type=number]").input_value() == "300"  # the run's settings, not the defaults
+    page.wait_for_function(f"{rows_js('epochs-table')} >= 1", timeout=120_000)  # epochs arrive on the followed page
+    page.locator("#stop-btn").click()
+    text = wait_status(page, r"Stopped", timeout=30)
+    done = int(re.search(r"after (\d+) completed epoch", text).group(1))
+    page.wait_for_function(f"{rows_js('epochs-table')} === {done}", timeout=10_000)
     page.wait_for_function("document.querySelector('#dataset-summary').innerText.includes('classes')")
 
 

@@ -34,6 +34,9 @@ def test_per_class_rows_from_prediction_pairs():
     assert per_class([["x"], [0, 5, 1], None, [1, 1, -2], [0, 0, 2]], ["a", "b"]) == [
         {"class": "a", "images": 2, "correct": 2, "acc": 1.0, "taken_for": None, "taken_count": 0}]
     assert per_class("not a list", ["a"]) == [] and confusion_pairs(torch.tensor([]), torch.tensor([])) == []
+    from core.metrics import clean_confusion
+    assert clean_confusion([[0, 0, float("inf")], [0, 0, True], [0, 1, 2]], 2) == [[0, 1, 2]]
+    assert clean_confusion(torch.tensor([[0, 0, 1]]), 2) is None and clean_confusion([[5, 0, 1]], 2) is None
 
 
 def test_each_checkpoint_holds_its_epochs_per_class_counts(tmp_path):
@@ -102,11 +105,46 @@ def test_predict_checks_a_labelled_folder_like_validation_did(tmp_path):
     wrong = re.findall(r"^  WRONG: (.+) \(predicted (\w+), folder (\w+)\)$", p.stdout, re.M)
     assert len(wrong) == min(checked - right, 20) and all(pred != folder for _, pred, folder in wrong)
     assert all(f"/{folder}/" in path for path, _, folder in wrong)
+    # an unreadable file in a class folder is counted as such, not as checked
+    (data / "val" / "cat" / "broken.jpg").write_bytes(b"not a jpeg")
+    q = cli("predict.py", "--image", str(data / "val"), "--all", "1", "--checkpoint", str(best), "--device", "cpu")
+    assert q.returncode == 0 and (f"CHECK: {right}/{checked} = " in q.stdout), q.stdout
+    assert f"({checked + 1} of {checked + 1} images are in folders named after classes, 1 of them unreadable)" in q.stdout
     # a folder not named after a class is not checked; nor is a single image
     flat = tmp_path / "flat"
     flat.mkdir()
-    for f in list((data / "val").rglob("*.jpg"))[:3]:
+    for f in sorted((data / "val" / "fish").glob("*.jpg"))[:3]:
         (flat / f.name).write_bytes(f.read_bytes())
-    for image in (flat, next((data / "val").rglob("*.jpg"))):
+    for image in (flat, sorted((data / "val" / "fish").glob("*.jpg"))[0]):
         q = cli("predict.py", "--image", str(image), "--all", "1", "--checkpoint", str(best), "--device", "cpu")
         assert q.returncode == 0 and "CHECK:" not in q.stdout, q.stdout
+
+
+def test_resume_carries_the_best_epochs_counts_and_survives_odd_values(tmp_path):
+    """A resume stopped before its first epoch reports the counts it read from
+    the checkpoint; values a checkpoint from elsewhere may hold are dropped, not fatal."""
+    import threading
+
+    from core.metrics import per_class
+    data = make_image_dataset(tmp_path / "ds")
+    _, _, first = train_run(train_config(data, tmp_path / "out", epochs=2))
+    latest = tmp_path / "out" / first.run_dir.split("/")[-1] / "latest.pt"
+    saved = torch.load(latest, weights_only=True)
+    for value, expected in ((saved["best_val_confusion"], saved["best_val_confusion"]), (None, None),
+                            ([[0, 0, float("inf")]], None), (torch.tensor([[0, 0, 1]]), None)):
+        odd = tmp_path / "resume.pt"
+        torch.save({**saved, "best_val_confusion": value, "val_confusion": value}, odd)
+        stop = threading.Event()
+        stop.set()
+        _, _, end = train_run(train_config(data, tmp_path / "out2", epochs=3, resume=str(odd)), stop)
+        assert end.status == "stopped" and end.best_confusion == expected
+        assert end.end_lines()  # printable whatever the file held
+        assert bool(end.per_class_lines()) == (expected is not None)
+        if expected:
+            rows = per_class(expected, first.classes)
+            assert end.per_class_lines()[1:] == [f"  {r['class']}: {r['correct']}/{r['images']} = {r['acc']:.4f}"
+                                                 + (f" ({r['taken_count']} taken for {r['taken_for']})"
+                                                    if r["taken_for"] else "") for r in rows]
+        from core.predict import Predictor
+        from demo_app.inference import describe
+        assert ("val by class" in describe(Predictor.load(str(odd), "cpu"), str(odd))) == (expected is not None)
