@@ -98,7 +98,7 @@ def folder_check_lines(results, classes, shown: int = 20) -> list[str]:
     (val/<class>/...): the model against the folder names. [] without such folders."""
     from core.metrics import folder_check, folder_labels
     labels = folder_labels([r.path for r in results], classes)
-    right, checked, wrong = folder_check([None if r.error else r.label for r in results], labels)
+    right, checked, wrong = folder_check([r.label for r in results], labels)  # None for an unreadable file
     if not checked:
         return []
     in_class_folders = sum(y is not None for y in labels)

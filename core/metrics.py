@@ -61,11 +61,18 @@ def per_class_lines(rows: list[dict], limit: int = SHOWN_CLASSES) -> list[str]:
     """`  cat: 15/16 = 0.9375 (1 taken for fish)`; over `limit` classes, the
     `limit` lowest accuracies and how many more there are."""
     shown, rest = worst_first(rows, limit)
-    lines = [f"  {r['class']}: {r['correct']}/{r['images']} = {r['acc']:.4f}"
-             + (f" ({r['taken_count']} taken for {r['taken_for']})" if r["taken_for"] else "") for r in shown]
+    lines = [f"  {row_text(r, ': ')} = {r['acc']:.4f}{taken_text(r)}" for r in shown]
     if rest:
         lines.append(f"  ... {len(rest)} more classes, each at {rest[0]['acc']:.4f} or better")
     return lines
+
+
+def row_text(r: dict, sep: str) -> str:
+    return f"{r['class']}{sep}{r['correct']}/{r['images']}"
+
+
+def taken_text(r: dict) -> str:
+    return f" ({r['taken_count']} taken for {r['taken_for']})" if r["taken_for"] else ""
 
 
 def worst_first(rows: list[dict], limit: int) -> tuple[list[dict], list[dict]]:
@@ -81,8 +88,7 @@ def per_class_summary(rows: list[dict], limit: int = 10) -> str:
     """One line for the app: `cat 15/16 · fish 14/16 (2 taken for cat)`; over
     `limit` classes, the lowest accuracies first and how many more there are."""
     shown, rest = worst_first(rows, limit)
-    text = " · ".join(f"{r['class']} {r['correct']}/{r['images']}"
-                      + (f" ({r['taken_count']} taken for {r['taken_for']})" if r["taken_for"] else "") for r in shown)
+    text = " · ".join(f"{row_text(r, ' ')}{taken_text(r)}" for r in shown)
     floor = math.floor(rest[0]["acc"] * 100) if rest else 0  # rounded up, 99.6% would read "100% or better"
     return text + (f" · … {len(rest)} more classes, each at {floor}% or better" if rest else "")
 

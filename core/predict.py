@@ -68,7 +68,8 @@ class Predictor:
             c = ck.normalise_checkpoint(obj, path)
             info = {"format": "checkpoint dict", "path": str(path), "epoch": c.get("epoch"),
                     "best_epoch": c.get("best_epoch"), "best_val_acc": c.get("best_val_acc"),
-                    "arch": c["arch"], "weights": c.get("weights"), "val_confusion": clean_confusion(c.get("val_confusion"), len(c["class_names"]))}
+                    "arch": c["arch"], "weights": c.get("weights"),
+                    "val_confusion": clean_confusion(c.get("val_confusion"), len(c["class_names"]))}
             pre = c.get("preprocess") or {}
             return cls(ck.model_from_checkpoint(c, path), c["class_names"], device, info,
                        int(pre.get("resize", 256)), int(pre.get("crop", 224)))

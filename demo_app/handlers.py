@@ -17,7 +17,7 @@ from core.config import MAX_CLASSES, TrainConfig, check_val_split
 from core.engine import BatchProgress, EpochEnded, Notice, RunEnded, RunStarted
 from core.errors import UserError
 from core.images import load_rgb
-from core.metrics import folder_labels, per_class_summary
+from core.metrics import folder_check, folder_labels, per_class_summary
 
 from . import datasets, inference, modelview, plots, runs
 from .components import NotAnImage
@@ -479,15 +479,16 @@ class Handlers:
             (", ".join(f"{c} × {n}" for c, n in sorted(counts.items())) or "none")
         if bad:
             summary += f" · ⚠ {bad} file(s) could not be read (see the error column)"
-        checked, n_wrong = inference.folder_check_summary(preds, names, labels)
-        summary += checked
+        check = folder_check([p.label for p in preds], labels)  # label is None for an unreadable file
+        summary += inference.folder_check_summary(check, preds, names)
         if len(preds) - bad > inference.GALLERY_LIMIT:
-            summary += f" · gallery shows the first {inference.GALLERY_LIMIT}" + (" (wrong ones first)" if n_wrong else "")
+            summary += f" · gallery shows the first {inference.GALLERY_LIMIT}" + (" (wrong ones first)" if check[2] else "")
         used = Path(inference.choose_checkpoint(selected, uploaded))
         summary += f" · by `{used.name if uploaded else used.parent.name + '/' + used.name}`"
         table = pd.DataFrame(inference.table_rows(preds, names, labels), columns=PRED_COLUMNS).style.format(
             {"p": "{:.4f}"}, na_rep="")  # fixed decimals: 0.777 beside 0.8609 read as less precise
-        return table, inference.gallery_items(preds, names, labels), inference.write_csv(preds, names, labels), summary
+        return (table, inference.gallery_items(preds, names, labels, check[2]), inference.write_csv(preds, names, labels),
+                summary)
 
     @staticmethod
     def batch_stale(summary):

@@ -13,7 +13,7 @@ from PIL import Image
 
 from core.errors import CheckpointError, ImageLoadError, UserError
 from core.images import load_rgb
-from core.metrics import folder_check, per_class, per_class_summary
+from core.metrics import per_class, per_class_summary
 from core.predict import Prediction, Predictor, cached_predictor, list_images
 
 
@@ -111,18 +111,18 @@ def table_rows(preds: list[Prediction], names: list[str], labels: list[str | Non
     return rows
 
 
-def folder_check_summary(preds: list[Prediction], names: list[str], labels: list[str | None],
-                         shown: int = 5) -> tuple[str, int]:
-    """(' · against the folder names: **30/32** right; wrong: a.jpg → fish, ...'
-    or '', how many are wrong)."""
-    right, checked, wrong = folder_check([None if p.error else p.label for p in preds], labels)
+def folder_check_summary(check: tuple[int, int, list[int]], preds: list[Prediction], names: list[str],
+                         shown: int = 5) -> str:
+    """' · against the folder names: **30/32** right; wrong: a.jpg → fish, ...'
+    or '', from core.metrics.folder_check's result."""
+    right, checked, wrong = check
     if not checked:
-        return "", 0
+        return ""
     text = f" · against the folder names: **{right}/{checked}** right"
     if wrong:
         text += "; wrong: " + ", ".join(f"{md_text(names[i])} → {md_text(preds[i].label)}" for i in wrong[:shown])
         text += f" and {len(wrong) - shown} more (see the check column)" if len(wrong) > shown else ""
-    return text, len(wrong)
+    return text
 
 
 def md_text(text: str) -> str:
@@ -153,11 +153,12 @@ def thumbnail(path: str, size: int = 256) -> Image.Image | None:
     return img
 
 
-def gallery_items(preds: list[Prediction], names: list[str], labels: list[str | None]) -> list[tuple[Image.Image, str]]:
+def gallery_items(preds: list[Prediction], names: list[str], labels: list[str | None],
+                  wrong: list[int]) -> list[tuple[Image.Image, str]]:
     """(thumbnail, caption) for readable images; thumbnails, so any folder works.
-    Images whose folder names another class come first, marked ✗."""
-    wrong = {i for i, (p, y) in enumerate(zip(preds, labels)) if not p.error and y is not None and p.label != y}
-    order = sorted(wrong) + [i for i in range(len(preds)) if i not in wrong]
+    The `wrong` ones (core.metrics.folder_check) come first, marked ✗."""
+    first = set(wrong)
+    order = list(wrong) + [i for i in range(len(preds)) if i not in first]
     out = []
     for i in order:
         p, name = preds[i], names[i]
@@ -165,6 +166,6 @@ def gallery_items(preds: list[Prediction], names: list[str], labels: list[str | 
             continue
         thumb = thumbnail(p.path)
         if thumb is not None:
-            mark = f"✗ (folder: {labels[i]}) " if i in wrong else ""
+            mark = f"✗ (folder: {labels[i]}) " if i in first else ""
             out.append((thumb, f"{mark}{p.label} {p.p:.0%} · {name}"))
     return out
