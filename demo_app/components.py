@@ -1,11 +1,10 @@
 """Small component tweaks."""
 from __future__ import annotations
 
-import html
 from pathlib import Path
 
 import gradio as gr
-from PIL import UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 
 class NotAnImage(str):
@@ -23,8 +22,7 @@ class SafeImage(gr.Image):
     def preprocess(self, payload):
         try:
             return super().preprocess(payload)
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError) as e:
             name = Path(getattr(payload, "orig_name", None) or getattr(payload, "path", None) or "the file").name
             reason = "not an image file" if isinstance(e, UnidentifiedImageError) else f"cannot decode image ({e})"
-            return NotAnImage(html.escape(f"{name}: {reason}. Upload a JPEG, PNG, GIF, BMP, TIFF or WebP image.",
-                                          quote=False))
+            return NotAnImage(f"{name}: {reason}. Upload a JPEG, PNG, GIF, BMP, TIFF or WebP image.")

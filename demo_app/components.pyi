@@ -18,11 +18,10 @@ class SafeImage(gr.Image):
     def preprocess(self, payload):
         try:
             return super().preprocess(payload)
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError) as e:
             name = Path(getattr(payload, "orig_name", None) or getattr(payload, "path", None) or "the file").name
             reason = "not an image file" if isinstance(e, UnidentifiedImageError) else f"cannot decode image ({e})"
-            return NotAnImage(html.escape(f"{name}: {reason}. Upload a JPEG, PNG, GIF, BMP, TIFF or WebP image.",
-                                          quote=False))
+            return NotAnImage(f"{name}: {reason}. Upload a JPEG, PNG, GIF, BMP, TIFF or WebP image.")
     from typing import Callable, Literal, Sequence, Any, TYPE_CHECKING
     from gradio.blocks import Block
     if TYPE_CHECKING:

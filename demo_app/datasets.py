@@ -7,6 +7,8 @@ from core.data import DatasetInfo, scan_dataset
 from core.predict import list_images
 from core.zipimport import reuse_or_extract
 
+from .text import md_code, md_text
+
 
 def check(data_dir: str, val_split: float | None = None, seed: int = 0) -> DatasetInfo:
     """Raises DatasetError with a message naming the folder at fault."""
@@ -14,18 +16,19 @@ def check(data_dir: str, val_split: float | None = None, seed: int = 0) -> Datas
 
 
 def summary_markdown(info: DatasetInfo, say=str) -> str:
-    """Counts per class and split, then the warnings, each worded by `say`."""
+    """Counts per class and split, then the warnings, each worded by `say`;
+    class names and the file names in warnings are shown as text."""
     train, val = info.train.counts(), info.val.counts()
     lines = [f"**{len(info.classes)} classes**, {len(info.train.samples)} train / {len(info.val.samples)} val images"
              + (f" (val = {info.val_from_split:.0%} held out of train)" if info.val_from_split else ""),
              "", "| class | train | val |", "|---|---:|---:|"]
-    lines += [f"| {c} | {train[c]} | {val[c]} |" for c in info.classes]
+    lines += [f"| {md_text(c)} | {train[c]} | {val[c]} |" for c in info.classes]
     if info.warnings:
         lines.append("")
         for w in info.warnings:
             first, *rest = say(w).split("\n")
-            lines.append(f"⚠ {first}")
-            lines += [f"<br>&nbsp;&nbsp;`{r.strip()}`" for r in rest[:5]]
+            lines.append(f"⚠ {md_text(first)}")
+            lines += [f"<br>&nbsp;&nbsp;{md_code(r.strip())}" for r in rest[:5]]
     else:
         lines += ["", "✔ No problems found."]
     return "\n".join(lines)

@@ -3,16 +3,21 @@ component values. User errors (core.errors.UserError) become gr.Error with the
 core message; nothing here re-implements training, prediction or summaries."""
 from __future__ import annotations
 
-import html
+import logging
 import math
+import os
 import re
+import shutil
 import tempfile
+import threading
 import time
+import traceback
 from pathlib import Path
 
 import gradio as gr
 import pandas as pd
 
+from core.access import AccessPolicy
 from core.config import MAX_CLASSES, TrainConfig, check_val_split
 from core.engine import BatchProgress, EpochEnded, Notice, RunEnded, RunStarted
 from core.errors import UserError
@@ -21,7 +26,10 @@ from core.metrics import folder_check, folder_labels, per_class_summary
 
 from . import datasets, inference, modelview, plots, runs
 from .components import NotAnImage
-from .session import Failed, TrainingService
+from .session import Failed, TrainingService, os_error_text
+from .text import html_text, md_block, md_code, md_text
+
+log = logging.getLogger("demo_app")
 
 EPOCH_COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds", "best"]
 PRED_COLUMNS = ["file", "top-1", "p", "top-k", "error", "check"]
@@ -54,6 +62,11 @@ _KEYWORDS = r"none|imagenet|auto|cpu|cuda|mps|head|last|full|light|standard|resn
 _FLAG_VALUE_RE = re.compile(r"(?<![\w'/-])(--[\w-]+) ((?:[\d./~]|(?:" + _KEYWORDS + r")\b|PATH)\S*?)(?=[,;:)]?(?:\s|$))")
 _PASS_BARE_FLAG_RE = re.compile(r"\bpass (--[\w-]+)(?=[,;.)]|$)")  # "pass --arch" -> "set 'Architecture'"
 _PICKLE_HINT = "predict.py --trust-pickle 1 (in the app: tick 'trust pickle')"
+_TRUST_HINT = "tick 'Trust pickle'"
+# What the app says instead when its owner did not start it with --allow-pickle-uploads
+# (the checkbox is hidden then, and a client's "trust" is ignored).
+PICKLE_OFF = ("this app does not load such files: its owner can allow it on their own machine with "
+              "python app.py --allow-pickle-uploads (command line: predict.py --trust-pickle 1)")
 _WEIGHTS_CHOICES = {"none": "None (random init)", "imagenet": "ImageNet (torchvision)", "PATH.pth": "Local file"}
 
 
@@ -70,21 +83,30 @@ def for_the_app(message: str) -> str:
     text = _FLAG_VALUE_RE.sub(lambda m: f"{m.group(1)} = {_value_for_the_app(m.group(1), m.group(2))}"
                               if m.group(1) in FIELD_NAMES else m.group(0), text)
     text = _PASS_BARE_FLAG_RE.sub(lambda m: f"set {m.group(1)}" if m.group(1) in FIELD_NAMES else m.group(0), text)
-    text = text.replace(_PICKLE_HINT, "tick 'Trust pickle'")
+    text = text.replace(_PICKLE_HINT, _TRUST_HINT)
     return _UPLOAD_DIR_RE.sub("", _FLAG_RE.sub(lambda m: f"'{FIELD_NAMES[m.group(0)]}'", text))
 
 
-def user_error(e: Exception, title: str = "Error") -> gr.Error:
-    """gr.Error renders HTML: escape the message (it can quote file names)."""
-    return gr.Error(html.escape(for_the_app(e), quote=False), title=title, print_exception=False)
+def user_error(e: Exception | str, title: str = "Error") -> gr.Error:
+    """gr.Error renders HTML: escaped (the message can quote file names). The
+    plain text rides along for pages that show it as Markdown (shown_error)."""
+    text = for_the_app(e)
+    err = gr.Error(html_text(text), title=title, print_exception=False)
+    err.text = text
+    return err
 
 
-def error_markdown(title: str, message: str) -> str:
+def error_markdown(title: str, message: str, mark: str = "✗") -> str:
     first, *rest = for_the_app(message).split("\n")
-    out = f"✗ **{title}:** {html.escape(first, quote=False)}"
+    out = f"{mark} **{title}:** {md_text(first)}"
     if rest:
-        out += "\n```\n" + "\n".join(r.rstrip() for r in rest) + "\n```"
+        out += "\n" + md_block([r.rstrip() for r in rest])
     return out
+
+
+def shown_error(e: gr.Error) -> str:
+    """A raised gr.Error as the page shows it, in place of the output it replaces."""
+    return error_markdown(e.title, getattr(e, "text", e.message), "⚠")
 
 
 def _int(value, name: str) -> int:
@@ -118,11 +140,13 @@ def epochs_frame(history: list[dict]):
 
 
 class Handlers:
-    def __init__(self, checkpoints_dir, data_dir, uploads_dir, service: TrainingService | None = None):
+    def __init__(self, checkpoints_dir, data_dir, uploads_dir, service: TrainingService | None = None,
+                 policy: AccessPolicy | None = None):
         self.checkpoints_dir = Path(checkpoints_dir)
         self.data_dir = Path(data_dir)
         self.uploads_dir = Path(uploads_dir)
         self.service = service or TrainingService()
+        self.policy = policy or AccessPolicy()  # loopback: any folder; pickles never
         self._compared: dict[str, list[str]] = {}  # page (session) -> runs it overlays
 
     # ------------------------------------------------------------ dataset
@@ -135,14 +159,18 @@ class Handlers:
             info = datasets.check(self.dataset_folder(data_dir), split, _int(seed or 0, FIELD_NAMES["--seed"]))
         except UserError as e:
             raise user_error(e, "Dataset problem") from None
+        except OSError as e:  # an unreadable entry core did not skip: said, not a bare "Error"
+            raise user_error(os_error_text(e), "Dataset problem") from None
         return datasets.summary_markdown(info, for_the_app), len(info.classes)
 
     def dataset_folder(self, data_dir) -> str:
-        """The folder box's value; empty is a mistake to say, not the demo set to use silently."""
+        """The folder box's value; empty is a mistake to say, not the demo set to use silently.
+        When others can reach the app, a folder outside its allowed ones (or linking out of them) is refused."""
         folder = (data_dir or "").strip()
         if not folder:
             raise UserError(f"'Dataset folder' is empty: enter the folder that holds train/ and val/ "
                             f"(the demo set is {self.data_dir})")
+        self.policy.check_tree(folder, FIELD_NAMES["--data-dir"])
         return folder
 
     def check_dataset_shown(self, data_dir, val_split=0, seed=1337):
@@ -151,7 +179,7 @@ class Handlers:
         try:
             return self.check_dataset(data_dir, val_split, seed)
         except gr.Error as e:
-            return f"⚠ **Dataset problem:** {e.message}", gr.skip()
+            return shown_error(e), gr.skip()
 
     def upload_zip(self, zip_file, val_split=0, seed=1337):
         """-> (dataset folder, summary markdown, number of classes)."""
@@ -160,11 +188,11 @@ class Handlers:
         try:
             root, reused = datasets.import_zip(zip_file, self.uploads_dir)
         except UserError as e:  # said in the summary: raised, it would badge the folder box and hide its path
-            return gr.skip(), f"⚠ **Zip refused:** {user_error(e).message}\n\nThe Dataset folder above is unchanged.", \
+            return gr.skip(), f"{error_markdown('Zip refused', str(e), '⚠')}\n\nThe Dataset folder above is unchanged.", \
                 gr.skip()
         summary, n = self.check_dataset_shown(str(root), val_split, seed)  # the folder is kept for a fix either way
         done = "The same zip as before: using its extraction" if reused else "Extracted to"
-        return str(root), f"{done} `{root}`\n\n" + summary, n
+        return str(root), f"{done} {md_code(root)}\n\n" + summary, n
 
     # ------------------------------------------------------------ settings
 
@@ -189,9 +217,21 @@ class Handlers:
         local = source == "local file"
         return gr.update(visible=local), gr.update(visible=local)
 
-    @staticmethod
-    def weights_uploaded(path):
-        return path or gr.skip()
+    def weights_uploaded(self, path):
+        """The uploaded file's path for the weights box. When others can reach
+        the app, the file is copied into uploads/ first: typed paths are confined
+        to the app's folders, and Gradio's upload folder is not one of them."""
+        if not path:
+            return gr.skip()
+        if not self.policy.exposed:
+            return path
+        dest = self.uploads_dir / "weights" / Path(path).parent.name / Path(path).name  # (parent: Gradio's hash)
+        if not (dest.is_file() and dest.stat().st_size == Path(path).stat().st_size):
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            part = dest.with_name(dest.name + f".{os.getpid()}.{threading.get_ident()}.part")
+            shutil.copyfile(path, part)
+            os.replace(part, dest)  # a reader never sees half a file
+        return str(dest)
 
     @staticmethod
     def policy_info(arch, policy, n_classes):
@@ -204,6 +244,7 @@ class Handlers:
             if not weights:
                 raise UserError("weights source 'Local file' needs the path of a state_dict (.pth): "
                                 "type it or upload the file, or choose 'None (random init)'")
+            self.policy.check(weights, "Weights file")
             if Path(weights).expanduser().is_dir():
                 raise UserError(f"weights file {weights} is a folder; give the path of the .pth file in it")
             if not Path(weights).expanduser().is_file():
@@ -260,9 +301,10 @@ class Handlers:
             cfg = self.make_config(data_dir, arch, weights_source, weights_path, policy, epochs, batch_size, lr,
                                    weight_decay, dropout, augment, seed, device, val_split, run_name, amp)
             handle = self.service.start(cfg)
-        except UserError as e:  # the status says why too: a pop-up fades, an older status would stay
-            yield error_markdown("Training not started", str(e)), *[gr.skip()] * 7
-            raise user_error(e, "Training not started") from None
+        except (UserError, OSError) as e:  # the status says why too: a pop-up fades, an older status would stay
+            message = os_error_text(e) if isinstance(e, OSError) else str(e)
+            yield error_markdown("Training not started", message), *[gr.skip()] * 7
+            raise user_error(message, "Training not started") from None
         overlays = self._overlays(compare)
         state = {"history": [], "epochs": cfg.epochs, "run": None}
         log_lines = handle.log  # rebound below to the handle's latest lines
@@ -287,12 +329,12 @@ class Handlers:
             elif isinstance(ev, RunStarted):
                 state = {**state, "run": Path(ev.run_dir).name}
                 overlays = self._overlays(compare, state["run"])
-                msg = (f"▶ Run **{state['run']}** started: {len(ev.dataset.train.samples)} train / "
+                msg = (f"▶ Run **{md_text(state['run'])}** started: {len(ev.dataset.train.samples)} train / "
                        f"{len(ev.dataset.val.samples)} val images, {ev.trainable_params:,} of {ev.total_params:,} "
                        f"parameters train, on {ev.device}.")
                 yield self._train_frame(msg, state, overlays, log_lines)
             elif isinstance(ev, Notice):
-                yield self._train_frame(f"⚠ {html.escape(ev.text.splitlines()[0], quote=False)} (see the run log)",
+                yield self._train_frame(f"⚠ {md_text(ev.text.splitlines()[0])} (see the run log)",
                                         state, overlays, log_lines)
             elif isinstance(ev, EpochEnded):
                 state = {**state, "history": handle.history}  # the rows the run's handle keeps
@@ -367,7 +409,7 @@ class Handlers:
             return
         shown = None
         while not h.done.wait(0 if shown is None else poll_s):
-            status = f"▶ A training run is in progress: {h.describe()}. Stop works from here too."
+            status = f"▶ A training run is in progress: {md_text(h.describe())}. Stop works from here too."
             if shown != (len(h.history), len(h.log)):
                 shown = (len(h.history), len(h.log))
                 yield *self._watch_frame(status, h, request), gr.skip(), gr.skip(), self.start_button(True)
@@ -415,25 +457,39 @@ class Handlers:
         redone too: a best_acc.pt may keep its path while its weights changed."""
         return self.refresh_checkpoints(best), self.checkpoint_info(best, None, False)
 
+    def _load(self, selected, uploaded, trust):
+        """The chosen checkpoint's predictor. Unpickling is the server's decision:
+        a client's `trust` counts only if the app was started with
+        --allow-pickle-uploads. A typed path (not an upload) obeys the policy."""
+        allowed = self.policy.allow_pickle
+        if not uploaded and (selected or "").strip():
+            self.policy.check(selected, "Checkpoint")
+        try:
+            return inference.load(selected, uploaded, bool(trust) and allowed)
+        except UserError as e:
+            if allowed or _TRUST_HINT not in for_the_app(e):
+                raise
+            raise type(e)(for_the_app(e).replace(_TRUST_HINT, PICKLE_OFF)) from None
+
     def _predictor(self, selected, uploaded, trust):
         try:
-            return inference.load(selected, uploaded, trust)
+            return self._load(selected, uploaded, trust)
         except UserError as e:
             raise user_error(e, "Checkpoint problem") from None
 
     def checkpoint_info(self, selected, uploaded, trust):
         try:
             path = inference.choose_checkpoint(selected, uploaded)
-            return inference.describe(inference.load(selected, uploaded, trust), path)
+            return inference.describe(self._load(selected, uploaded, trust), path)
         except UserError as e:
-            return "⚠ " + html.escape(for_the_app(e), quote=False)
+            return "⚠ " + md_text(for_the_app(e))
 
     def predict(self, image, k, selected, uploaded, trust):
         """-> ({label: p} top-k, timing markdown)."""
         if image is None:
             return None, ""
         if isinstance(image, NotAnImage):
-            raise gr.Error(str(image), title="Not an image", print_exception=False)
+            raise user_error(str(image), "Not an image")
         pred = self._predictor(selected, uploaded, trust)
         try:
             r = inference.predict_one(pred, image, k)
@@ -449,25 +505,32 @@ class Handlers:
         try:
             return self.predict(image, k, selected, uploaded, trust)
         except gr.Error as e:
-            return None, f"⚠ **{e.title}:** {e.message}"
+            return None, shown_error(e)
 
     def predict_batch_shown(self, files, folder, k, selected, uploaded, trust):
         """predict_batch() for the page: a problem replaces the old results."""
         try:
             return self.predict_batch(files, folder, k, selected, uploaded, trust)
         except gr.Error as e:
-            return None, None, None, f"⚠ **{e.title}:** {e.message}"
+            return None, None, None, shown_error(e)
 
     def predict_batch(self, files, folder, k, selected, uploaded, trust):
         """-> (table, gallery, CSV path, summary markdown)."""
-        pred = self._predictor(selected, uploaded, trust)
-        try:
+        try:  # the folder first: a refused one is said whatever the checkpoint
+            if (folder or "").strip():
+                self.policy.check_tree(folder, "Folder")
             paths = inference.batch_paths(files, folder)
         except UserError as e:
             raise user_error(e, "No images") from None
+        except OSError as e:
+            raise user_error(os_error_text(e), "No images") from None
+        pred = self._predictor(selected, uploaded, trust)
         uploads = {str(f): Path(f).name for f in (files or [])}
         names = [inference.display_name(p, (folder or "").strip(), uploads) for p in paths]
-        preds = inference.predict_many(pred, paths, k)
+        try:
+            preds = inference.predict_many(pred, paths, k)
+        except UserError as e:
+            raise user_error(e, "Checkpoint problem") from None
         # images in folders named after classes (val/<class>/...) are checked against them; uploads are not
         labels = folder_labels([None if p in uploads else p for p in paths], pred.class_names)
         bad = sum(1 for p in preds if p.error)
@@ -476,7 +539,7 @@ class Handlers:
             if not p.error:
                 counts[p.label] = counts.get(p.label, 0) + 1
         summary = f"**{len(preds) - bad}** image(s) classified: " + \
-            (", ".join(f"{c} × {n}" for c, n in sorted(counts.items())) or "none")
+            (", ".join(f"{md_text(c)} × {n}" for c, n in sorted(counts.items())) or "none")
         if bad:
             summary += f" · ⚠ {bad} file(s) could not be read (see the error column)"
         check = folder_check([p.label for p in preds], labels)  # label is None for an unreadable file
@@ -484,7 +547,7 @@ class Handlers:
         if len(preds) - bad > inference.GALLERY_LIMIT:
             summary += f" · gallery shows the first {inference.GALLERY_LIMIT}" + (" (wrong ones first)" if check[2] else "")
         used = Path(inference.choose_checkpoint(selected, uploaded))
-        summary += f" · by `{used.name if uploaded else used.parent.name + '/' + used.name}`"
+        summary += f" · by {md_code(used.name if uploaded else used.parent.name + '/' + used.name)}"
         table = pd.DataFrame(inference.table_rows(preds, names, labels), columns=PRED_COLUMNS).style.format(
             {"p": "{:.4f}"}, na_rep="")  # fixed decimals: 0.777 beside 0.8609 read as less precise
         return (table, inference.gallery_items(preds, names, labels, check[2]), inference.write_csv(preds, names, labels),
@@ -500,9 +563,10 @@ class Handlers:
 
     def examples(self, data_dir):
         """Gallery of validation images (thumbnails) and their paths."""
-        if not (data_dir or "").strip():  # an emptied folder box is no dataset (see dataset_folder)
+        try:
+            items = datasets.example_images(self.dataset_folder(data_dir))
+        except (UserError, OSError):  # an emptied box, or a folder the policy refuses: Check dataset says why
             return [], []
-        items = datasets.example_images(data_dir)
         thumbs = [(inference.thumbnail(p, 160), cap) for p, cap in items]
         keep = [(t, c, p) for (t, c), (p, _) in zip(thumbs, items) if t is not None]
         return [(t, c) for t, c, _ in keep], [p for _, _, p in keep]
@@ -573,13 +637,13 @@ def end_status(ev: RunEnded) -> str:
     best = ""
     if ev.best_acc_path:
         best = (f" Best epoch **{ev.best['acc_epoch']}** (val_acc {ev.best['acc']:.3f}) → "
-                f"`{ev.best_acc_path}` (preselected in the Predict tab's checkpoint list).")
+                f"{md_code(ev.best_acc_path)} (preselected in the Predict tab's checkpoint list).")
         rows = ev.per_class_rows()
         if rows:
-            best += f"<br>Val by class at that epoch: {inference.md_text(per_class_summary(rows))}"
+            best += f"<br>Val by class at that epoch: {md_text(per_class_summary(rows))}"
     if ev.status == "completed":
         return f"✔ **Completed**: {ev.epochs_done} epoch(s).{best}"
     if ev.status == "stopped":
         done = f"after {ev.epochs_done} completed epoch(s)" if ev.epochs_done else "before any epoch completed"
-        return f"■ **Stopped** {done} ({ev.message}).{best}"
-    return f"⚠ **Diverged**: {html.escape(ev.message, quote=False)}{best}"
+        return f"■ **Stopped** {done} ({md_text(ev.message)}).{best}"
+    return f"⚠ **Diverged**: {md_text(ev.message)}{best}"

@@ -2,24 +2,30 @@
 from __future__ import annotations
 
 import csv
-import html
-import re
+import logging
+import math
 import tempfile
 import time
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image
 
-from core.errors import CheckpointError, ImageLoadError, UserError
+from core.errors import CheckpointError, ImageLoadError, UserError, first_line
 from core.images import load_rgb
 from core.metrics import per_class, per_class_summary
 from core.predict import Prediction, Predictor, cached_predictor, list_images
 
+from .text import md_text
+
+log = logging.getLogger("demo_app")
 
 NO_CHECKPOINT = ("No checkpoint selected yet: train a model in the Train tab (its best_acc.pt then appears in the "
                  "list; press ↻ to refresh), or upload a checkpoint file (.pt / .pth).")
 GALLERY_LIMIT = 60
+NOT_FINITE = ("the model's output is not a number (NaN or infinite), so no result is shown: the checkpoint's "
+              "weights are damaged; choose another checkpoint")
 
 
 def choose_checkpoint(selected: str | None, uploaded: str | None) -> str:
@@ -31,24 +37,35 @@ def choose_checkpoint(selected: str | None, uploaded: str | None) -> str:
 
 
 def load(selected: str | None, uploaded: str | None, trust_pickle: bool) -> Predictor:
+    """Only UserError escapes: a malformed file that core's checks miss is still
+    said (with the traceback in the server log), never a bare 'Error'."""
     path = choose_checkpoint(selected, uploaded)
-    return cached_predictor(path, "auto", bool(trust_pickle))
+    try:
+        return cached_predictor(path, "auto", bool(trust_pickle))
+    except UserError:
+        raise
+    except MemoryError:
+        raise CheckpointError(f"checkpoint {path} is too large to load into memory") from None
+    except Exception as e:
+        log.error("loading checkpoint %s failed:\n%s", path, traceback.format_exc())
+        raise CheckpointError(f"checkpoint {path} could not be loaded ({type(e).__name__}: {first_line(e)}); "
+                              f"it is damaged or not one this app can read") from None
 
 
 def describe(pred: Predictor, path: str) -> str:
     i = pred.info
-    bits = [f"**{Path(path).name}** · {i.get('format', '?')}"]
+    bits = [f"**{md_text(Path(path).name)}** · {md_text(i.get('format', '?'))}"]
     if i.get("arch"):
-        bits.append(str(i["arch"]))
+        bits.append(md_text(i["arch"]))
     if i.get("epoch"):
-        bits.append(f"epoch {i['epoch']}")
-    if i.get("best_val_acc") is not None and i.get("best_epoch"):
-        bits.append(f"best val_acc {float(i['best_val_acc']):.3f} (epoch {i['best_epoch']})")
+        bits.append(f"epoch {md_text(i['epoch'])}")
+    if isinstance(i.get("best_val_acc"), (int, float)) and math.isfinite(i["best_val_acc"]) and i.get("best_epoch"):
+        bits.append(f"best val_acc {float(i['best_val_acc']):.3f} (epoch {md_text(i['best_epoch'])})")
     unnamed = i.get("format") != "checkpoint dict" and all(c == f"class_{n}" for n, c in enumerate(pred.class_names))
     note = " (this file stores no class names: they are numbered)" if unnamed else ""
     rows = per_class(i.get("val_confusion"), pred.class_names)
-    by_class = f"<br>val by class at epoch {i['epoch']}: {md_text(per_class_summary(rows))}" if rows else ""
-    return " · ".join(bits) + f"<br>classes: {md_text(', '.join(pred.class_names))}{note}{by_class}"
+    by_class = f"<br>val by class at epoch {md_text(i['epoch'])}: {md_text(per_class_summary(rows))}" if rows else ""
+    return " · ".join(bits) + f"<br>classes: {md_text(', '.join(map(str, pred.class_names)))}{note}{by_class}"
 
 
 @dataclass
@@ -62,6 +79,8 @@ def predict_one(pred: Predictor, image, k: int) -> Single:
     img = image if isinstance(image, Image.Image) else load_rgb(image)
     t0 = time.perf_counter()
     topk = pred.predict_image(img, int(k))
+    if not all(math.isfinite(p) for _, p in topk):
+        raise CheckpointError(NOT_FINITE)
     return Single({label: float(p) for label, p in topk}, (time.perf_counter() - t0) * 1000)
 
 
@@ -95,7 +114,11 @@ def display_name(path: str, folder: str | None, uploads: dict[str, str]) -> str:
 
 
 def predict_many(pred: Predictor, paths: list[str], k: int) -> list[Prediction]:
-    return list(pred.predict_paths(paths, int(k)))
+    """Raises CheckpointError when the model's output is not finite (no NaN is ever shown as a result)."""
+    preds = list(pred.predict_paths(paths, int(k)))
+    if not all(math.isfinite(p) for r in preds for _, p in r.topk):
+        raise CheckpointError(NOT_FINITE)
+    return preds
 
 
 def table_rows(preds: list[Prediction], names: list[str], labels: list[str | None]) -> list[list]:
@@ -123,12 +146,6 @@ def folder_check_summary(check: tuple[int, int, list[int]], preds: list[Predicti
         text += "; wrong: " + ", ".join(f"{md_text(names[i])} → {md_text(preds[i].label)}" for i in wrong[:shown])
         text += f" and {len(wrong) - shown} more (see the check column)" if len(wrong) > shown else ""
     return text
-
-
-def md_text(text: str) -> str:
-    """`text` shown as itself in gr.Markdown: HTML and Markdown syntax escaped
-    (a class named <unk> vanished, a file name with * turned italic)."""
-    return re.sub(r"([\\`*_{}\[\]()#+\-!|~>])", r"\\\1", html.escape(text, quote=False))
 
 
 def write_csv(preds: list[Prediction], names: list[str], labels: list[str | None]) -> str:

@@ -47,6 +47,11 @@ def log_lines(ev) -> list[str]:
     return []
 
 
+def os_error_text(e: OSError) -> str:
+    """An environment problem (full disk, unreadable file) in the words the CLI uses: reason and file."""
+    return f"{e.strerror or e}{': ' + str(e.filename) if e.filename else ''}"
+
+
 class BusyError(UserError):
     """A second Start while a run is in progress."""
 
@@ -140,6 +145,9 @@ class TrainingService:
             h.failed = Failed(str(e), kind=type(e).__name__)
         except MemoryError:
             h.failed = Failed("out of memory: try a smaller batch size")
+        except OSError as e:  # not a bug: the disk is full, a file or folder went away or cannot be read
+            log.error("training stopped by an OS error:\n%s", traceback.format_exc())
+            h.failed = Failed(f"a file could not be read or written: {os_error_text(e)}", kind="OSError")
         except Exception as e:  # a bug, not a user error: keep the traceback in the server log
             log.error("training crashed:\n%s", traceback.format_exc())
             h.failed = Failed(f"internal error ({type(e).__name__}: {e}); details are in the server log")

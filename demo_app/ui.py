@@ -6,6 +6,7 @@ from pathlib import Path
 
 import gradio as gr
 
+from core.access import AccessPolicy
 from core.config import ARCHS, AUGMENTS, DEVICES, MAX_CLASSES
 from .components import SafeImage
 from .handlers import EPOCH_COLUMNS, LAYER_COLUMNS, PRED_COLUMNS, START_LABEL, WEIGHT_SOURCES, Handlers
@@ -46,9 +47,15 @@ def launch_options(checkpoints_dir, data_dir, uploads_dir=None) -> dict:
             "css": CSS, "theme": THEME, "show_error": False}
 
 
-def build_app(checkpoints_dir, data_dir, uploads_dir=None, service: TrainingService | None = None) -> gr.Blocks:
+def build_app(checkpoints_dir, data_dir, uploads_dir=None, service: TrainingService | None = None,
+              policy: AccessPolicy | None = None) -> gr.Blocks:
+    """`policy`: which folders a user may name and whether pickles load (app.py
+    makes it from its flags); default: this machine only, no pickles."""
     uploads_dir = Path(uploads_dir) if uploads_dir else ROOT / "uploads"
-    h = Handlers(checkpoints_dir, data_dir, uploads_dir, service)
+    h = Handlers(checkpoints_dir, data_dir, uploads_dir, service, policy)
+    pickles = h.policy.allow_pickle
+    # when others can reach the app, the folder boxes say which folders it may read
+    where = f"; this app reads folders under {h.policy.describe_roots()} only" if h.policy.exposed else ""
     private = {"api_visibility": "private"}
 
     with gr.Blocks(title="Transfer learning with ResNet-18", analytics_enabled=False) as demo:
@@ -64,7 +71,7 @@ def build_app(checkpoints_dir, data_dir, uploads_dir=None, service: TrainingServ
                     with gr.Column(scale=4, min_width=340, elem_id="train-settings"):
                         gr.Markdown("### 1 · Dataset", elem_classes="section-title")
                         data_dir = gr.Textbox(str(data_dir), label="Dataset folder",
-                                              info="holds train/<class>/ and val/<class>/ image folders",
+                                              info=f"holds train/<class>/ and val/<class>/ image folders{where}",
                                               elem_id="data-dir")
                         with gr.Row():
                             check_btn = gr.Button("Check dataset", size="md", elem_id="check-btn")
@@ -153,11 +160,13 @@ def build_app(checkpoints_dir, data_dir, uploads_dir=None, service: TrainingServ
                             ckpt_file = gr.File(label="…or upload a checkpoint (.pt / .pth); it overrides the list",
                                                 file_types=[".pt", ".pth"], type="filepath", height=140,
                                                 elem_id="checkpoint-upload")
+                            # Shown only when the owner started the app with --allow-pickle-uploads;
+                            # hidden, it still takes a value over the API, which the handlers ignore.
                             trust = gr.Checkbox(False, label="Trust pickle (needed for full-model files)",
-                                                elem_id="trust-pickle")
+                                                elem_id="trust-pickle", visible=pickles)
                             gr.Markdown("⚠ A pickled full model can run arbitrary code when loaded. Tick this only "
                                         "for files you made yourself or fully trust.", elem_id="pickle-warning",
-                                        padding=True)
+                                        padding=True, visible=pickles)
                         ckpt_info = gr.Markdown("", elem_id="checkpoint-info", padding=True)
                         k = gr.Slider(1, 10, value=3, step=1, label="Top-k", elem_id="top-k")
                         gr.Markdown("### Examples from the dataset (val/ when it has one; click one)",
@@ -180,7 +189,7 @@ def build_app(checkpoints_dir, data_dir, uploads_dir=None, service: TrainingServ
                             files = gr.File(file_count="multiple", type="filepath", label="Upload images",
                                             height=110, elem_id="batch-files")
                             with gr.Column():
-                                folder = gr.Textbox(label="…or a folder path on this machine",
+                                folder = gr.Textbox(label="…or a folder path on this machine", info=where[2:] or None,
                                                     placeholder="e.g. data/val", elem_id="batch-folder")
                                 batch_btn = gr.Button("Classify all", variant="primary", elem_id="batch-btn")
                         batch_summary = gr.Markdown("", elem_id="batch-summary")
