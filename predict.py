@@ -128,6 +128,9 @@ def check_csv_path(path: str):
         raise UserError(f"--csv {path} already exists and is not a .csv file; it was left alone. Give a new name "
                         f"or an existing .csv file to replace")
     if not p.parent.is_dir():
+        above = next((a for a in p.parents if a.exists()), None)  # the nearest part of the path that is there
+        if above is not None and not above.is_dir():
+            raise UserError(f"--csv {path}: {above} is a file, not a folder; give a file name in a folder")
         raise UserError(f"--csv {path}: the folder {p.parent} does not exist")
     if not os.access(p.parent, os.W_OK):
         raise UserError(f"--csv {path}: the folder {p.parent} is not writable")

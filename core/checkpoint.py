@@ -4,6 +4,7 @@ needs an explicit opt-in, because unpickling can run arbitrary code."""
 from __future__ import annotations
 
 import csv
+import errno
 import glob
 import io
 import json
@@ -18,9 +19,11 @@ from typing import BinaryIO, Callable
 import torch
 from torch import nn
 
+from . import checkpoint_rules as rules
 from .errors import CheckpointError, first_line
-from .config import ARCHS
+from .config import ARCHS, MAX_CLASSES
 from .models import build_model, few_keys
+from .safeload import check_torch_file
 
 FORMAT_VERSION = 1
 REFERENCE_KEYS = ("epoch", "model_state", "optimizer_state", "best_val_acc", "best_val_loss",
@@ -44,28 +47,84 @@ def atomic_write(path, write: Callable[[BinaryIO], object]) -> Path:
     """Call write(f) on `.<name>.<pid>.<random>.tmp` in the same folder, fsync,
     then os.replace: readers see the old file or the new one, never a partial
     one. A writer killed mid-write leaves only its temp file, which the next
-    write of the same name removes once that process is gone."""
+    write of the same name removes once that process is gone.
+    A failed write (full disk, quota, file size limit, read-only folder) is an
+    OSError naming `path`, also where the writer hid it (torch.save turns one
+    into RuntimeError '[enforce fail at inline_container.cc] unexpected pos')."""
     path = Path(path)
-    with _ACTIVE_LOCK:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
-        _ACTIVE_TEMPS.add(os.path.abspath(tmp))
+    tmp = None
     try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
+        with _ACTIVE_LOCK:
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
+            _ACTIVE_TEMPS.add(os.path.abspath(tmp))
+        with os.fdopen(fd, "wb") as raw:
+            f = _Recording(raw)
+            try:
+                write(f)
+            except Exception:
+                if f.error is not None:  # the writer's own error hides the real one
+                    raise f.error from None
+                raise
+            raw.flush()
             if hasattr(os, "fchmod"):
-                os.fchmod(f.fileno(), _FILE_MODE)
-            os.fsync(f.fileno())
+                os.fchmod(raw.fileno(), _FILE_MODE)
+            os.fsync(raw.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        if tmp is not None:
+            _unlink_quietly(tmp)
+        raise _naming(e, path) from None
     except BaseException:
-        _unlink_quietly(tmp)
+        if tmp is not None:
+            _unlink_quietly(tmp)
         raise
     finally:
-        with _ACTIVE_LOCK:
-            _ACTIVE_TEMPS.discard(os.path.abspath(tmp))
+        if tmp is not None:
+            with _ACTIVE_LOCK:
+                _ACTIVE_TEMPS.discard(os.path.abspath(tmp))
     _sync_dir_now_or_later(path.parent)
     remove_stale_temps(path)
     return path
+
+
+class _Recording:
+    """A file whose write() remembers the OSError it raised."""
+
+    def __init__(self, f):
+        self._f, self.error = f, None
+
+    def write(self, data):
+        try:
+            return self._f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self):
+        try:
+            return self._f.flush()
+        except OSError as e:
+            self.error = e
+            raise
+
+    def __getattr__(self, name):
+        return getattr(self._f, name)
+
+
+_WHY = {errno.ENOSPC: "no space left on the disk", getattr(errno, "EDQUOT", -1): "disk quota exceeded",
+        errno.EFBIG: "file too large for this file system or process limit",
+        errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",
+        errno.EPERM: "permission denied"}
+
+
+def _naming(e: OSError, path: Path) -> OSError:
+    """The same error (type and errno, so callers can tell), its message saying
+    what happened in words, its filename the file being written, not the temp file."""
+    if e.errno is None:
+        return e
+    why = e.strerror or os.strerror(e.errno)
+    plain = _WHY.get(e.errno)
+    return type(e)(e.errno, f"{why} ({plain})" if plain and plain.lower() != why.lower() else why, str(path))
 
 
 _DEFERRED = threading.local()  # .dirs: folders whose fsync one_dir_sync() will do
@@ -267,9 +326,11 @@ def _csv_rows(path) -> int:
 
 
 def _peek(path) -> dict:
-    """A checkpoint dict for reading a field or two; {} if unreadable. Memory-
-    mapped, so a 100 MB checkpoint is not read in full for one number."""
+    """A checkpoint dict for reading a field or two; {} if unreadable or refused
+    (safeload). Memory-mapped, so a 100 MB checkpoint is not read in full for one number."""
     try:
+        with open(path, "rb") as f:
+            check_torch_file(f, path, os.fstat(f.fileno()).st_size)
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except RuntimeError:  # not a zip-format file
@@ -280,8 +341,9 @@ def _peek(path) -> dict:
 
 
 def saved_epoch(path) -> int | None:
-    """The epoch a checkpoint file holds; None if unreadable."""
-    return _peek(path).get("epoch")
+    """The epoch a checkpoint file holds; None if unreadable or not an epoch number."""
+    epoch = _peek(path).get("epoch")
+    return epoch if type(epoch) is int and 0 <= epoch <= rules.MAX_EPOCH else None
 
 
 def _unlink_quietly(p) -> None:
@@ -293,10 +355,10 @@ def _unlink_quietly(p) -> None:
 
 # ---------------------------------------------------------------- reading
 
-def load_file(path, trust_pickle: bool = False, what: str = "checkpoint"):
-    """torch.load with weights_only=True; clear errors for missing, truncated,
-    random or pickled-code files. With trust_pickle, a full-model pickle loads.
-    Only CheckpointError escapes. `what` names the file in messages."""
+def check_model_file(path, what: str = "checkpoint") -> Path:
+    """`path` as a Path if it may be a model file: a regular, non-empty file
+    that is not obviously something else; else a CheckpointError saying what it is.
+    `what` names it in messages ("--weights file", "checkpoint")."""
     p = Path(path).expanduser()
     if p.is_dir():
         inside = [n for n in ("latest.pt", "best_acc.pt") if (p / n).is_file()]
@@ -311,25 +373,42 @@ def load_file(path, trust_pickle: bool = False, what: str = "checkpoint"):
     kind = non_torch_content(p)
     if kind:  # else torch's own error would suggest weights_only=False, for a file that is no checkpoint at all
         raise CheckpointError(f"{p} is not a PyTorch checkpoint (.pt/.pth file); it looks like {kind}")
+    return p
+
+
+def load_file(path, trust_pickle: bool = False, what: str = "checkpoint"):
+    """torch.load with weights_only=True; clear errors for missing, truncated,
+    random or pickled-code files, and for files that would cost more memory
+    than their size (zip bombs, see safeload), which torch.load never sees.
+    With trust_pickle, a full-model pickle loads. Only CheckpointError escapes.
+    `what` names the file in messages."""
+    p = check_model_file(path, what)
     try:
-        return torch.load(p, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        if not looks_like_code_pickle(e):
-            raise CheckpointError(f"{p} is not a valid PyTorch file ({first_line(e)})") from None
-        if not trust_pickle:
-            raise CheckpointError(
-                f"{p} contains pickled Python objects (e.g. a full-model save), not just tensors; "
-                f"loading it could run arbitrary code, so it was refused. Only if you trust where it came from: "
-                f"predict.py --trust-pickle 1 (in the app: tick 'trust pickle'). Training (--resume, --weights) "
-                f"needs a checkpoint dict or a state_dict.") from None
-    except MemoryError:
-        raise CheckpointError(f"{p} is too large to load into memory") from None
-    except Exception as e:  # truncated zip, random bytes, wrong format: torch raises many types
-        raise CheckpointError(f"{p} is not a readable PyTorch checkpoint (truncated or not a .pt file: {first_line(e)})") from None
-    try:
-        return torch.load(p, map_location="cpu", weights_only=False)
-    except Exception as e:
-        raise CheckpointError(f"{p} could not be unpickled even with --trust-pickle: {first_line(e)}") from None
+        f = open(p, "rb")
+    except OSError as e:
+        raise CheckpointError(f"{what} {p} cannot be read: {e.strerror or e}") from None
+    with f:  # one open file: what was checked is what torch reads
+        check_torch_file(f, p, os.fstat(f.fileno()).st_size)
+        try:
+            return torch.load(f, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            if not looks_like_code_pickle(e):
+                raise CheckpointError(f"{p} is not a valid PyTorch file ({first_line(e)})") from None
+            if not trust_pickle:
+                raise CheckpointError(
+                    f"{p} contains pickled Python objects (e.g. a full-model save), not just tensors; "
+                    f"loading it could run arbitrary code, so it was refused. Only if you trust where it came from: "
+                    f"predict.py --trust-pickle 1 (in the app: tick 'trust pickle'). Training (--resume, --weights) "
+                    f"needs a checkpoint dict or a state_dict.") from None
+        except MemoryError:
+            raise CheckpointError(f"{p} is too large to load into memory") from None
+        except Exception as e:  # truncated zip, random bytes, wrong format: torch raises many types
+            raise CheckpointError(f"{p} is not a readable PyTorch checkpoint (truncated or not a .pt file: {first_line(e)})") from None
+        try:
+            f.seek(0)
+            return torch.load(f, map_location="cpu", weights_only=False)
+        except Exception as e:
+            raise CheckpointError(f"{p} could not be unpickled even with --trust-pickle: {first_line(e)}") from None
 
 
 def non_torch_content(p: Path) -> str | None:
@@ -409,7 +488,8 @@ def on_cpu(obj):
 
 
 def read_checkpoint(path, trust_pickle: bool = False) -> dict:
-    """Load a checkpoint dict (ours or the reference's) and normalise its fields."""
+    """Load a checkpoint dict (ours or the reference's) to resume: its fields
+    normalised and checked, the training state (optimizer, loss scaler) too."""
     obj = load_file(path, trust_pickle=trust_pickle)
     if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise CheckpointError(f"{path} is a bare state_dict (weights only: no epoch, optimizer or class names), not a "
@@ -417,34 +497,44 @@ def read_checkpoint(path, trust_pickle: bool = False) -> dict:
                               f"(--weights) or predict (predict.py --classes)")
     if not isinstance(obj, dict) or "model_state" not in obj:
         raise CheckpointError(f"{path} is not a checkpoint dict (no 'model_state' key)")
-    return normalise_checkpoint(obj, path)
+    ckpt = normalise_checkpoint(obj, path)
+    rules.Rules(path).int_("epoch", ckpt.get("epoch"), 0, rules.MAX_EPOCH)  # a resume counts on from it
+    rules.check_training_state(ckpt, path)
+    return ckpt
 
 
 def normalise_checkpoint(ckpt: dict, path="<checkpoint>") -> dict:
-    """Fill in fields a reference checkpoint lacks (arch, head settings) from its keys and args."""
+    """Check every field (checkpoint_rules) and fill in those a reference
+    checkpoint lacks (arch, head settings, preprocessing) from its keys and args.
+    class_names None: none recorded (numbered names; `class_names_recorded` False)."""
+    rules.check_fields(ckpt, path)
     version = ckpt.get("format_version", 0)
     if version > FORMAT_VERSION:
         raise CheckpointError(f"{path} has format_version {version}; this tool reads up to {FORMAT_VERSION}. Update the tool.")
     state = ckpt["model_state"]
     args = ckpt.get("args") or {}
-    if not isinstance(args, dict):
-        args = {}
     ckpt = dict(ckpt)
-    ckpt.setdefault("arch", args.get("arch") or infer_arch(state))
-    if "head" not in ckpt:
+    if ckpt.get("arch") is None:
+        ckpt["arch"] = args.get("arch") or infer_arch(state)
+    if ckpt["arch"] not in ARCHS:
+        raise CheckpointError(f"{path} is a {rules.shown(ckpt['arch'])} model; this tool loads {', '.join(ARCHS)} "
+                              f"(its 'arch')")
+    outputs = head_out_features(state, path)
+    if ckpt.get("head") is None:
         has_dropout = any(k.startswith("fc.1.") for k in state)
         saved = args.get("dropout")  # 0.0 is a real value; only a missing one is guessed
         ckpt["head"] = {"dropout": float(saved) if saved is not None else (0.5 if has_dropout else 0.0),
-                        "num_classes": head_out_features(state)}
+                        "num_classes": outputs}
         if saved is None and has_dropout:  # the keys say a Dropout is there, not its rate
             ckpt["head"]["dropout_guessed"] = True
-    names = ckpt.get("class_names") or [f"class_{i}" for i in range(ckpt["head"]["num_classes"])]
-    if len(names) != ckpt["head"]["num_classes"]:
-        raise CheckpointError(f"{path}: {len(names)} class_names but the head has {ckpt['head']['num_classes']} outputs")
-    ckpt["class_names"] = list(names)
-    if ckpt["arch"] not in ARCHS:
-        raise CheckpointError(f"{path} is a {ckpt['arch']!r} model; this tool loads {', '.join(ARCHS)}")
-    ckpt.setdefault("preprocess", {"resize": 256, "crop": 224})
+    elif ckpt["head"]["num_classes"] != outputs:
+        rules.Rules(path).fail("head.num_classes", ckpt["head"]["num_classes"],
+                               f"the number of outputs of the head in model_state ({outputs})")
+    names = rules.check_class_names(ckpt.get("class_names"), outputs, path)
+    ckpt["class_names_recorded"] = names is not None
+    ckpt["class_names"] = names or [f"class_{i}" for i in range(outputs)]
+    if ckpt.get("preprocess") is None:
+        ckpt["preprocess"] = {"resize": 256, "crop": 224}
     ckpt["history"] = history_rows(ckpt.get("history"))
     return ckpt
 
@@ -469,11 +559,16 @@ def infer_arch(state: dict) -> str:
     raise CheckpointError("cannot tell the architecture from the state_dict keys; pass --arch")
 
 
-def head_out_features(state: dict) -> int:
+def head_out_features(state: dict, path="the state_dict") -> int:
     for key in ("fc.weight", "fc.1.weight", "classifier.1.weight"):
         if key in state:
-            return int(state[key].shape[0])
-    raise CheckpointError("no classification head (fc.weight / fc.1.weight / classifier.1.weight) in the state_dict")
+            shape = tuple(state[key].shape)
+            if len(shape) != 2 or not 1 <= shape[0] <= MAX_CLASSES:
+                rules.Rules(path).fail(f"model_state[{key!r}]", state[key],
+                                       f"a 2-d head weight with 1 to {MAX_CLASSES:,} outputs")
+            return shape[0]
+    raise CheckpointError(f"{path}: no classification head (fc.weight / fc.1.weight / classifier.1.weight) in the "
+                          f"state_dict")
 
 
 def model_from_checkpoint(ckpt: dict, path="the checkpoint") -> nn.Module:
@@ -483,8 +578,9 @@ def model_from_checkpoint(ckpt: dict, path="the checkpoint") -> nn.Module:
     with torch.device("meta"):
         model = build_model(ckpt["arch"], ckpt["head"]["num_classes"], ckpt["head"]["dropout"], "none")
     # BatchNorm's num_batches_tracked may be absent (older or hand-made files); torch fills it in.
+    wanted = model.state_dict()
     expected, given = ({k for k in keys if not k.endswith("num_batches_tracked")}
-                       for keys in (model.state_dict(), ckpt["model_state"]))
+                       for keys in (wanted, ckpt["model_state"]))
     if expected != given:  # torch's own message is a list of hundreds of keys
         missing, unexpected = sorted(expected - given), sorted(given - expected)
         try:
@@ -495,26 +591,39 @@ def model_from_checkpoint(ckpt: dict, path="the checkpoint") -> nn.Module:
                else "is it a different architecture (--arch)?")
         raise CheckpointError(f"{path} does not fit {ckpt['arch']}: {len(missing)} missing key(s) {few_keys(missing)}, "
                               f"{len(unexpected)} unexpected {few_keys(unexpected)}; {fix}")
+    r = rules.Rules(path)
+    for k, t in ckpt["model_state"].items():  # model.float() converts floating tensors only
+        if t.layout != torch.strided or t.device.type != "cpu" or t.is_complex() or \
+                t.is_floating_point() != wanted[k].is_floating_point() or t.dtype == torch.bool:
+            r.fail(f"model_state[{k!r}]", t, f"a {'floating-point' if wanted[k].is_floating_point() else 'integer'} "
+                                             f"tensor of shape {tuple(wanted[k].shape)}")
     try:
         model.load_state_dict(ckpt["model_state"], assign=True)
     except RuntimeError as e:  # its first line is only "Error(s) in loading state_dict for ResNet:"
         detail = next((line.strip() for line in str(e).splitlines()[1:] if line.strip()), first_line(e))
         raise CheckpointError(f"{path} does not fit {ckpt['arch']} ({detail[:240]}). "
                               f"Is it a different architecture (--arch)?") from None
-    return check_finite(model.float().eval(), path)  # float16 weights (someone's export) still run in float32
+    return check_weights(model.float().eval(), path)  # float16 weights (someone's export) still run in float32
 
 
-def check_finite(model: nn.Module, path) -> nn.Module:
-    """Refuse NaN/inf weights: they predict p=nan for everything and cannot be trained further."""
-    if not all(torch.isfinite(t).all() for t in model.state_dict().values() if t.is_floating_point()):
-        raise CheckpointError(f"{path} holds NaN or infinite weights (its run diverged); "
-                              f"use the run's best_acc.pt or best_loss.pt, or an earlier checkpoint")
+def check_weights(model: nn.Module, path) -> nn.Module:
+    """Refuse NaN/inf weights (they predict p=nan for everything and cannot be
+    trained further) and negative BatchNorm variances (the same, through a square root)."""
+    for name, t in model.state_dict().items():
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise CheckpointError(f"{path} holds NaN or infinite weights in {name} (its run diverged); "
+                                  f"use the run's best_acc.pt or best_loss.pt, or an earlier checkpoint")
+    for name, m in model.named_modules():
+        var = getattr(m, "running_var", None)
+        if isinstance(m, nn.modules.batchnorm._NormBase) and torch.is_tensor(var) and bool((var < 0).any()):
+            raise CheckpointError(f"{path} holds a negative BatchNorm variance in {name}.running_var; a variance "
+                                  f"is >= 0, so the file is damaged")
     return model
 
 
 def model_from_state_dict(state: dict, arch: str | None, class_names: list[str] | None, path="<file>"):
     """A bare state_dict: the arch comes from --arch (or the keys), class names from --classes."""
-    n = head_out_features(state)
+    n = head_out_features(state, path)
     if class_names and len(class_names) != n:
         raise CheckpointError(f"--classes lists {len(class_names)} names but {path} has {n} outputs")
     ckpt = normalise_checkpoint({"model_state": state, "arch": arch or infer_arch(state), "class_names": class_names}, path)

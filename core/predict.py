@@ -16,7 +16,9 @@ from PIL import Image
 from . import checkpoint as ck
 from .data import center_crop, normalize, resize_short_side
 from .device import inference_batch_size, resolve_device
-from .errors import CheckpointError, ImageLoadError, UserError
+from .checkpoint_rules import check_class_names
+from .checkpoint_rules import shown as rules_shown
+from .errors import CheckpointError, ImageLoadError, UserError, first_line
 from .metrics import clean_confusion
 from .models import fold_batchnorm
 from .images import is_image_name, load_rgb
@@ -52,31 +54,41 @@ class Predictor:
     @classmethod
     def load(cls, path, device="cpu", trust_pickle=False, arch=None, classes=None) -> "Predictor":
         """Checkpoint dict (ours or the reference's), bare state_dict (with arch/classes),
-        or a full pickled model (only with trust_pickle)."""
+        or a full pickled model (only with trust_pickle). Every field is checked
+        (core.checkpoint_rules): a damaged or hostile file is a CheckpointError."""
         obj = ck.load_file(path, trust_pickle=trust_pickle)
         if isinstance(obj, torch.nn.Module):
             n = _out_features(obj)
-            if classes and len(classes) != n:
-                raise CheckpointError(f"--classes lists {len(classes)} names but {path} has {n} outputs")
-            names = classes or getattr(obj, "class_names", None)
-            if not names or len(names) != n:
-                names = [f"class_{i}" for i in range(n)]
-            return cls(ck.check_finite(obj, path), names, device, {"format": "full model (pickle)", "path": str(path)})
+            names = check_class_names(classes, n, path, "--classes")
+            if names is None:  # the class names export_full_model attaches, if they are usable
+                try:
+                    names = check_class_names(getattr(obj, "class_names", None), n, path, "the model's class_names")
+                except CheckpointError:
+                    names = None
+            info = {"format": "full model (pickle)", "path": str(path), "class_names_recorded": names is not None}
+            return cls(ck.check_weights(obj.float(), path), names or [f"class_{i}" for i in range(n)], device, info)
         if isinstance(obj, dict) and "model_state" in obj:
             if classes and not obj.get("class_names"):  # a checkpoint that never named its classes
-                obj = dict(obj, class_names=list(classes))
+                obj = dict(obj, class_names=check_class_names(classes, None, path, "--classes"))
             c = ck.normalise_checkpoint(obj, path)
             info = {"format": "checkpoint dict", "path": str(path), "epoch": c.get("epoch"),
                     "best_epoch": c.get("best_epoch"), "best_val_acc": c.get("best_val_acc"),
-                    "arch": c["arch"], "weights": c.get("weights"),
+                    "arch": c["arch"], "weights": c.get("weights"), "class_names_recorded": c["class_names_recorded"],
                     "val_confusion": clean_confusion(c.get("val_confusion"), len(c["class_names"]))}
-            pre = c.get("preprocess") or {}
-            return cls(ck.model_from_checkpoint(c, path), c["class_names"], device, info,
-                       int(pre.get("resize", 256)), int(pre.get("crop", 224)))
+            pre = c["preprocess"]
+            return cls(ck.model_from_checkpoint(c, path), c["class_names"], device, info, pre["resize"], pre["crop"])
         if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+            if classes:
+                check_class_names(classes, None, path, "--classes")
             model, names = ck.model_from_state_dict(obj, arch, classes, path)
-            return cls(model, names, device, {"format": "state_dict", "path": str(path)})
+            return cls(model, names, device, {"format": "state_dict", "path": str(path),
+                                              "class_names_recorded": bool(classes)})
         raise CheckpointError(f"{path} is not a checkpoint dict, a state_dict or a model")
+
+    def default_batch_size(self) -> int:
+        """Images per forward pass: the device's usual batch at a 224 crop, fewer
+        for larger crops so that a batch's activations stay about that size."""
+        return max(1, inference_batch_size(self.device) * 224 ** 2 // self.crop ** 2)
 
     def preprocess(self, image) -> torch.Tensor:
         """Path or PIL image -> uint8 crop, exactly as training's validation transform."""
@@ -90,7 +102,21 @@ class Predictor:
     def _forward(self, crops: torch.Tensor) -> torch.Tensor:
         x = normalize(crops).to(self.device).contiguous(memory_format=torch.channels_last)
         with self._lock, torch.inference_mode():
-            return torch.softmax(self._infer(x).float(), dim=1).cpu()
+            try:
+                out = self._infer(x)
+            except Exception as e:  # a pickled model is someone else's code; ours are checked at load
+                if self.info.get("format") != "full model (pickle)":
+                    raise
+                raise CheckpointError(f"{self.info.get('path')}: the pickled model failed on an image: "
+                                      f"{type(e).__name__}: {first_line(e)}") from None
+            if not torch.is_tensor(out) or tuple(out.shape) != (len(x), len(self.class_names)):
+                raise CheckpointError(f"{self.info.get('path')}: the model gives {rules_shown(out)} for {len(x)} "
+                                      f"image(s); expected one score per class ({len(self.class_names)})")
+            probs = torch.softmax(out.float(), dim=1).cpu()
+        if not torch.isfinite(probs).all():  # finite weights can still overflow float32 on the way
+            raise CheckpointError(f"{self.info.get('path', 'the model')} gives non-finite outputs (NaN or infinity): "
+                                  f"its weights are out of range, so it cannot classify anything; use another checkpoint")
+        return probs
 
     def topk(self, probs: torch.Tensor, k: int) -> list[tuple[str, float]]:
         k = max(1, min(int(k), len(self.class_names)))
@@ -113,10 +139,10 @@ class Predictor:
 
     def predict_paths(self, paths, k: int = 5, batch_size: int | None = None):
         """Yield a Prediction per path, batching the forward pass (default batch:
-        8 on CPU, 32+ on GPU) while a worker thread decodes the next batch.
+        default_batch_size()) while a worker thread decodes the next batch.
         Unreadable files give a Prediction with `error` instead of stopping the loop."""
         paths = [str(p) for p in paths]
-        bs = batch_size or inference_batch_size(self.device)
+        bs = batch_size or self.default_batch_size()
         chunks = [paths[i:i + bs] for i in range(0, len(paths), bs)]
         if not chunks:
             return
