@@ -1,0 +1,549 @@
+"""Exports of a trained model for use outside this tool, each proven to compute
+the same function as the PyTorch model:
+
+- model.onnx        ONNX (torch.onnx.export with dynamo=True, torch's recommended
+                    exporter), checked by onnx.checker; for ONNX Runtime, servers, phones
+- model.pt2         a torch.export program (torch.export.load, no code of this project)
+- model.safetensors the state_dict as safetensors: weights only, no code, safe to share
+- model.json        everything a program needs to use them: classes, preprocessing,
+                    input/output names, temperature, where the weights came from
+- model.int8.onnx   optional: ONNX Runtime static int8 quantization, calibrated on
+                    training images and scored against float32 on the val images
+
+Input `image`: float32 [N, 3, crop, crop] (crop 224), RGB, normalised with the
+ImageNet mean/std after Resize(256) + CenterCrop(224); output `logits`: [N, C].
+Every file is written atomically (temp file + os.replace)."""
+from __future__ import annotations
+
+import io
+import json
+import math
+import random
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, NamedTuple
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import checkpoint as ck
+from .config import ARCHS
+from .data import IMAGENET_MEAN, IMAGENET_STD, normalize
+from .errors import CheckpointError, ImageLoadError, UserError, first_line
+from .zipimport import file_sha256
+
+FORMATS = ("onnx", "pt2", "safetensors")
+FILE_NAMES = {"onnx": "model.onnx", "pt2": "model.pt2", "safetensors": "model.safetensors"}
+SIDECAR_NAME = "model.json"
+INT8_NAME = "model.int8.onnx"
+INPUT_NAME, OUTPUT_NAME = "image", "logits"
+EXPORT_VERSION = 1
+# An export is refused when ONNX Runtime or the .pt2 program differs from the
+# PyTorch model by more than this on the check batch (float32 rounding is ~1e-6).
+SELF_CHECK_TOLERANCE = 1e-3
+# int8 is reported as not good enough when val accuracy drops by more than this.
+INT8_MAX_DROP = 0.01
+MAX_CALIBRATION_IMAGES = 200
+
+
+class ExportError(UserError):
+    """An export could not be written or checked; the message says why."""
+
+
+@dataclass
+class ExportSource:
+    """A loaded model, ready to export: float32, eval mode, on the CPU."""
+    model: nn.Module
+    class_names: list[str]
+    meta: dict  # the model.json content, less the per-file entries
+    predictor: object  # the core.predict.Predictor it came from (its preprocessing)
+    data_dir: str | None = None  # the training run's dataset folder, when the checkpoint names one
+
+
+@dataclass
+class ExportedFile:
+    format: str  # "onnx", "pt2", "safetensors", "json" or "int8"
+    path: Path
+    bytes: int
+    seconds: float
+    max_abs_diff: float | None = None  # against the PyTorch model, on the self-check batch
+    notes: list[str] = field(default_factory=list)
+
+
+class LoadedExport(NamedTuple):
+    """What core.predict.Predictor needs: Predictor(model, class_names, device, info, resize, crop)."""
+    model: nn.Module
+    class_names: list[str]
+    info: dict
+    resize: int
+    crop: int
+
+
+@dataclass
+class Int8Report:
+    path: Path
+    bytes: int
+    calibration_images: int
+    val_images: int
+    float_val_acc: float
+    int8_val_acc: float
+    agreement: float  # share of val images whose top-1 is the same in int8 and float32
+    seconds: float
+
+    @property
+    def acceptable(self) -> bool:
+        """At most one val image per 100 lost to quantization."""
+        return self.float_val_acc - self.int8_val_acc <= INT8_MAX_DROP + 1e-9
+
+
+# ---------------------------------------------------------------- choosing what to export
+
+def parse_formats(text: str | None) -> tuple[str, ...]:
+    """'onnx,pt2' -> ('onnx', 'pt2'); None or '' or 'all' -> all three."""
+    if text is None or not str(text).strip() or str(text).strip().lower() == "all":
+        return FORMATS
+    chosen = [t.strip().lower() for t in str(text).split(",") if t.strip()]
+    wrong = [t for t in chosen if t not in FORMATS]
+    if wrong:
+        raise UserError(f"--format {', '.join(map(repr, wrong))} is not an export format; choose from "
+                        f"{', '.join(FORMATS)} (comma-separated, e.g. --format onnx,safetensors)")
+    return tuple(f for f in FORMATS if f in chosen)
+
+
+def default_out_dir(checkpoint) -> Path:
+    """export/ beside the checkpoint (a run folder's export/); an exported
+    model.safetensors exports into its own folder, beside its model.json."""
+    p = Path(checkpoint).expanduser()
+    return p.parent if p.suffix.lower() == ".safetensors" else p.parent / "export"
+
+
+def load_source(path, trust_pickle: bool = False, arch: str | None = None,
+                classes: list[str] | None = None) -> ExportSource:
+    """Any file predict.py accepts (checkpoint dict, state_dict with arch/classes,
+    full model with trust_pickle) or an earlier model.safetensors export (its
+    model.json's record of the original checkpoint is carried over)."""
+    from .predict import Predictor  # core.predict may import this module to load .safetensors
+
+    p = Path(path).expanduser()
+    if p.suffix.lower() == ".safetensors":
+        loaded = read_safetensors_export(p)
+        pred = Predictor(loaded.model, loaded.class_names, "cpu", loaded.info, loaded.resize, loaded.crop)
+    else:
+        pred = Predictor.load(p, "cpu", trust_pickle, arch, classes)
+    model = pred.model.to(memory_format=torch.contiguous_format).float().eval()
+    meta, data_dir = _source_meta(p, pred)
+    if p.suffix.lower() == ".safetensors":
+        earlier = _read_sidecar(sidecar_for(p))
+        meta["exported_from"] = meta["source"]
+        meta.update({k: earlier[k] for k in CARRIED_OVER if k in earlier})
+    return ExportSource(model, list(pred.class_names), meta, pred, data_dir)
+
+
+# What a re-export from model.safetensors keeps from its model.json: the original checkpoint and its scores.
+CARRIED_OVER = ("source", "epoch", "best_epoch", "best_val_acc", "best_val_loss", "best_loss_epoch", "val_acc",
+                "val_loss", "policy", "weights", "temperature", "probabilities")
+
+
+def _source_meta(path: Path, pred) -> tuple[dict, str | None]:
+    info = pred.info
+    arch = info.get("arch")
+    if arch is None:  # a state_dict or full model: the keys say which torchvision model it is, if any
+        try:
+            arch = ck.infer_arch(pred.model.state_dict())
+        except CheckpointError:
+            arch = None
+    meta = {
+        "export_version": EXPORT_VERSION,
+        "arch": arch,
+        "class_names": list(pred.class_names),
+        "num_classes": len(pred.class_names),
+        "input_name": INPUT_NAME,
+        "output_name": OUTPUT_NAME,
+        "input_shape": ["N", 3, pred.crop, pred.crop],
+        "output_shape": ["N", len(pred.class_names)],
+        "input_dtype": "float32",
+        "layout": "NCHW, RGB",
+        "resize": pred.resize,
+        "crop": pred.crop,
+        "mean": list(IMAGENET_MEAN),
+        "std": list(IMAGENET_STD),
+        "preprocess": (f"EXIF orientation, RGB (transparency on white), shorter side to {pred.resize} "
+                       f"(bilinear, antialiased, as torchvision's Resize), center crop {pred.crop}x{pred.crop}, "
+                       f"divide by 255, subtract mean, divide by std"),
+        "probabilities": "softmax(logits / temperature)" if info.get("temperature") else "softmax(logits)",
+        "source": {"file": path.name, "sha256": file_sha256(path), "format": info.get("format")},
+        "torch_version": torch.__version__,
+    }
+    for key in ("temperature", "best_epoch", "best_val_acc"):
+        if info.get(key) is not None:
+            meta[key] = info[key]
+    data_dir = None
+    if info.get("format") == "checkpoint dict":
+        c = ck.read_checkpoint(path)
+        for key in ("epoch", "best_epoch", "best_val_acc", "best_val_loss", "best_loss_epoch", "policy", "weights",
+                    "temperature"):
+            value = c.get(key)
+            if isinstance(value, (int, float, str)) and not isinstance(value, bool):
+                meta[key] = value
+        row = next((h for h in c.get("history") or [] if h.get("epoch") == c.get("epoch")), None)
+        for key in ("val_acc", "val_loss"):  # of the epoch whose weights these are
+            if row and isinstance(row.get(key), (int, float)) and math.isfinite(row[key]):
+                meta[key] = float(row[key])
+        args = c.get("args") or {}
+        data_dir = args.get("data_dir") if isinstance(args.get("data_dir"), str) else None
+    if "temperature" in meta:
+        meta["probabilities"] = "softmax(logits / temperature)"
+    return meta, data_dir
+
+
+# ---------------------------------------------------------------- writing
+
+def export_formats(source: ExportSource, out_dir, formats=FORMATS) -> Iterator[ExportedFile]:
+    """Write each format into out_dir, then model.json; yield each file as it is
+    written (the ONNX export takes seconds). The ONNX file and the .pt2 program
+    are checked against the PyTorch model before they are written."""
+    out = Path(out_dir).expanduser()
+    _make_out_dir(out)
+    formats = parse_formats(formats if isinstance(formats, str) else ",".join(formats))
+    if "safetensors" in formats and source.meta.get("arch") not in ARCHS:
+        raise ExportError(f"model.safetensors holds weights only, and this model's architecture is not one this tool "
+                          f"can rebuild ({', '.join(ARCHS)}); export it as onnx or pt2 instead")
+    check = _check_batch(source)
+    program = None  # traced once for both the .pt2 file and the ONNX exporter
+    written: dict[str, str] = {}
+    for fmt in formats:
+        t = time.perf_counter()
+        path = out / FILE_NAMES[fmt]
+        if fmt in ("onnx", "pt2") and program is None:
+            program = _exported_program(source.model, check)
+        if fmt == "onnx":
+            diff = _write_onnx(source, program, path, check)
+        elif fmt == "pt2":
+            diff = _write_pt2(source, program, path, check)
+        else:
+            diff = _write_safetensors(source, path)
+        written[path.name] = file_sha256(path)
+        yield ExportedFile(fmt, path, path.stat().st_size, time.perf_counter() - t, diff)
+    t = time.perf_counter()
+    sidecar, notes = write_sidecar(source, out, written)
+    yield ExportedFile("json", sidecar, sidecar.stat().st_size, time.perf_counter() - t, notes=notes)
+
+
+def _make_out_dir(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"--out {out} is a file, not a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ExportError(f"cannot create the output folder {out}: {e.strerror or e}") from None
+
+
+def _check_batch(source: ExportSource) -> torch.Tensor:
+    """Two pseudo-images (seeded; torch's global RNG untouched) at the model's input size."""
+    gen = torch.Generator().manual_seed(0)
+    crop = source.meta["crop"]
+    return torch.randn(2, 3, crop, crop, generator=gen)
+
+
+def _reference_logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    with torch.inference_mode():
+        return model(x).float()
+
+
+def _dynamic_batch():
+    return ({0: torch.export.Dim("batch")},)
+
+
+def _exported_program(model: nn.Module, x: torch.Tensor):
+    try:
+        return torch.export.export(model, (x,), dynamic_shapes=_dynamic_batch())
+    except Exception as e:  # a foreign pickled model may do what torch.export cannot trace
+        raise ExportError(f"torch.export could not trace this model: {type(e).__name__}: {first_line(e)}") from None
+
+
+def _write_onnx(source: ExportSource, program, path: Path, x: torch.Tensor) -> float:
+    import onnx
+
+    try:
+        onnx_program = torch.onnx.export(program, (x,), dynamo=True, input_names=[INPUT_NAME],
+                                         output_names=[OUTPUT_NAME], verbose=False)
+    except Exception as e:
+        raise ExportError(f"the ONNX exporter failed on this model: {type(e).__name__}: {first_line(e)}") from None
+    batch_dim = onnx_program.model.graph.inputs[0].shape[0]
+    if not isinstance(batch_dim, int):  # the traced name (s77) -> "batch", as model.json says N
+        onnx_program.rename_axes({batch_dim: "batch"})
+    proto = onnx_program.model_proto
+    try:
+        onnx.checker.check_model(proto, full_check=True)
+    except Exception as e:
+        raise ExportError(f"the exported ONNX model fails onnx.checker: {first_line(e)}") from None
+    data = proto.SerializeToString()
+    got = onnx_session(data, path.name).run([OUTPUT_NAME], {INPUT_NAME: x.numpy()})[0]
+    diff = _compare(torch.from_numpy(got), _reference_logits(source.model, x), "ONNX Runtime")
+    ck.atomic_write_bytes(path, data)
+    return diff
+
+
+def _write_pt2(source: ExportSource, program, path: Path, x: torch.Tensor) -> float:
+    buf = io.BytesIO()  # torch.export.save wants a path or a plain buffer
+    torch.export.save(program, buf)
+    buf.seek(0)
+    with torch.inference_mode():  # checked as it will be used: loaded back from the saved bytes
+        got = torch.export.load(buf).module()(x).float()
+    diff = _compare(got, _reference_logits(source.model, x), "the torch.export program")
+    ck.atomic_write_bytes(path, buf.getvalue())
+    return diff
+
+
+def _write_safetensors(source: ExportSource, path: Path) -> float:
+    from safetensors.torch import save
+
+    state = {k: v.detach().cpu().contiguous() for k, v in source.model.state_dict().items()}
+    data = save(state, metadata={"format": "pt", "arch": str(source.meta.get("arch")), "model_json": SIDECAR_NAME})
+    ck.atomic_write_bytes(path, data)
+    return 0.0  # the very tensors; read_safetensors_export is tested against them
+
+
+def _compare(got: torch.Tensor, want: torch.Tensor, what: str) -> float:
+    if tuple(got.shape) != tuple(want.shape):
+        raise ExportError(f"{what} gives shape {tuple(got.shape)}, the PyTorch model {tuple(want.shape)}")
+    diff = float((got - want).abs().max())
+    if not diff <= SELF_CHECK_TOLERANCE or not torch.equal(got.argmax(1), want.argmax(1)):
+        raise ExportError(f"{what} differs from the PyTorch model (max |logit difference| {diff:.3g}, allowed "
+                          f"{SELF_CHECK_TOLERANCE:g}); the export was not written")
+    return diff
+
+
+def write_sidecar(source: ExportSource, out_dir: Path, written: dict[str, str]) -> tuple[Path, list[str]]:
+    """model.json: source.meta plus `files` (name -> SHA-256). Files of an earlier
+    export of the same checkpoint stay listed; a model.* file left by an export of
+    another checkpoint is named in the returned notes (it does not match the JSON)."""
+    path = out_dir / SIDECAR_NAME
+    files = dict(written)
+    notes = []
+    earlier = _read_json_quietly(path)
+    same_source = earlier.get("source", {}).get("sha256") == source.meta["source"]["sha256"]
+    for name in [*FILE_NAMES.values(), INT8_NAME]:
+        if name in files or not (out_dir / name).is_file():
+            continue
+        listed = earlier.get("files", {}).get(name) if same_source else None
+        if listed:
+            files[name] = listed
+        else:
+            notes.append(f"{out_dir / name} is left from an export of another checkpoint (not listed in "
+                         f"{SIDECAR_NAME}); delete it or export that format again")
+    ck.atomic_write_json(path, {**source.meta, "files": dict(sorted(files.items()))})
+    return path, notes
+
+
+def _read_json_quietly(path: Path) -> dict:
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+        return obj if isinstance(obj, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+# ---------------------------------------------------------------- reading exports back
+
+def onnx_session(model, name=None, threads: int | None = None):
+    """An ONNX Runtime CPU session for a path or serialized bytes; a damaged file
+    is a CheckpointError naming it, not ONNX Runtime's traceback."""
+    import onnxruntime as ort
+
+    name = name or str(model)
+    if isinstance(model, (str, Path)):
+        p = Path(model)
+        if not p.is_file():
+            raise CheckpointError(f"ONNX model {p} does not exist" if not p.exists() else f"{p} is not a file")
+        model = str(p)
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3  # its warnings are about graph rewrites, not the user's problem
+    if threads:
+        opts.intra_op_num_threads = threads
+    try:
+        return ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
+    except Exception as e:
+        raise CheckpointError(f"{name} is not a loadable ONNX model (truncated or damaged?): {first_line(e)}") from None
+
+
+def load_pt2(path):
+    """torch.export.load with a clear error for a damaged or foreign file."""
+    p = Path(path)
+    if not p.is_file():
+        raise CheckpointError(f"{p} does not exist" if not p.exists() else f"{p} is not a file")
+    try:
+        return torch.export.load(str(p))
+    except Exception as e:
+        raise CheckpointError(f"{p} is not a loadable torch.export program (truncated or damaged?): "
+                              f"{first_line(e)}") from None
+
+
+def sidecar_for(path) -> Path:
+    """model.json for model.safetensors: <stem>.json beside it, else model.json there."""
+    p = Path(path)
+    own = p.with_suffix(".json")
+    return own if own.is_file() or not (p.parent / SIDECAR_NAME).is_file() else p.parent / SIDECAR_NAME
+
+
+def read_safetensors_export(path) -> LoadedExport:
+    """model.safetensors + its model.json -> a model ready for Predictor:
+    architecture, classes, preprocessing and temperature from the JSON. Raises
+    CheckpointError for a missing or damaged file, or a JSON that does not fit."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise CheckpointError(f"{p} does not exist" if not p.exists() else f"{p} is not a regular file")
+    side = sidecar_for(p)
+    if not side.is_file():
+        raise CheckpointError(f"{p} holds weights only; the architecture and class names come from {side}, which is "
+                              f"missing. Copy the model.json that export.py wrote beside it")
+    meta = _read_sidecar(side)
+    listed = (meta.get("files") or {}).get(p.name) if isinstance(meta.get("files"), dict) else None
+    if listed and listed != file_sha256(p):
+        raise CheckpointError(f"{side} describes another {p.name} (its SHA-256 differs): the weights were replaced "
+                              f"or damaged after export; export again or use the model.json of these weights")
+    try:
+        state = load_file(str(p))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{p} is not a readable safetensors file (truncated or damaged?): {first_line(e)}") from None
+    if not state:
+        raise CheckpointError(f"{p} holds no tensors")
+    model, names = ck.model_from_state_dict(state, meta["arch"], meta["class_names"], p)
+    info = {"format": "safetensors export", "path": str(p), "arch": meta["arch"], "sidecar": str(side)}
+    for key in ("epoch", "best_epoch", "best_val_acc", "temperature", "weights"):
+        if key in meta:
+            info[key] = meta[key]
+    return LoadedExport(model, names, info, meta["resize"], meta["crop"])
+
+
+def _read_sidecar(side: Path) -> dict:
+    try:
+        meta = json.loads(side.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{side} is not readable JSON: {first_line(e)}") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{side} is not a model.json object")
+
+    def need(ok, field_name, allowed):
+        if not ok:
+            raise CheckpointError(f"{side}: {field_name} is {meta.get(field_name)!r}; allowed: {allowed}")
+
+    need(meta.get("arch") in ARCHS, "arch", " or ".join(ARCHS))
+    names = meta.get("class_names")
+    need(isinstance(names, list) and len(names) >= 1 and all(isinstance(n, str) and n.strip() for n in names)
+         and len(set(names)) == len(names), "class_names", "a list of distinct, non-empty names")
+    for key, default in (("resize", 256), ("crop", 224)):
+        meta.setdefault(key, default)
+        need(type(meta[key]) is int and 32 <= meta[key] <= 1024, key, "an integer from 32 to 1024")
+    need(meta["crop"] <= meta["resize"], "crop", "at most resize")
+    if "temperature" in meta:
+        t = meta["temperature"]
+        need(isinstance(t, (int, float)) and not isinstance(t, bool) and math.isfinite(t) and 1e-3 <= t <= 100,
+             "temperature", "a number above 0, at most 100")
+    return meta
+
+
+# ---------------------------------------------------------------- int8
+
+def quantize_int8(source: ExportSource, onnx_path, out_path=None, data_dir=None,
+                  max_images: int = MAX_CALIBRATION_IMAGES, seed: int = 0) -> Int8Report:
+    """model.int8.onnx by ONNX Runtime's static quantization (QDQ, per-channel
+    int8 weights, uint8 activations), calibrated on up to `max_images` training
+    images; then both models score the val images. Needs the run's dataset
+    (data_dir, else the folder the checkpoint was trained on)."""
+    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
+                                          quant_pre_process, quantize_static)
+
+    from .data import scan_dataset
+
+    t0 = time.perf_counter()
+    onnx_path = Path(onnx_path)
+    out_path = Path(out_path) if out_path else onnx_path.with_name(INT8_NAME)
+    folder = data_dir or source.data_dir
+    if not folder:
+        raise UserError("--quantize int8 calibrates on training images, and this checkpoint names no dataset "
+                        "folder; pass --data-dir DIR (with DIR/train/<class>/ and DIR/val/<class>/)")
+    if not Path(folder).expanduser().is_dir():
+        raise UserError(f"--quantize int8: the dataset folder {folder} does not exist (moved?); pass --data-dir DIR")
+    ds = scan_dataset(folder)
+    if ds.classes != source.class_names:
+        raise UserError(f"--quantize int8: the classes of {folder} {ds.classes} are not the model's "
+                        f"{source.class_names}; pass the --data-dir the model was trained on")
+    train_paths = [p for p, _ in ds.train.samples]
+    calib_paths = sorted(random.Random(seed).sample(train_paths, min(max_images, len(train_paths))))
+    calib, _ = _normalised_crops(source, calib_paths)
+    if not len(calib):
+        raise UserError(f"--quantize int8: none of the training images under {folder} could be read")
+    val, labels = _normalised_crops(source, [p for p, _ in ds.val.samples], [y for _, y in ds.val.samples])
+
+    class Batches(CalibrationDataReader):
+        def __init__(self):
+            self.items = iter(calib[i:i + 8] for i in range(0, len(calib), 8))
+
+        def get_next(self):
+            batch = next(self.items, None)
+            return None if batch is None else {INPUT_NAME: batch}
+
+    with tempfile.TemporaryDirectory(prefix="tl-int8-") as tmp:
+        pre, q = Path(tmp) / "pre.onnx", Path(tmp) / "int8.onnx"
+        try:
+            quant_pre_process(str(onnx_path), str(pre))  # shape inference + BatchNorm folding before quantizing
+            quantize_static(str(pre), str(q), Batches(), quant_format=QuantFormat.QDQ, per_channel=True,
+                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                            calibrate_method=CalibrationMethod.MinMax,
+                            extra_options={"CalibMaxIntermediateOutputs": 4})
+        except Exception as e:
+            raise ExportError(f"int8 quantization failed: {type(e).__name__}: {first_line(e)}") from None
+        data = q.read_bytes()
+    float_top = _top1(onnx_session(str(onnx_path)), val)
+    int8_top = _top1(onnx_session(data, out_path.name), val)
+    ck.atomic_write_bytes(out_path, data)
+    n, labels = len(val), np.asarray(labels)
+    report = Int8Report(out_path, len(data), len(calib), n,
+                        float((float_top == labels).mean()) if n else float("nan"),
+                        float((int8_top == labels).mean()) if n else float("nan"),
+                        float((float_top == int8_top).mean()) if n else float("nan"),
+                        time.perf_counter() - t0)
+    _record_int8(source, report)
+    return report
+
+
+def _record_int8(source: ExportSource, report: Int8Report) -> None:
+    """List model.int8.onnx and its scores in the model.json beside it (when
+    that JSON describes the same checkpoint)."""
+    side = report.path.parent / SIDECAR_NAME
+    meta = _read_json_quietly(side)
+    if meta.get("source", {}).get("sha256") != source.meta["source"]["sha256"]:
+        return
+    meta.setdefault("files", {})[report.path.name] = file_sha256(report.path)
+    meta["int8"] = {"file": report.path.name, "calibration_images": report.calibration_images,
+                    "val_images": report.val_images, "val_acc_float32": report.float_val_acc,
+                    "val_acc_int8": report.int8_val_acc, "top1_agreement": report.agreement,
+                    "acceptable": report.acceptable}
+    ck.atomic_write_json(side, meta)
+
+
+def _normalised_crops(source: ExportSource, paths, labels=None) -> tuple[np.ndarray, list]:
+    """The model's input for each readable image (float32 NCHW) and the labels
+    of those; unreadable files are left out, as training leaves them out."""
+    crops, kept = [], []
+    for i, p in enumerate(paths):
+        try:
+            crops.append(source.predictor.preprocess(p))
+        except ImageLoadError:
+            continue
+        kept.append(labels[i] if labels is not None else i)
+    if not crops:
+        return np.zeros((0, 3, source.meta["crop"], source.meta["crop"]), np.float32), kept
+    return normalize(torch.stack(crops)).numpy(), kept
+
+
+def _top1(session, x: np.ndarray, batch: int = 32) -> np.ndarray:
+    out = [session.run([OUTPUT_NAME], {INPUT_NAME: x[i:i + batch]})[0].argmax(1) for i in range(0, len(x), batch)]
+    return np.concatenate(out) if out else np.zeros(0, np.int64)
