@@ -12,7 +12,7 @@ import argparse
 import dataclasses
 
 from cli.common import ArgumentParser, bool01, exit_fast, run_cli
-from core.config import TrainConfig, policy_from_flags, resumed_settings
+from core.config import MAX_SEED, TrainConfig, policy_from_flags, resumed_settings
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--unfreeze-all", type=bool01, default=0, help="1: train every layer")
     a("--policy", choices=["head", "last", "full"], type=str.lower, default=None,
       help="freeze policy; overrides the three 0/1 flags (head = fc only, last = layer4 + fc, full = all)")
-    a("--seed", type=int, default=1337)
+    a("--seed", type=seed_value, default=1337, help=f"random seed, 0..{MAX_SEED}")
     a("--num-workers", type=int, default=0, help="image-decoding threads (0 = one per CPU core)")
     a("--amp", type=bool01, default=0, help="1: mixed precision: float16 on CUDA, bfloat16 on CPUs with native bf16 (else float32, with a note)")
     a("--dropout", type=float, default=0.0, help="dropout before the new fc layer (0 = plain Linear)")
@@ -46,6 +46,14 @@ def build_parser() -> argparse.ArgumentParser:
     a("--cache", default="auto", help="auto | off: run frozen layers once per image (default auto)")
     a("--cache-budget-mb", type=int, default=1024, help="memory limit for cached images/activations")
     return p
+
+
+def seed_value(text: str) -> int:
+    """--seed as typed: a whole number (its range is TrainConfig's check)."""
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number from 0 to {MAX_SEED}, got {text!r}") from None
 
 
 def given_flags(argv) -> set[str]:
@@ -81,6 +89,7 @@ def continue_saved_run(cfg: TrainConfig, given: set[str]) -> tuple[TrainConfig, 
     ckpt = read_checkpoint(cfg.resume)  # its errors are the ones the engine would give
     saved = ckpt["args"] if isinstance(ckpt.get("args"), dict) else {}
     refuse_changed_run_settings(cfg, ckpt, given)
+    refuse_typed_weights(cfg, ckpt, given)
     run_folder = Path(cfg.resume).expanduser().resolve().parent
     if "output_dir" not in given and (run_folder / "args.json").is_file():
         cfg.output_dir = str(run_folder.parent)  # a new folder (engine.resume_run_dir) goes beside the run's
@@ -130,6 +139,31 @@ def refuse_changed_run_settings(cfg: TrainConfig, ckpt: dict, given: set[str]) -
             raise ConfigError(f"{flag} {now} cannot change on --resume: the saved run used {was}, and a resumed run "
                               f"keeps its {', '.join(FIXED_ON_RESUME.values())}. Leave {flag.split(' (')[0]} out to "
                               f"continue it, or start a new run (without --resume) to train with {now}")
+
+
+def refuse_typed_weights(cfg: TrainConfig, ckpt: dict, given: set[str]) -> None:
+    """--weights chooses where a new run starts; a resumed run continues from the
+    weights in its checkpoint. A typed --weights other than the one the run
+    started from would be ignored: an error instead, saying so."""
+    from pathlib import Path
+
+    from core.errors import ConfigError
+    if "weights" not in given:
+        return
+    args = ckpt["args"] if isinstance(ckpt.get("args"), dict) else {}
+    started = str(ckpt.get("weights") or args.get("weights") or "")
+
+    def key(w: str):  # torchvision's names for ImageNet weights are 'imagenet' here; paths compared resolved
+        w = w.strip()
+        if w.lower() in ("imagenet", "none") or w.upper().startswith("IMAGENET1K_") or w.upper() == "DEFAULT":
+            return "none" if w.lower() == "none" else "imagenet"
+        return Path(w).expanduser().resolve()
+    if started and key(started) == key(str(cfg.weights)):
+        return
+    raise ConfigError(f"--weights {cfg.weights} cannot be used with --resume: a resumed run continues from the weights "
+                      f"saved in {cfg.resume}" + (f" (the run started from {started})" if started else "") +
+                      f". Leave --weights out to resume, or start a new run (without --resume) to train from "
+                      f"{cfg.weights}")
 
 
 def main(argv=None) -> int:

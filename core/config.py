@@ -17,6 +17,7 @@ AUGMENTS = ("auto", "none", "light", "standard")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 CACHE_MODES = ("auto", "off")
 MAX_CLASSES = 10_000  # past this a new head alone needs gigabytes; no folder-of-images task has so many
+MAX_SEED = 2**32 - 1  # numpy's range, within torch's; the engine derives per-epoch seeds from it
 
 
 # Default augmentation per policy (see core/engine.py for the cache):
@@ -127,12 +128,16 @@ class TrainConfig:
         need(_finite(self.weight_decay) and 0 <= self.weight_decay <= 10, f"--weight-decay must be between 0 and 10 (got {self.weight_decay})")
         need(_finite(self.dropout) and 0 <= self.dropout < 1, f"--dropout must be in [0, 1) (got {self.dropout})")
         need(isinstance(self.num_workers, int) and 0 <= self.num_workers <= 64, f"--num-workers must be 0..64 (got {self.num_workers})")
+        need(isinstance(self.seed, int) and not isinstance(self.seed, bool) and 0 <= self.seed <= MAX_SEED,
+             f"--seed must be a whole number from 0 to {MAX_SEED} (got {self.seed})")
         check_val_split(self.val_split)
         need(isinstance(self.cache_budget_mb, int) and self.cache_budget_mb >= 0, "--cache-budget-mb must be >= 0")
         need(self.image_size >= 32 and self.resize_size >= self.image_size, "--image-size must be >= 32 and <= resize size")
         need(bool(self.run_name) and all(c.isalnum() or c in "-_." for c in self.run_name),
              f"--run-name {self.run_name!r} may only contain letters, digits, '-', '_' and '.'")
         need(bool(str(self.data_dir).strip()), "--data-dir must not be empty")
+        need(bool(str(self.output_dir).strip()), "--output-dir must not be empty: give the folder that run folders "
+             "go into (default: checkpoints)")
         return self
 
     @property

@@ -6,6 +6,8 @@ reference's val transform) and kept as uint8 tensors, so epochs never decode
 JPEGs again and a corrupt file is found before training starts, not mid-epoch."""
 from __future__ import annotations
 
+import errno
+import os
 import random
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -54,28 +56,120 @@ class DatasetInfo:
         return self.train.skipped + self.val.skipped
 
 
+@dataclass
+class SplitFolder:
+    """What lies directly in a split folder (train/ or val/)."""
+    classes: list[str]  # sub-folders not starting with '.'
+    hidden: list[str]  # sub-folders starting with '.': never classes
+    loose: list[Path]  # image files beside the class folders (in no class)
+    unreadable: list[tuple[str, str]]  # (path, reason): entries that could not even be told apart
+
+
+def read_split_folder(split_dir: Path) -> SplitFolder:
+    """One pass over `split_dir`. An entry that cannot be examined (a link into
+    a folder this user may not read) is named, not fatal."""
+    try:
+        with os.scandir(split_dir) as it:
+            entries = sorted(it, key=lambda e: e.name)
+    except PermissionError:
+        raise DatasetError(f"cannot read {split_dir}: permission denied") from None
+    out = SplitFolder([], [], [], [])
+    for e in entries:
+        try:
+            is_dir = e.is_dir()
+            is_file = not is_dir and e.is_file()
+        except OSError as err:
+            if not e.name.startswith("."):
+                out.unreadable.append((e.path, unreadable_reason(err)))
+            continue
+        if is_dir:
+            (out.hidden if e.name.startswith(".") else out.classes).append(e.name)
+        elif is_file and not e.name.startswith(".") and e.name.lower().endswith(IMAGE_EXTENSIONS):
+            out.loose.append(Path(e.path))
+        elif not is_file and not e.name.startswith(".") and e.is_symlink() and not os.path.exists(e.path):
+            out.unreadable.append((e.path, "a link to a folder or file that does not exist"))
+    out.classes.sort()
+    return out
+
+
 def list_classes(split_dir: Path) -> list[str]:
-    return sorted(p.name for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+    return read_split_folder(split_dir).classes
+
+
+def unreadable_reason(err: OSError, folder: bool = False) -> str:
+    if isinstance(err, PermissionError):
+        return f"permission denied (cannot read this {'folder' if folder else 'entry'})"
+    if err.errno == errno.ELOOP:
+        return "a link that loops (too many levels of links)"
+    return f"cannot be read ({err.strerror or err})"
+
+
+def walk_class_folder(folder: Path) -> tuple[list[Path], list[tuple[str, str]]]:
+    """(files, skipped) under `folder`. Links to files are followed; links to
+    folders are not (no loops, and what a class holds stays inside it) and are
+    named, as are folders that cannot be read, special files (a named pipe would
+    block whoever opened it: never opened) and links to nothing. Hidden files
+    (.DS_Store) are left out without a word."""
+    files, skipped, stack = [], [], [folder]
+    while stack:
+        d = stack.pop()
+        try:
+            with os.scandir(d) as it:
+                entries = list(it)
+        except OSError as err:
+            skipped.append((Path(d), unreadable_reason(err, folder=True)))
+            continue
+        for e in entries:
+            p = Path(e.path)
+            try:
+                if e.is_dir(follow_symlinks=False):
+                    stack.append(p)
+                    continue
+                if e.name.startswith("."):
+                    continue
+                if e.is_file():  # (follows a link)
+                    files.append(p)
+                elif not e.is_symlink():
+                    skipped.append((p, "not a regular file (a named pipe, device or socket); not opened"))
+                elif os.path.isdir(p):
+                    skipped.append((p, "a link to a folder; links to folders are not followed (move or copy "
+                                       "the images into the class folder)"))
+                elif os.path.lexists(p) and not os.path.exists(p):
+                    skipped.append((p, "a link to a file that does not exist"))
+                else:
+                    skipped.append((p, "a link to something that is not a regular file; not opened"))
+            except OSError as err:
+                skipped.append((p, unreadable_reason(err)))
+    return files, skipped
 
 
 def scan_split(split_dir: Path, name: str, classes: list[str] | None = None) -> Split:
-    """List image files per class folder. Files that are not images by name are
-    reported as skipped; hidden files (.DS_Store) are ignored."""
-    classes = classes if classes is not None else list_classes(split_dir)
-    samples, skipped = [], []
+    """List image files per class folder (sorted by path). Files that are not
+    images by name, and entries that cannot be used (see walk_class_folder,
+    read_split_folder), are reported as skipped."""
+    folder = read_split_folder(split_dir)
+    classes = classes if classes is not None else folder.classes
+    samples, skipped = [], [(Path(p), r) for p, r in folder.unreadable]
     for idx, cls in enumerate(classes):
-        for p in sorted((split_dir / cls).rglob("*")):
-            if p.name.startswith(".") or not p.is_file():
-                continue
+        files, bad = walk_class_folder(split_dir / cls)
+        skipped += bad
+        for p in sorted(files):
             if is_image_name(p):
                 samples.append((str(p), idx))
             else:
-                skipped.append((str(p), "not an image file type"))
-    return Split(name, classes, samples, skipped)
+                skipped.append((p, "not an image file type"))
+    return Split(name, classes, samples, [(str(p), r) for p, r in sorted(skipped)])
 
 
 def scan_dataset(data_dir, val_split: float | None = None, seed: int = 0) -> DatasetInfo:
     """Find and check the dataset layout; raise DatasetError naming the folder at fault."""
+    try:
+        return _scan_dataset(data_dir, val_split, seed)
+    except PermissionError as e:  # the folder itself or its train/ or val/ (entries inside are named, not fatal)
+        raise DatasetError(f"cannot read {e.filename or data_dir}: permission denied") from None
+
+
+def _scan_dataset(data_dir, val_split: float | None, seed: int) -> DatasetInfo:
     root = Path(data_dir).expanduser()
     if root.exists() and not root.is_dir():
         raise DatasetError(f"{root} is a file, not a folder; give the folder that holds train/<class>/ and val/<class>/")
@@ -89,6 +183,7 @@ def scan_dataset(data_dir, val_split: float | None = None, seed: int = 0) -> Dat
         raise DatasetError(f"{train_dir} is missing: the dataset needs {root}/train/<class>/ folders with images{hint}")
     train = scan_split(train_dir, "train")
     loose = loose_images(train_dir)
+    hidden = [train_dir / h for h in read_split_folder(train_dir).hidden]
     if len(train.classes) < 2:
         hint = (f"; {len(loose)} image(s) lie directly in {train_dir}: move them into those class folders"
                 if loose else "")
@@ -107,6 +202,7 @@ def scan_dataset(data_dir, val_split: float | None = None, seed: int = 0) -> Dat
         val = scan_split(val_dir, "val", train.classes)
         fraction = None
         loose += loose_images(val_dir)
+        hidden += [val_dir / h for h in read_split_folder(val_dir).hidden]
         if val_split:
             notes.append(f"--val-split {val_split} ignored: {val_dir} exists and is used for validation")
     elif val_split:
@@ -119,6 +215,9 @@ def scan_dataset(data_dir, val_split: float | None = None, seed: int = 0) -> Dat
         here = [p for p in loose if p.parent == folder]
         notes.append(f"{len(here)} image(s) lie directly in {folder} (not in a class folder) and are not used, "
                      f"e.g. {here[0].name}")
+    if hidden:  # a folder named '.cats' is easily meant as a class
+        notes.append(f"hidden folder(s) not used as classes (their names start with '.'; rename one to use it): "
+                     + ", ".join(str(h) for h in hidden))
     info = DatasetInfo(str(root), train.classes, train, val, fraction)
     check_not_empty(info)
     info.warnings = notes + dataset_warnings(info)
@@ -126,8 +225,7 @@ def scan_dataset(data_dir, val_split: float | None = None, seed: int = 0) -> Dat
 
 
 def loose_images(split_dir: Path) -> list[Path]:
-    return sorted(p for p in split_dir.iterdir()
-                  if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS)
+    return read_split_folder(split_dir).loose
 
 
 def check_not_empty(info: DatasetInfo) -> None:
@@ -135,6 +233,10 @@ def check_not_empty(info: DatasetInfo) -> None:
         empty = [c for c, n in split.counts().items() if n == 0]
         if empty:
             where = Path(info.root) / ("train" if split.name == "train" or info.val_from_split else split.name)
+            locked = [c for c in empty if (str(where / c), unreadable_reason(PermissionError(), folder=True))
+                      in split.skipped]
+            if locked:
+                raise DatasetError(f"class folder(s) {locked} in {where} cannot be read (permission denied)")
             raise DatasetError(f"class folder(s) {empty} in {where} contain no usable images "
                                f"(allowed: {', '.join(e.lstrip('.') for e in IMAGE_EXTENSIONS)})")
 
@@ -178,8 +280,10 @@ def skipped_warning(skipped: list[tuple[str, str]], limit: int = 20) -> str:
 
 
 def decode_resized(path: str, resize_size: int) -> torch.Tensor:
-    """File -> uint8 CHW tensor with the shorter side = resize_size (Resize(256))."""
-    return resize_short_side(TF.pil_to_tensor(load_rgb(path, min_side=resize_size)), resize_size)
+    """File -> uint8 CHW tensor with the shorter side = resize_size (Resize(256)).
+    The tensor copy and resize run inside the image's decode budget (load_rgb)."""
+    return load_rgb(path, min_side=resize_size,
+                    finish=lambda img: resize_short_side(TF.pil_to_tensor(img), resize_size))
 
 
 def resize_short_side(img: torch.Tensor, size: int) -> torch.Tensor:

@@ -116,3 +116,20 @@ def configure_threads() -> int:
     if torch.get_num_threads() > n:
         torch.set_num_threads(n)
     return torch.get_num_threads()
+
+
+def machine_memory_bytes(root: Path = Path("/sys/fs/cgroup")) -> int:
+    """Memory this process may use: physical RAM, capped by a cgroup memory
+    limit (v2 memory.max, v1 memory.limit_in_bytes) where one is set."""
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not POSIX: assume a small laptop
+        total = 8 * 2**30
+    for f in (root / "memory.max", root / "memory" / "memory.limit_in_bytes"):
+        try:
+            limit = int(f.read_text().split()[0])
+        except (OSError, ValueError, IndexError):  # absent, or "max"
+            continue
+        if 0 < limit < total:
+            total = limit
+    return total

@@ -18,7 +18,9 @@ activations are kept, in that dtype too: autocast would cast them down before
 the suffix's first convolution anyway."""
 from __future__ import annotations
 
+import csv
 import hashlib
+import json
 import math
 import os
 import shutil
@@ -312,10 +314,8 @@ def train(cfg: TrainConfig, stop: threading.Event | None = None, resume_checkpoi
         restore_optimizer(optimizer, resume["optimizer_state"], cfg)
 
     if resume:
-        run_dir, new_folder = resume_run_dir(cfg, resume)
-        if new_folder:
-            notes.append(f"--resume: {Path(cfg.resume).resolve().parent / 'latest.pt'} is past epoch {resume['epoch']}; "
-                         f"continuing in a new folder so its later epochs are kept")
+        run_dir, new_folder, note = resume_run_dir(cfg, resume)
+        notes += [note] if note else []
     else:
         run_dir, new_folder = new_run_dir(cfg.output_dir, cfg.run_name), True
     history = list(resume["history"]) if resume else []
@@ -477,30 +477,145 @@ def random_backbone_note(cfg: TrainConfig) -> str | None:
             f"or --policy full")
 
 
-def resume_run_dir(cfg: TrainConfig, resume: dict) -> tuple[Path, bool]:
-    """(folder, is_new): a resumed run continues in its checkpoint's folder,
-    unless that folder's latest.pt is further along (resuming best_acc.pt or an
-    older copy), whose epochs the next save would overwrite: then a new folder."""
+def resume_run_dir(cfg: TrainConfig, resume: dict) -> tuple[Path, bool, str | None]:
+    """(folder, is_new, note). A resumed run continues in its checkpoint's folder
+    only when that folder provably holds this run and nothing past it (see
+    folder_verdict): the next save replaces latest.pt, the best files and
+    metrics.csv there. Otherwise it goes to a new folder under cfg.output_dir
+    and `note` says why."""
     source = Path(cfg.resume).resolve()
-    latest = source.parent / "latest.pt"
-    if latest.is_file() and not os.path.samefile(latest, source) and (ck.saved_epoch(latest) or 0) > int(resume["epoch"]):
-        new = new_run_dir(cfg.output_dir, cfg.run_name)
-        carry_best_files(resume, source, new)
-        return new, True
-    ck.recover_run_folder(source.parent, resume, source=source)
-    return source.parent, False
+    folder = source.parent
+    verdict, detail = folder_verdict(folder, source, resume)
+    if verdict == "same":
+        ck.recover_run_folder(folder, resume, source=source)
+        return folder, False, None
+    new = new_run_dir(cfg.output_dir, cfg.run_name)
+    carry_best_files(resume, source, new, from_folder=verdict == "later")
+    epoch = int(resume["epoch"])
+    if verdict == "later":
+        return new, True, f"--resume: {folder / detail} is past epoch {epoch}; continuing in a new folder so its later " \
+                          f"epochs are kept"
+    if verdict == "no run":
+        return new, True, f"--resume: {folder} is not a run folder ({detail}); continuing in a new folder so nothing " \
+                          f"there is overwritten"
+    return new, True, f"--resume: {folder} holds another run ({detail}); continuing in a new folder so its files are kept"
 
 
-def carry_best_files(resume: dict, source: Path, run_dir: Path) -> None:
+# A run, for telling whether a folder holds it: the settings no resume can
+# change (fixed_run_settings), and its per-epoch validation history.
+HISTORY_KEYS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr")
+
+
+def folder_verdict(folder: Path, source: Path, ckpt: dict) -> tuple[str, str]:
+    """Whether `folder` (where checkpoint `source` = `ckpt` lies) is that run's:
+    - ("same", ""): its args.json holds the checkpoint's fixed settings (arch,
+      policy, dropout, seed, augment, val-split, input sizes); every row of its
+      metrics.csv, and the history in each of its latest.pt / best_acc.pt /
+      best_loss.pt (besides `source` itself), equals the checkpoint's history
+      for that epoch (same losses, accuracies and lr); those files hold its
+      class names; and none of them goes past the checkpoint's epoch.
+    - ("later", file name): all that, except that a file goes further (resuming
+      best_acc.pt or an older copy): the same run, whose later epochs the next
+      save would overwrite.
+    - ("no run", reason): no readable args.json (a downloads folder, say).
+    - ("other", reason): anything else, e.g. another run's files."""
+    try:
+        args = json.loads((folder / "args.json").read_text())
+    except FileNotFoundError:
+        return "no run", "it has no args.json"
+    except (OSError, ValueError):
+        return "no run", "its args.json cannot be read"
+    if not isinstance(args, dict):
+        return "no run", "its args.json is not a run's settings"
+    mine = fixed_run_settings(ckpt)
+    theirs = fixed_run_settings({"args": args, "arch": args.get("arch"), "policy": args.get("policy"),
+                                 "head": {"dropout": args.get("dropout")}})
+    for name, value in mine.items():
+        if value is not None and not same_value(theirs.get(name), value):
+            return "other", f"its args.json has {name}={theirs.get(name)}, the checkpoint {name}={value}"
+    epoch, rows = int(ckpt["epoch"]), {h.get("epoch"): h for h in ckpt.get("history") or []}
+    later = []  # files of this run that go past the checkpoint
+    try:
+        with open(folder / "metrics.csv", newline="") as f:
+            csv_rows = list(csv.DictReader(f))
+    except FileNotFoundError:
+        csv_rows = []
+    except (OSError, ValueError, csv.Error):
+        return "other", "its metrics.csv cannot be read"
+    e = history_mismatch(csv_rows, rows, epoch)
+    if e == "later":
+        later.append("metrics.csv")
+    elif e:
+        return "other", f"its metrics.csv {e}"
+    seen = {_inode(source)}
+    for name in ("latest.pt", "best_acc.pt", "best_loss.pt"):
+        path = folder / name
+        if not path.is_file() or _inode(path) in seen:  # (is_file: a pipe named so is never opened)
+            continue
+        seen.add(_inode(path))
+        saved = ck._peek(path)
+        if type(saved.get("epoch")) is not int:
+            return "other", f"its {name} is not a checkpoint this tool can read"
+        names = saved.get("class_names")
+        if names is not None and (not isinstance(names, (list, tuple)) or list(names) != list(ckpt["class_names"])):
+            return "other", f"its {name} has other classes"
+        e = history_mismatch(ck.history_rows(saved.get("history")), rows, epoch)
+        if e and e != "later":
+            return "other", f"its {name} {e}"
+        if e == "later" or saved["epoch"] > epoch:
+            later.append(name)
+    if later:
+        return "later", "latest.pt" if "latest.pt" in later else later[0]
+    return "same", ""
+
+
+def history_mismatch(their_rows: list[dict], mine: dict, epoch: int) -> str | None:
+    """None when each of `their_rows` equals `mine` (epoch -> row, the checkpoint's
+    history up to `epoch`) on HISTORY_KEYS; "later" for a row past `epoch`; else
+    what differs."""
+    for row in their_rows:
+        try:
+            e = int(float(row.get("epoch")))
+        except (TypeError, ValueError, OverflowError):
+            return "has a row without an epoch number"
+        if e > epoch:
+            return "later"
+        if e not in mine:
+            return f"has epoch {e}, which the checkpoint's history lacks"
+        for key in HISTORY_KEYS:
+            if key in row and key in mine[e] and not same_value(row[key], mine[e][key]):
+                return f"differs from the checkpoint's history at epoch {e} ({key})"
+    return None
+
+
+def same_value(a, b) -> bool:
+    """Equal as numbers where both read as numbers (a CSV cell '0.5' and 0.5;
+    NaN equals NaN), else as they are."""
+    if isinstance(a, bool) or isinstance(b, bool):
+        return a == b
+    try:
+        x, y = float(a), float(b)
+    except (TypeError, ValueError):
+        return a == b
+    return x == y or (math.isnan(x) and math.isnan(y))
+
+
+def _inode(path: Path) -> tuple[int, int]:
+    st = path.stat()
+    return st.st_dev, st.st_ino
+
+
+def carry_best_files(resume: dict, source: Path, run_dir: Path, from_folder: bool = True) -> None:
     """A run continued in a new folder starts with its best files: later epochs
-    only replace them when they do better. Each is the source checkpoint or the
-    old folder's file of that name, whichever holds the epoch the checkpoint
-    calls best (hard links, so nothing is written twice)."""
+    only replace them when they do better. Each is the source checkpoint or
+    (from_folder: the old folder is this run's) that folder's file of that name,
+    whichever holds the epoch the checkpoint calls best (hard links, so nothing
+    is written twice)."""
     for name, key in (("best_acc.pt", "best_epoch"), ("best_loss.pt", "best_loss_epoch")):
         want = int(resume.get(key) or 0)
         if want and want == int(resume["epoch"]):  # the resumed file is itself that best epoch
             ck.atomic_link_or_copy(source, run_dir / name)
-        elif want and (source.parent / name).is_file() and ck.saved_epoch(source.parent / name) == want:
+        elif from_folder and want and (source.parent / name).is_file() and ck.saved_epoch(source.parent / name) == want:
             ck.atomic_link_or_copy(source.parent / name, run_dir / name)
 
 
@@ -514,7 +629,8 @@ def fixed_run_settings(ckpt: dict) -> dict:
     if not policy and any(f in args for f in flags):  # the reference records its three 0/1 flags
         policy = policy_from_flags(*(int(args.get(f, d)) for f, d in zip(flags, (1, 0, 0))))
     # A guessed dropout rate (a reference head with a Dropout but no recorded rate) is not held to.
-    dropout = None if ckpt["head"].get("dropout_guessed") else float(ckpt["head"]["dropout"])
+    head = ckpt["head"]
+    dropout = None if head.get("dropout_guessed") or head.get("dropout") is None else float(head["dropout"])
     saved = {"arch": ckpt.get("arch"), "policy": policy, "dropout": dropout}
     saved.update({k: args[k] for k in ("seed", "val_split", "augment", "image_size", "resize_size") if k in args})
     return saved
@@ -690,7 +806,7 @@ def train_one_epoch(model, prefix, frozen, suffix, optimizer, loss_fn, src: Inpu
         if not torch.isfinite(loss) or loss.item() > EXPLODED_LOSS * max(1.0, math.log(logits.shape[1])):
             what = f"became {loss.item()}" if not torch.isfinite(loss) else f"exploded to {loss.item():.3g}"
             raise _Diverged(f"training diverged: loss {what} at epoch {epoch}, batch {step} "
-                            f"(lr={cfg.lr:g} is probably too high; try 0.001)")
+                            f"(lr={cfg.lr:g} is probably too high; try {min(cfg.lr / 10, 1e-3):g})")  # the default, or lower
         optimizer.zero_grad(set_to_none=True)
         if scaler:
             scaler.scale(loss).backward()
@@ -744,8 +860,25 @@ def save_epoch(run_dir: Path, model, optimizer, scaler, epoch, best, classes, cf
                 ck.atomic_link_or_copy(latest, run_dir / "best_loss.pt")
             ck.atomic_write_csv(run_dir / "metrics.csv", history)
     except OSError as e:
+        if not run_dir.is_dir():
+            raise UserError(f"could not write checkpoints to {run_dir}: the run folder no longer exists (deleted or "
+                            f"moved while training?), so no checkpoint of this run is left there") from None
         raise UserError(f"could not write checkpoints to {run_dir}: {e.strerror or e} "
-                        f"(disk full or not writable?). Files from earlier epochs are intact.") from None
+                        f"(disk full or not writable?). {saved_state(run_dir, epoch - 1)}") from None
+
+
+def saved_state(run_dir: Path, previous: int) -> str:
+    """What a failed save left in the run folder, as found on disk (files can
+    be deleted or replaced under a running run)."""
+    epochs = {name: ck.saved_epoch(run_dir / name) for name in ("latest.pt", "best_acc.pt", "best_loss.pt")
+              if (run_dir / name).is_file()}
+    epochs = {name: e for name, e in epochs.items() if e is not None}
+    if not epochs:
+        return "No checkpoint of this run is left there" + (" (none had been saved yet)." if previous == 0 else
+                                                             " (latest.pt is missing or unreadable).")
+    if epochs.get("latest.pt") == previous:
+        return f"Files from earlier epochs are intact (latest.pt holds epoch {previous})."
+    return "Left there: " + ", ".join(f"{name} (epoch {e})" for name, e in epochs.items()) + "."
 
 
 def export_formats(run_dir: Path, cfg: TrainConfig, classes) -> list[str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -19,7 +20,7 @@ def count_lines(data_dir) -> list[str]:
             split = scan_split(d, name)
             lines.append(split.summary_line())
             if split.skipped:
-                lines.append(f"  ({len(split.skipped)} non-image file(s) ignored in {name}/)")
+                lines.append(f"  ({len(split.skipped)} non-image or unreadable entries ignored in {name}/)")
         elif name != "test":
             lines.append(f"{name}: MISSING")
     return lines
@@ -46,7 +47,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-dir", default="data")
     args = p.parse_args(argv)
-    if not Path(args.data_dir).is_dir():
+    if not os.path.isdir(args.data_dir):  # (False, not an exception, for a folder this user may not read)
         print(f"error: {args.data_dir} is not a folder", file=sys.stderr)
         return 2
     from cli.common import run_cli

@@ -184,7 +184,7 @@ def test_resume_puts_optimizer_moments_in_the_weights_layout(tiny_dataset, tmp_p
     same = run(cfg_for(tiny_dataset, tmp_path / "x", policy="last", epochs=2, resume=f"{first.run_dir}/latest.pt"))[2]
     other = run(cfg_for(tiny_dataset, tmp_path / "y", policy="last", epochs=2, resume=str(tmp_path / "other_layout.pt")))[2]
     assert [h["train_loss"] for h in other.history] == pytest.approx([h["train_loss"] for h in same.history], abs=1e-6)
-    after = ck.read_checkpoint(tmp_path / "latest.pt")["optimizer_state"]["state"].values()
+    after = ck.read_checkpoint(Path(other.run_dir) / "latest.pt")["optimizer_state"]["state"].values()
     assert all(st[k].is_contiguous() for st in after if st["exp_avg"].dim() == 4 for k in ("exp_avg", "exp_avg_sq"))
 
 
@@ -239,11 +239,12 @@ def test_optimizer_is_fused_on_cpu_and_resume_from_an_unfused_checkpoint_switche
     from_fused = run(cfg_for(tiny_dataset, tmp_path / "x", epochs=2, resume=f"{first.run_dir}/latest.pt"))[2]
     from_unfused = run(cfg_for(tiny_dataset, tmp_path / "y", epochs=2, resume=str(tmp_path / "unfused.pt")))[2]
     assert from_unfused.status == "completed" and from_unfused.epochs_done == 2
-    assert from_unfused.run_dir == str(tmp_path)  # resumed in the folder of unfused.pt
+    # unfused.pt lies in no run folder: the run went to --output-dir
+    assert Path(from_unfused.run_dir).parent == tmp_path / "y"
     for a, b in zip(from_fused.history, from_unfused.history):
         assert a["train_loss"] == pytest.approx(b["train_loss"], abs=1e-6)
         assert a["val_loss"] == pytest.approx(b["val_loss"], abs=1e-6)
-    after = ck.read_checkpoint(tmp_path / "latest.pt")
+    after = ck.read_checkpoint(Path(from_unfused.run_dir) / "latest.pt")
     assert all(g["fused"] is True for g in after["optimizer_state"]["param_groups"])
     assert all(st["step"].dtype == torch.float32 and st["step"].item() > 0
                for st in after["optimizer_state"]["state"].values())
