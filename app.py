@@ -127,12 +127,13 @@ def plan(args) -> Plan:
         warnings.append("--data-root only matters when others can reach the app; on 127.0.0.1 any folder is allowed")
     if exposed:
         login = ("after logging in, " if logins else "WITHOUT A LOGIN (--no-auth), ")
+        listening = "--share (a public link)" if args.share else f"listening on {args.host}"
         warnings.append(
-            f"{where}: anyone who can reach port {args.port}, {login}can use this app: train on this machine's "
+            f"{listening}: anyone who can reach port {args.port}, {login}can use this app: train on this machine's "
             f"CPU/GPU, read the images in its folders (--checkpoints-dir, --data-dir, uploads/"
             f"{', --data-root' if roots else ''}) and download the checkpoints there. Uploaded pickled model files are "
             f"never loaded (unpickling would run their code on this machine). Logins travel unencrypted over http: "
-            f"use it on a network you trust, or behind an HTTPS proxy.")
+            f"use it on a network you trust, or behind an HTTPS proxy. Use --host 127.0.0.1 unless you mean it.")
     return Plan(exposed, logins or None, roots, warnings)
 
 
@@ -140,7 +141,7 @@ def is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
     try:
-        return ipaddress.ip_address(host).is_loopback
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
         return False
 

@@ -82,6 +82,16 @@ def run_dir_of(status: str) -> Path:
     return Path(re.search(r"`([^`]+)/best_acc\.pt`", status).group(1))
 
 
+def as_shown(markdown: str) -> str:
+    """The text a Markdown output shows: user strings in it are escaped
+    (demo_app/text.py), so tests read the rendering, as the page does."""
+    import html
+
+    from markdown_it import MarkdownIt
+    out = MarkdownIt("commonmark").enable("table").render(markdown)
+    return html.unescape(re.sub(r"<[^>]+>", "", out))
+
+
 # ---------------------------------------------------------------- training
 
 def test_train_streams_one_update_per_epoch(trained, app):
@@ -230,11 +240,11 @@ def test_check_dataset_counts_and_errors(app):
         assert said.startswith("⚠") and "fraction between 0 and 1" in said
     # an emptied folder box is said, not silently replaced by the demo set
     empty = app["client"].predict("  ", 0, 1337, api_name="/check_dataset")
-    assert empty.startswith("⚠") and "'Dataset folder' is empty" in empty and "**2 classes**" not in empty
+    assert empty.startswith("⚠") and "'Dataset folder' is empty" in as_shown(empty) and "**2 classes**" not in empty
     with pytest.raises(AppError, match="'Dataset folder' is empty"):
         train_job(app["client"], data_dir="").result(timeout=60)
     # the dataset's warnings name the app's fields, not the CLI's flags
-    ignored = app["client"].predict(str(DATA), 0.5, 1337, api_name="/check_dataset")
+    ignored = as_shown(app["client"].predict(str(DATA), 0.5, 1337, api_name="/check_dataset"))
     assert "'Validation fraction (Advanced)' = 0.5 ignored" in ignored and "--val-split" not in ignored
 
 
@@ -265,7 +275,7 @@ def test_bad_zip_uploads_give_clear_errors(app, tmp_path):
         _, summary = app["client"].predict(handle_file(path), 0, 1337, api_name="/upload_dataset_zip")
         assert summary.startswith("⚠ **Zip refused:**"), summary
         assert summary.endswith("The Dataset folder above is unchanged.")
-        return summary
+        return as_shown(summary)
     not_zip = tmp_path / "photos.zip"
     not_zip.write_bytes(b"this is not a zip")
     assert "photos.zip is not a zip file" in refusal(not_zip)
@@ -285,7 +295,7 @@ def test_bad_zip_uploads_give_clear_errors(app, tmp_path):
             z.write(p, p.relative_to(ds))
     folder, summary = app["client"].predict(handle_file(no_val), 0, 1337, api_name="/upload_dataset_zip")
     assert (Path(folder) / "train" / "cat").is_dir() and "val is missing" in summary
-    assert "set 'Validation fraction (Advanced)' to 0.2" in summary and "--val-split" not in summary
+    assert "set 'Validation fraction (Advanced)' to 0.2" in as_shown(summary) and "--val-split" not in summary
     fixed = app["client"].predict(folder, 0.25, 1337, api_name="/check_dataset")  # the fix it names works
     assert "**2 classes**" in fixed
 
@@ -362,15 +372,25 @@ def test_predict_errors_are_clear(trained, app, tmp_path):
         client.predict([], "", 2, trained["final"][CHECKPOINT]["value"], None, False, api_name="/predict_batch")
 
 
-def test_uploaded_full_model_needs_trust_pickle(trained, app, tmp_path):
+def test_a_full_model_loads_only_where_the_server_allows_pickles(trained, app, tmp_path):
+    """Unpickling runs the file's code: a default server refuses it whatever the
+    client sends as 'trust'; started with --allow-pickle-uploads, Trust pickle works."""
+    from PIL import Image
+
+    from core.access import AccessPolicy
     from core.checkpoint import export_full_model, model_from_checkpoint, read_checkpoint
+    from demo_app import handlers
     ckpt = trained["final"][CHECKPOINT]["value"]
     full = export_full_model(model_from_checkpoint(read_checkpoint(ckpt)), ["cat", "fish"], tmp_path / "full.pt")
-    image = handle_file(sorted((DATA / "val" / "cat").glob("*.jpg"))[0])
-    with pytest.raises(AppError, match="pickled Python objects"):
-        app["client"].predict(image, 2, None, handle_file(full), False, api_name="/predict")
-    label, _ = app["client"].predict(image, 2, None, handle_file(full), True, api_name="/predict")
-    assert {c["label"] for c in label["confidences"]} == {"cat", "fish"}
+    cat = sorted((DATA / "val" / "cat").glob("*.jpg"))[0]
+    for trust in (False, True):
+        with pytest.raises(AppError, match="pickled Python objects.*does not load such files.*--allow-pickle-uploads"):
+            app["client"].predict(handle_file(cat), 2, None, handle_file(full), trust, api_name="/predict")
+    owner = handlers.Handlers(tmp_path / "ck", DATA, tmp_path / "up", policy=AccessPolicy.make(False, allow_pickle=True))
+    with pytest.raises(handlers.gr.Error, match="tick 'Trust pickle'"):
+        owner.predict(Image.open(cat), 2, None, str(full), False)
+    label, _ = owner.predict(Image.open(cat), 2, None, str(full), True)
+    assert set(label) == {"cat", "fish"}
 
 
 def test_refresh_checkpoints_preselects_newest_best_acc(trained, app):
@@ -585,7 +605,7 @@ def test_wrong_kinds_of_path_are_named_as_such(trained, app, tmp_path):
     """A file where a folder belongs (and the reverse) is not 'does not exist'."""
     a_file = tmp_path / "notes.txt"
     a_file.write_text("x")
-    said = app["client"].predict(str(a_file), 0, 1337, api_name="/check_dataset")
+    said = as_shown(app["client"].predict(str(a_file), 0, 1337, api_name="/check_dataset"))
     assert "is a file, not a folder" in said
     with pytest.raises(AppError, match="is a folder; give the path of the .pth file"):
         train_job(app["client"], weights_source="local file", weights_path=str(tmp_path)).result(timeout=60)
@@ -609,14 +629,15 @@ def test_the_page_shows_predict_problems_in_place_of_the_old_answer(trained, tmp
     broken = tmp_path / "broken.pt"
     broken.write_bytes(b"\x00garbage" * 100)
     label, timing = h.predict_shown(image, 2, ckpt, str(broken), False)
-    assert label is None and timing.startswith("⚠ **Checkpoint problem:**") and "broken.pt" in timing
+    assert label is None and timing.startswith("⚠ **Checkpoint problem:**") and "broken.pt" in as_shown(timing)
     # a non-image dropped on the page: the image box hands over its message, shown in place of the old label
     from demo_app.components import SafeImage
     text = tmp_path / "notes.jpg"
     text.write_text("not a photo")
     not_image = SafeImage(type="pil").preprocess(handlers.gr.FileData(path=str(text), orig_name="notes.jpg"))
     label, timing = h.predict_shown(not_image, 2, ckpt, None, False)
-    assert label is None and timing.startswith("⚠ **Not an image:** notes.jpg: not an image file")
+    assert label is None and timing.startswith("⚠ **Not an image:**")
+    assert as_shown(timing).startswith("⚠ Not an image: notes.jpg: not an image file")
     *cleared, summary = h.predict_batch_shown([], "", 2, ckpt, None, False)
     assert cleared == [None, None, None] and summary.startswith("⚠ **No images:**")
     # another checkpoint chosen: results of the old one are cleared, and the page says how to redo them
@@ -655,7 +676,7 @@ def test_a_bare_state_dict_is_described_as_having_no_class_names(trained, tmp_pa
     torch.save(torch.load(trained["final"][CHECKPOINT]["value"], weights_only=True)["model_state"], sd)
     h = handlers.Handlers(tmp_path / "ck", DATA, tmp_path / "up")
     info = h.checkpoint_info(None, str(sd), False)
-    assert "classes: class\\_0, class\\_1 (this file stores no class names" in info, info  # Markdown-escaped
+    assert "classes: class_0, class_1 (this file stores no class names" in as_shown(info), info
     assert "no class names" not in h.checkpoint_info(trained["final"][CHECKPOINT]["value"], None, False)
     assert "val by class" not in info  # a bare state_dict has no validation results
 
@@ -663,13 +684,13 @@ def test_a_bare_state_dict_is_described_as_having_no_class_names(trained, tmp_pa
 def test_run_status_and_checkpoint_info_give_val_accuracy_by_class(trained, tmp_path):
     from demo_app import handlers
     best = trained["final"][CHECKPOINT]["value"]
-    m = re.search(r"Val by class at that epoch: cat (\d+)/16.* · fish (\d+)/16", trained["final"][STATUS])
+    m = re.search(r"Val by class at that epoch: cat (\d+)/16.* · fish (\d+)/16", as_shown(trained["final"][STATUS]))
     assert m, trained["final"][STATUS]
     acc = float(re.search(r"val_acc (\d\.\d+)", trained["final"][STATUS]).group(1))
     assert round((int(m.group(1)) + int(m.group(2))) / 32, 3) == acc  # the same epoch's counts
     info = handlers.Handlers(tmp_path / "ck", DATA, tmp_path / "up").checkpoint_info(best, None, False)
     epoch = re.search(r"Best epoch \*\*(\d+)", trained["final"][STATUS]).group(1)
-    assert f"val by class at epoch {epoch}: cat" in info, info
+    assert f"val by class at epoch {epoch}: cat" in as_shown(info), info
 
 
 def test_uploaded_images_are_not_checked_against_their_folder(trained, tmp_path):
@@ -701,7 +722,7 @@ def test_stop_from_a_page_that_did_not_start_the_run_preselects_its_best_checkpo
     assert "Stopped" in status and "preselected in the Predict tab" in status
     best = re.search(r"`([^`]+best_acc\.pt)`", status).group(1)
     assert ckpt["value"] == best and best in [v for _, v in ckpt["choices"]]
-    assert "epoch" in info and "best_acc.pt" in info
+    assert "epoch" in info and "best_acc.pt" in as_shown(info)
     list(starter)  # the starting page's stream ends too
 
 
@@ -726,5 +747,5 @@ def test_dataset_summary_rewrites_warnings_not_class_names(tmp_path):
     from demo_app import handlers
     data = make_image_dataset(tmp_path / "ds", classes=("--lr 3", "fish"), n_train=3, n_val=2)
     summary, n = handlers.Handlers(tmp_path / "ck", data, tmp_path / "up").check_dataset(str(data), 0.5)
-    assert n == 2 and "| --lr 3 | 3 | 2 |" in summary and "for ['--lr 3', 'fish']" in summary
-    assert "'Validation fraction (Advanced)' = 0.5 ignored" in summary
+    assert n == 2 and "| \\-\\-lr 3 | 3 | 2 |" in summary and "for ['--lr 3', 'fish']" in as_shown(summary)
+    assert "'Validation fraction (Advanced)' = 0.5 ignored" in as_shown(summary)

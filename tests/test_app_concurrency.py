@@ -301,13 +301,15 @@ def test_app_binds_loopback_by_default_and_serves_only_its_folders(tmp_path):
 
 
 def test_exposed_host_prints_a_warning(tmp_path):
-    app = AppProcess("--host", "0.0.0.0", "--port", free_port(), "--checkpoints-dir", tmp_path / "checkpoints")
+    app = AppProcess("--host", "0.0.0.0", "--port", free_port(), "--checkpoints-dir", tmp_path / "checkpoints",
+                     "--auth", "teacher:pw")  # (without a login, app.py refuses 0.0.0.0: tests/test_security_app.py)
     try:
         # The warning comes before the app is built; the URL line after (so: no warning at all).
         app.wait_for("WARNING: listening on", "Transfer-learning app:", timeout=150)
         warnings = [ln for ln in app.err if "WARNING: listening on 0.0.0.0" in ln]
         assert warnings, f"no exposure warning on stderr:\n{''.join(app.out + app.err)}"
         line = warnings[0]
-        assert "anyone who can reach port" in line and "--host 127.0.0.1" in line
+        assert "anyone who can reach port" in line and "after logging in" in line and "--host 127.0.0.1" in line
+        assert "pickled model files are never loaded" in line
     finally:
         app.close()

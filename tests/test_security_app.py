@@ -547,3 +547,45 @@ except gr.Error as e:
     assert said and said[-1].startswith("ERROR"), r.stdout + r.stderr
     assert "internal error" not in said[-1] and "enforce fail" not in said[-1], said[-1]
     assert re.search(r"too large|no space|could not be (written|saved)|cannot write", said[-1], re.I), said[-1]
+
+
+@pytest.mark.browser
+def test_names_render_as_text_in_the_browser(default_app, trained):
+    """Gradio's own Markdown renderer (marked, GFM: tables, autolinks), in Chromium."""
+    chromium = Path("/usr/bin/chromium")
+    if not chromium.exists():
+        pytest.skip("Chromium is not installed at /usr/bin/chromium (apt-get install chromium)")
+    sync_api = pytest.importorskip("playwright.sync_api")
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(chromium), headless=True,
+                                    args=["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                                          "--disable-background-networking"])
+        try:
+            page = browser.new_page(viewport={"width": 1440, "height": 1000})
+            page.set_default_timeout(60_000)
+            page.goto(default_app["url"])
+            page.wait_for_selector("#dataset-summary")
+            page.wait_for_function("document.querySelector('#dataset-summary').innerText.includes('classes')")
+            box = page.locator("#data-dir input, #data-dir textarea").first
+            box.fill(str(trained["data"]))
+            box.press("Enter")
+            page.wait_for_function("document.querySelector('#dataset-summary').innerText.includes('3 classes')")
+            page.get_by_role("tab", name="Predict").click()
+            ckpt = page.locator("#checkpoint input").first
+            ckpt.fill(str(trained["checkpoint"]))
+            ckpt.press("Enter")
+            page.wait_for_function("document.querySelector('#checkpoint-info').innerText.includes('classes:')")
+            folder = page.locator("#batch-folder input, #batch-folder textarea").first
+            folder.fill(str(trained["check"]))
+            page.locator("#batch-btn").click()
+            page.wait_for_function("document.querySelector('#batch-summary').innerText.includes('wrong:')")
+            for elem_id in ("dataset-summary", "checkpoint-info", "batch-summary"):
+                found = page.evaluate(f"""(() => {{ const el = document.querySelector('#{elem_id}');
+                    return {{text: el.innerText, tags: el.querySelectorAll('a, img, b, em, del, table table').length}};
+                    }})()""")
+                assert found["tags"] == 0, (elem_id, page.inner_html(f"#{elem_id}"))
+                text = " ".join(found["text"].split())
+                assert all(name in text for name in HOSTILE), (elem_id, text)
+            assert "[f](javascript:x)" in page.locator("#batch-summary").inner_text()
+        finally:
+            browser.close()
