@@ -3,7 +3,6 @@ component values. User errors (core.errors.UserError) become gr.Error with the
 core message; nothing here re-implements training, prediction or summaries."""
 from __future__ import annotations
 
-import logging
 import math
 import os
 import re
@@ -11,7 +10,6 @@ import shutil
 import tempfile
 import threading
 import time
-import traceback
 from pathlib import Path
 
 import gradio as gr
@@ -20,7 +18,7 @@ import pandas as pd
 from core.access import AccessPolicy
 from core.config import MAX_CLASSES, TrainConfig, check_val_split
 from core.engine import BatchProgress, EpochEnded, Notice, RunEnded, RunStarted
-from core.errors import UserError
+from core.errors import CheckpointError, UserError
 from core.images import load_rgb
 from core.metrics import folder_check, folder_labels, per_class_summary
 
@@ -28,8 +26,6 @@ from . import datasets, inference, modelview, plots, runs
 from .components import NotAnImage
 from .session import Failed, TrainingService, os_error_text
 from .text import html_text, md_block, md_code, md_text
-
-log = logging.getLogger("demo_app")
 
 EPOCH_COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds", "best"]
 PRED_COLUMNS = ["file", "top-1", "p", "top-k", "error", "check"]
@@ -65,8 +61,9 @@ _PICKLE_HINT = "predict.py --trust-pickle 1 (in the app: tick 'trust pickle')"
 _TRUST_HINT = "tick 'Trust pickle'"
 # What the app says instead when its owner did not start it with --allow-pickle-uploads
 # (the checkbox is hidden then, and a client's "trust" is ignored).
-PICKLE_OFF = ("this app does not load such files: its owner can allow it on their own machine with "
-              "python app.py --allow-pickle-uploads (command line: predict.py --trust-pickle 1)")
+_TRUST_ADVICE_RE = re.compile(r"(Only if you trust where it came from: )?" + re.escape(_TRUST_HINT))
+PICKLE_OFF = ("This app does not load such files; only on their own machine can its owner allow it, for files they "
+              "trust (python app.py --allow-pickle-uploads, or predict.py --trust-pickle 1)")
 _WEIGHTS_CHOICES = {"none": "None (random init)", "imagenet": "ImageNet (torchvision)", "PATH.pth": "Local file"}
 
 
@@ -466,10 +463,10 @@ class Handlers:
             self.policy.check(selected, "Checkpoint")
         try:
             return inference.load(selected, uploaded, bool(trust) and allowed)
-        except UserError as e:
+        except CheckpointError as e:
             if allowed or _TRUST_HINT not in for_the_app(e):
                 raise
-            raise type(e)(for_the_app(e).replace(_TRUST_HINT, PICKLE_OFF)) from None
+            raise CheckpointError(_TRUST_ADVICE_RE.sub(PICKLE_OFF, for_the_app(e))) from None
 
     def _predictor(self, selected, uploaded, trust):
         try:
@@ -493,6 +490,8 @@ class Handlers:
         pred = self._predictor(selected, uploaded, trust)
         try:
             r = inference.predict_one(pred, image, k)
+        except CheckpointError as e:  # the model's output is not finite: no result, and not the image's fault
+            raise user_error(e, "Checkpoint problem") from None
         except UserError as e:
             raise user_error(e, "Not an image") from None
         return r.confidences, (f"Prediction took **{r.ms:.0f} ms** on {pred.device.type} · top-{len(r.confidences)} of "
