@@ -414,6 +414,10 @@ def read_safetensors_export(path) -> LoadedExport:
         raise CheckpointError(f"{p} is not a readable safetensors file (truncated or damaged?): {first_line(e)}") from None
     if not state:
         raise CheckpointError(f"{p} holds no tensors")
+    n = ck.head_out_features(state)
+    if len(meta["class_names"]) != n:
+        raise CheckpointError(f"{side} names {len(meta['class_names'])} classes but {p} has {n} outputs: the JSON "
+                              f"belongs to another model")
     model, names = ck.model_from_state_dict(state, meta["arch"], meta["class_names"], p)
     info = {"format": "safetensors export", "path": str(p), "arch": meta["arch"], "sidecar": str(side)}
     for key in ("epoch", "best_epoch", "best_val_acc", "temperature", "weights"):
