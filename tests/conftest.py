@@ -5,7 +5,9 @@ from __future__ import annotations
 import os
 import random
 import sys
+import time
 from pathlib import Path
+from typing import Callable, NoReturn, TypeVar
 
 import pytest
 
@@ -33,26 +35,81 @@ def offline_torch_home(tmp_path_factory, monkeypatch):
     return home
 
 
-def _need_shared(rel: str) -> Path:
+# ---------------------------------------------------------------- prerequisites outside the repo
+
+# Under CI a missing prerequisite fails the test: a green CI run has run every test.
+IN_CI = os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+CHROMIUM = Path("/usr/bin/chromium")  # Debian's; Playwright cannot download browsers offline
+
+
+def absent(reason: str) -> NoReturn:
+    """A prerequisite that lives outside the repo (Chromium, ../shared) is missing:
+    skip with `reason`, or under CI (CI=true) fail with it."""
+    if IN_CI:
+        pytest.fail(f"{reason}. CI={os.environ['CI']}: under CI this is a failure, not a skip; "
+                    f"provide it (scripts/setup.sh --dev installs Chromium; ../shared or TL_SHARED_DIR holds "
+                    f"the real photos and weights)", pytrace=False)
+    pytest.skip(reason)
+
+
+def need_shared(rel: str) -> Path:
     p = SHARED / rel
     if not p.exists():
-        pytest.skip(f"../shared/{rel} is absent (real photos and weights live outside the repo); test skipped")
+        absent(f"{p} is absent (../shared/{rel}: real photos and weights live outside the repo)")
     return p
+
+
+def need_chromium():
+    """playwright.sync_api, once Chromium and the playwright package are both there."""
+    if not CHROMIUM.exists():
+        absent(f"Chromium is not installed at {CHROMIUM} (apt-get install chromium, or scripts/setup.sh --dev)")
+    try:
+        from playwright import sync_api
+    except ImportError:
+        absent("the playwright Python package is not installed (pip install -r requirements-dev.txt)")
+    return sync_api
+
+
+def launch_chromium(playwright):
+    """Headless Chromium as the browser tests run it (no sandbox: CI runs as root)."""
+    return playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True,
+                                      args=["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                                            "--disable-background-networking"])
+
+
+# ---------------------------------------------------------------- waiting for events
+
+T = TypeVar("T")
+
+
+def wait_until(condition: Callable[[], T], timeout: float, what: str, interval: float = 0.05) -> T:
+    """Poll `condition` until it returns something truthy and return that; fail
+    after `timeout` seconds naming `what`. For waits on a condition another
+    thread or process brings about; never a fixed sleep that guesses how long
+    it takes. Timeouts are generous: a loaded 2-core CI machine is slow."""
+    end = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > end:
+            pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}", pytrace=False)
+        time.sleep(interval)
 
 
 @pytest.fixture
 def catfish_mini() -> Path:
-    return _need_shared("data/catfish-mini")
+    return need_shared("data/catfish-mini")
 
 
 @pytest.fixture
 def catfish() -> Path:
-    return _need_shared("data/catfish")
+    return need_shared("data/catfish")
 
 
 @pytest.fixture
 def mobilenet_weights() -> Path:
-    return _need_shared("weights/mobilenet_v2_imagenet_features.pth")
+    return need_shared("weights/mobilenet_v2_imagenet_features.pth")
 
 
 @pytest.fixture
