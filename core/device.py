@@ -118,6 +118,7 @@ def configure_threads() -> int:
     return torch.get_num_threads()
 
 
+@functools.cache
 def machine_memory_bytes(root: Path = Path("/sys/fs/cgroup")) -> int:
     """Memory this process may use: physical RAM, capped by a cgroup memory
     limit (v2 memory.max, v1 memory.limit_in_bytes) where one is set."""

@@ -126,16 +126,19 @@ def test_reference_written_checkpoint_loads_and_predicts(tmp_path, tiny_dataset)
     got = pred.probabilities([img])[0]
     assert torch.allclose(got, expected, atol=1e-5)
 
-    # ...and --resume continues it: its history (a dict of lists) becomes epochs 1-3 of metrics.csv
+    # ...and --resume continues it: its history (a dict of lists) becomes epochs 1-3 of metrics.csv, in a
+    # new run folder under --output-dir (the checkpoint's folder is no run folder of this tool)
     run = tmp_path / "ref_run"
     run.mkdir()
     torch.save(ckpt, run / "ref_best.pt")
     r = cli("train.py", "--data-dir", str(tiny_dataset), "--device", "cpu", "--epochs", "4", "--policy", "full",
-            "--resume", str(run / "ref_best.pt"))
+            "--resume", str(run / "ref_best.pt"), "--output-dir", str(tmp_path / "out"))
     assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
     assert "RESUME: continuing at epoch 4/4" in r.stdout and "EPOCH 4/4" in r.stdout
+    assert f"NOTE: --resume: {run} is not a run folder (it has no args.json)" in r.stdout, r.stdout
+    assert sorted(p.name for p in run.iterdir()) == ["ref_best.pt"] and run_dir_of(r.stdout).parent == tmp_path / "out"
     import csv
-    with (run / "metrics.csv").open() as f:
+    with (run_dir_of(r.stdout) / "metrics.csv").open() as f:
         rows = list(csv.DictReader(f))
     assert [r["epoch"] for r in rows] == ["1", "2", "3", "4"] and rows[2]["val_acc"] == "0.8125"
     assert rows[0]["val_loss"] == "" and float(rows[3]["val_loss"]) >= 0  # a column the reference did not keep
@@ -252,12 +255,13 @@ def test_resume_continues_the_saved_runs_settings_unless_given_again(tiny_datase
             "--batch-size", "2", "--lr", "0.002", "--output-dir", str(tmp_path))
     assert r.returncode == 0, r.stderr
     run = run_dir_of(r.stdout)
-    half = ck_with_epochs(run / "latest.pt", 1, tmp_path / "epoch1.pt")
-    r = cli("train.py", "--device", "cpu", "--resume", str(half))
+    half = ck_with_epochs(run / "latest.pt", 1, tmp_path / "epoch1.pt")  # (in no run folder: new ones under --output-dir)
+    r = cli("train.py", "--device", "cpu", "--resume", str(half), "--output-dir", str(tmp_path / "cont"))
     assert r.returncode == 0, r.stderr
     assert f"  root: {tiny_dataset}" in r.stdout and "RESUME: continuing at epoch 2/3" in r.stdout
     assert "NOTE: --resume: continuing the run's" in r.stdout and "epochs=3" in r.stdout and "batch_size=2" in r.stdout
-    latest = torch.load(tmp_path / "latest.pt", weights_only=True)
+    cont = run_dir_of(r.stdout)
+    latest = torch.load(cont / "latest.pt", weights_only=True)
     assert latest["args"]["batch_size"] == 2 and latest["args"]["lr"] == 0.002 and latest["epoch"] == 3
     other = tmp_path / "other"
     import shutil
@@ -266,8 +270,7 @@ def test_resume_continues_the_saved_runs_settings_unless_given_again(tiny_datase
             "--output-dir", str(tmp_path / "forks"))
     assert r.returncode == 0, r.stderr
     assert f"training on {other}; the saved run trained on {tiny_dataset}" in r.stdout
-    # tmp_path/latest.pt is now at epoch 3, so this resume of epoch 1 went to a new folder
-    assert run_dir_of(r.stdout) != tmp_path and torch.load(tmp_path / "latest.pt", weights_only=True)["epoch"] == 3
+    assert run_dir_of(r.stdout) != cont and torch.load(cont / "latest.pt", weights_only=True)["epoch"] == 3
     assert torch.load(run_dir_of(r.stdout) / "latest.pt", weights_only=True)["args"]["batch_size"] == 4
     assert run_dir_of(r.stdout).parent == tmp_path / "forks"
     r = cli("train.py", "--device", "cpu", "--resume", str(half), "--data-dir", str(tiny_dataset) + "/", "--epochs", "2",
@@ -451,9 +454,10 @@ def test_resume_of_a_reference_checkpoint_with_freeze_flags_and_an_unrecorded_dr
     ref = {k: v for k, v in ours.items() if k not in ("arch", "policy", "head", "args")}
     ref["args"] = {"data_dir": str(tiny_dataset), "epochs": 1, "freeze_backbone": 1, "unfreeze_last": 1, "unfreeze_all": 0}
     torch.save(ref, tmp_path / "ref.pt")
-    p = cli("train.py", "--device", "cpu", "--resume", str(tmp_path / "ref.pt"), "--epochs", "2", "--policy", "full")
+    out = ["--output-dir", str(tmp_path / "out")]
+    p = cli("train.py", "--device", "cpu", "--resume", str(tmp_path / "ref.pt"), "--epochs", "2", "--policy", "full", *out)
     assert p.returncode == 2 and "--policy full cannot change on --resume: the saved run used last" in p.stderr, p.stderr
-    p = cli("train.py", "--device", "cpu", "--resume", str(tmp_path / "ref.pt"), "--epochs", "2", "--dropout", "0.2")
+    p = cli("train.py", "--device", "cpu", "--resume", str(tmp_path / "ref.pt"), "--epochs", "2", "--dropout", "0.2", *out)
     assert p.returncode == 0 and "EPOCH 2/2" in p.stdout and "policy=last" in p.stdout, p.stderr
 
 
