@@ -92,10 +92,6 @@ def read_split_folder(split_dir: Path) -> SplitFolder:
     return out
 
 
-def list_classes(split_dir: Path) -> list[str]:
-    return read_split_folder(split_dir).classes
-
-
 def unreadable_reason(err: OSError, folder: bool = False) -> str:
     if isinstance(err, PermissionError):
         return f"permission denied (cannot read this {'folder' if folder else 'entry'})"
@@ -143,11 +139,12 @@ def walk_class_folder(folder: Path) -> tuple[list[Path], list[tuple[str, str]]]:
     return files, skipped
 
 
-def scan_split(split_dir: Path, name: str, classes: list[str] | None = None) -> Split:
+def scan_split(split_dir: Path, name: str, classes: list[str] | None = None,
+               folder: SplitFolder | None = None) -> Split:
     """List image files per class folder (sorted by path). Files that are not
     images by name, and entries that cannot be used (see walk_class_folder,
-    read_split_folder), are reported as skipped."""
-    folder = read_split_folder(split_dir)
+    read_split_folder), are reported as skipped. `folder`: split_dir as read."""
+    folder = folder or read_split_folder(split_dir)
     classes = classes if classes is not None else folder.classes
     samples, skipped = [], [(Path(p), r) for p, r in folder.unreadable]
     for idx, cls in enumerate(classes):
@@ -181,9 +178,9 @@ def _scan_dataset(data_dir, val_split: float | None, seed: int) -> DatasetInfo:
         hint = (f"; {root} looks like a split itself: pass its parent, --data-dir {root.parent}"
                 if root.name in ("train", "val") and (root.parent / "train").is_dir() else "")
         raise DatasetError(f"{train_dir} is missing: the dataset needs {root}/train/<class>/ folders with images{hint}")
-    train = scan_split(train_dir, "train")
-    loose = loose_images(train_dir)
-    hidden = [train_dir / h for h in read_split_folder(train_dir).hidden]
+    train_folder = read_split_folder(train_dir)
+    train = scan_split(train_dir, "train", folder=train_folder)
+    loose, hidden = train_folder.loose, [train_dir / h for h in train_folder.hidden]
     if len(train.classes) < 2:
         hint = (f"; {len(loose)} image(s) lie directly in {train_dir}: move them into those class folders"
                 if loose else "")
@@ -193,16 +190,17 @@ def _scan_dataset(data_dir, val_split: float | None, seed: int) -> DatasetInfo:
         raise DatasetError(f"{train_dir} has {len(train.classes):,} class folders; at most {MAX_CLASSES:,} are supported "
                            f"(is --data-dir pointing at the right folder?)")
     if val_dir.is_dir():
-        val_classes = list_classes(val_dir)
+        val_folder = read_split_folder(val_dir)
+        val_classes = val_folder.classes
         if val_classes != train.classes:
             only_train = sorted(set(train.classes) - set(val_classes))
             only_val = sorted(set(val_classes) - set(train.classes))
             raise DatasetError(f"class folders differ between {train_dir} and {val_dir}: "
                                f"only in train: {only_train or 'none'}; only in val: {only_val or 'none'}")
-        val = scan_split(val_dir, "val", train.classes)
+        val = scan_split(val_dir, "val", train.classes, val_folder)
         fraction = None
-        loose += loose_images(val_dir)
-        hidden += [val_dir / h for h in read_split_folder(val_dir).hidden]
+        loose += val_folder.loose
+        hidden += [val_dir / h for h in val_folder.hidden]
         if val_split:
             notes.append(f"--val-split {val_split} ignored: {val_dir} exists and is used for validation")
     elif val_split:
@@ -222,10 +220,6 @@ def _scan_dataset(data_dir, val_split: float | None, seed: int) -> DatasetInfo:
     check_not_empty(info)
     info.warnings = notes + dataset_warnings(info)
     return info
-
-
-def loose_images(split_dir: Path) -> list[Path]:
-    return read_split_folder(split_dir).loose
 
 
 def check_not_empty(info: DatasetInfo) -> None:

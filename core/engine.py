@@ -805,8 +805,9 @@ def train_one_epoch(model, prefix, frozen, suffix, optimizer, loss_fn, src: Inpu
             loss = loss_fn(logits.float(), y)
         if not torch.isfinite(loss) or loss.item() > EXPLODED_LOSS * max(1.0, math.log(logits.shape[1])):
             what = f"became {loss.item()}" if not torch.isfinite(loss) else f"exploded to {loss.item():.3g}"
+            lower = min(cfg.lr / 10, 1e-3)  # a tenth, and no more than the default
             raise _Diverged(f"training diverged: loss {what} at epoch {epoch}, batch {step} "
-                            f"(lr={cfg.lr:g} is probably too high; try {min(cfg.lr / 10, 1e-3):g})")  # the default, or lower
+                            f"(lr={cfg.lr:g} is probably too high; try {lower:g})")
         optimizer.zero_grad(set_to_none=True)
         if scaler:
             scaler.scale(loss).backward()
