@@ -7,6 +7,23 @@ import io
 import os
 import sys
 
+from core.errors import render
+
+# Each setting's name on the command line ({setting} placeholders in core's texts).
+FLAG_NAMES = {name: "--" + name.replace("_", "-") for name in (
+    "data_dir", "device", "epochs", "batch_size", "lr", "weight_decay", "freeze_backbone", "unfreeze_last",
+    "unfreeze_all", "policy", "seed", "num_workers", "amp", "dropout", "run_name", "print_model", "arch", "weights",
+    "augment", "val_split", "output_dir", "resume", "export_state_dict", "export_full_model", "cache",
+    "cache_budget_mb", "image_size", "image", "checkpoint", "topk", "random", "n", "all", "csv", "classes",
+    "trust_pickle", "format", "out", "quantize")}
+# A setting with a value, where the CLI words it other than "<flag> <value>".
+CLI_CHOICES: dict[tuple[str, str], str] = {}
+
+
+def say(text: str, field: str | None = None) -> str:
+    """A text from core (error, warning, note) in the CLI's words."""
+    return render(text, FLAG_NAMES, CLI_CHOICES, field)
+
 
 def bool01(value: str) -> int:
     """The reference's 0/1 flags; also accepts true/false/yes/no."""
@@ -46,7 +63,7 @@ def run_cli(fn) -> int:
     try:
         return fn() or 0
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {e.render(FLAG_NAMES, CLI_CHOICES)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)

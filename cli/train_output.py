@@ -7,6 +7,7 @@ import threading
 
 from tqdm import tqdm
 
+from cli.common import say
 from core.config import TrainConfig
 from core.engine import BatchProgress, EpochEnded, Notice, RunEnded, RunStarted, train
 
@@ -24,7 +25,7 @@ def print_training(cfg: TrainConfig, print_model: bool = False, notes=(), resume
                 bar = update_bar(bar, ev)
             elif isinstance(ev, Notice):
                 bar = close_bar(bar)
-                print(f"{ev.level.upper()}: {ev.text}", file=sys.stderr, flush=True)
+                print(f"{ev.level.upper()}: {say(ev.text)}", file=sys.stderr, flush=True)
             elif isinstance(ev, EpochEnded):
                 bar = close_bar(bar)
                 print(ev.line(), flush=True)
@@ -53,9 +54,9 @@ def print_start(ev: RunStarted, print_model: bool, notes=()) -> None:
         model = build_model(cfg.arch, len(classes), cfg.dropout, "none")
         print("\n".join(print_model_report(cfg.arch, model, len(classes), cfg.dropout)))
     for w in ev.dataset.warnings:
-        print(f"WARNING: {w}", file=sys.stderr)
+        print(f"WARNING: {say(w)}", file=sys.stderr)
     for n in [*notes, *ev.notes]:
-        print(f"NOTE: {n}")
+        print(f"NOTE: {say(n)}")
     sys.stdout.flush()
 
 

@@ -104,9 +104,9 @@ class TrainConfig:
     extra: dict = field(default_factory=dict)  # free-form notes (e.g. the UI that started it)
 
     def validate(self) -> "TrainConfig":
-        def need(cond, msg):
+        def need(cond, name, msg, allowed=None):
             if not cond:
-                raise ConfigError(msg)
+                raise ConfigError(msg, field=name, value=getattr(self, name), allowed=allowed)
 
         if str(self.weights).strip().lower() in ("imagenet", "none"):  # --weights None / IMAGENET mean the keywords
             self.weights = str(self.weights).strip().lower()
@@ -116,28 +116,42 @@ class TrainConfig:
         w = str(self.weights)
         # (a resumed run records where its weights came from, e.g. the reference's 'IMAGENET1K_V1')
         need(self.resume or w in ("imagenet", "none") or any(c in w for c in "/\\.") or Path(w).expanduser().exists(),
-             f"--weights {w!r} is not valid; choose imagenet, none, or the path of a state_dict file (.pth)")
-        need(self.arch in ARCHS, f"--arch {self.arch!r} is not supported; choose one of {', '.join(ARCHS)}")
-        need(self.policy in POLICIES, f"--policy {self.policy!r} is not valid; choose head, last or full")
-        need(self.augment in AUGMENTS, f"--augment {self.augment!r} is not valid; choose {', '.join(AUGMENTS)}")
-        need(self.device in DEVICES, f"--device {self.device!r} is not valid; choose {', '.join(DEVICES)}")
-        need(self.cache in CACHE_MODES, f"--cache {self.cache!r} is not valid; choose auto or off")
-        need(isinstance(self.epochs, int) and 1 <= self.epochs <= 10000, f"--epochs must be an integer from 1 to 10000 (got {self.epochs})")
-        need(isinstance(self.batch_size, int) and 1 <= self.batch_size <= 4096, f"--batch-size must be an integer from 1 to 4096 (got {self.batch_size})")
-        need(_finite(self.lr) and 0 < self.lr <= 100, f"--lr must be a number > 0 and <= 100 (got {self.lr})")
-        need(_finite(self.weight_decay) and 0 <= self.weight_decay <= 10, f"--weight-decay must be between 0 and 10 (got {self.weight_decay})")
-        need(_finite(self.dropout) and 0 <= self.dropout < 1, f"--dropout must be in [0, 1) (got {self.dropout})")
-        need(isinstance(self.num_workers, int) and 0 <= self.num_workers <= 64, f"--num-workers must be 0..64 (got {self.num_workers})")
-        need(isinstance(self.seed, int) and not isinstance(self.seed, bool) and 0 <= self.seed <= MAX_SEED,
-             f"--seed must be a whole number from 0 to {MAX_SEED} (got {self.seed})")
+             "weights", f"{{setting}} {w!r} is not valid; choose imagenet, none, or the path of a state_dict file (.pth)",
+             ("imagenet", "none", "a .pth path"))
+        need(self.arch in ARCHS, "arch", f"{{setting}} {self.arch!r} is not supported; choose one of {', '.join(ARCHS)}",
+             ARCHS)
+        need(self.policy in POLICIES, "policy", f"{{setting}} {self.policy!r} is not valid; choose head, last or full",
+             POLICIES)
+        need(self.augment in AUGMENTS, "augment",
+             f"{{setting}} {self.augment!r} is not valid; choose {', '.join(AUGMENTS)}", AUGMENTS)
+        need(self.device in DEVICES, "device", f"{{setting}} {self.device!r} is not valid; choose {', '.join(DEVICES)}",
+             DEVICES)
+        need(self.cache in CACHE_MODES, "cache", f"{{setting}} {self.cache!r} is not valid; choose auto or off",
+             CACHE_MODES)
+        need(isinstance(self.epochs, int) and 1 <= self.epochs <= 10000, "epochs",
+             f"{{setting}} must be an integer from 1 to 10000 (got {self.epochs})", (1, 10000))
+        need(isinstance(self.batch_size, int) and 1 <= self.batch_size <= 4096, "batch_size",
+             f"{{setting}} must be an integer from 1 to 4096 (got {self.batch_size})", (1, 4096))
+        need(_finite(self.lr) and 0 < self.lr <= 100, "lr", f"{{setting}} must be a number > 0 and <= 100 (got {self.lr})",
+             ("> 0", 100))
+        need(_finite(self.weight_decay) and 0 <= self.weight_decay <= 10, "weight_decay",
+             f"{{setting}} must be between 0 and 10 (got {self.weight_decay})", (0, 10))
+        need(_finite(self.dropout) and 0 <= self.dropout < 1, "dropout",
+             f"{{setting}} must be in [0, 1) (got {self.dropout})", (0, "< 1"))
+        need(isinstance(self.num_workers, int) and 0 <= self.num_workers <= 64, "num_workers",
+             f"{{setting}} must be 0..64 (got {self.num_workers})", (0, 64))
+        need(isinstance(self.seed, int) and not isinstance(self.seed, bool) and 0 <= self.seed <= MAX_SEED, "seed",
+             f"{{setting}} must be a whole number from 0 to {MAX_SEED} (got {self.seed})", (0, MAX_SEED))
         check_val_split(self.val_split)
-        need(isinstance(self.cache_budget_mb, int) and self.cache_budget_mb >= 0, "--cache-budget-mb must be >= 0")
-        need(self.image_size >= 32 and self.resize_size >= self.image_size, "--image-size must be >= 32 and <= resize size")
-        need(bool(self.run_name) and all(c.isalnum() or c in "-_." for c in self.run_name),
-             f"--run-name {self.run_name!r} may only contain letters, digits, '-', '_' and '.'")
-        need(bool(str(self.data_dir).strip()), "--data-dir must not be empty")
-        need(bool(str(self.output_dir).strip()), "--output-dir must not be empty: give the folder that run folders "
-             "go into (default: checkpoints)")
+        need(isinstance(self.cache_budget_mb, int) and self.cache_budget_mb >= 0, "cache_budget_mb",
+             "{setting} must be >= 0", (0, None))
+        need(self.image_size >= 32 and self.resize_size >= self.image_size, "image_size",
+             "{setting} must be >= 32 and <= resize size", (32, self.resize_size))
+        need(bool(self.run_name) and all(c.isalnum() or c in "-_." for c in self.run_name), "run_name",
+             f"{{setting}} {self.run_name!r} may only contain letters, digits, '-', '_' and '.'")
+        need(bool(str(self.data_dir).strip()), "data_dir", "{setting} must not be empty")
+        need(bool(str(self.output_dir).strip()), "output_dir", "{setting} must not be empty: give the folder that run "
+             "folders go into (default: checkpoints)")
         return self
 
     @property
@@ -160,7 +174,8 @@ class TrainConfig:
 def check_val_split(value) -> None:
     """None (keep val/) or a fraction strictly between 0 and 1."""
     if not (value is None or (_finite(value) and 0 < value < 1)):
-        raise ConfigError(f"--val-split must be a fraction between 0 and 1, e.g. 0.2 (got {value})")
+        raise ConfigError(f"{{setting}} must be a fraction between 0 and 1, e.g. 0.2 (got {value})",
+                          field="val_split", value=value, allowed=(0, 1))
 
 
 def _finite(x) -> bool:
