@@ -42,31 +42,31 @@ IN_CI = os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
 CHROMIUM = Path("/usr/bin/chromium")  # Debian's; Playwright cannot download browsers offline
 
 
-def absent(reason: str) -> NoReturn:
+def absent(reason: str, remedy: str) -> NoReturn:
     """A prerequisite that lives outside the repo (Chromium, ../shared) is missing:
-    skip with `reason`, or under CI (CI=true) fail with it."""
+    skip with `reason`, or under CI (CI=true) fail with it and the `remedy`."""
     if IN_CI:
-        pytest.fail(f"{reason}. CI={os.environ['CI']}: under CI this is a failure, not a skip; "
-                    f"provide it (scripts/setup.sh --dev installs Chromium; ../shared or TL_SHARED_DIR holds "
-                    f"the real photos and weights)", pytrace=False)
-    pytest.skip(reason)
+        pytest.fail(f"{reason}. CI={os.environ['CI']}: under CI a missing prerequisite is a failure, not a skip; "
+                    f"{remedy}", pytrace=False)
+    pytest.skip(f"{reason}; {remedy}")
 
 
 def need_shared(rel: str) -> Path:
     p = SHARED / rel
     if not p.exists():
-        absent(f"{p} is absent (../shared/{rel}: real photos and weights live outside the repo)")
+        absent(f"{p} is absent (real photos and weights live outside the repo, in ../shared)",
+               "put them at ../shared beside the checkout or point TL_SHARED_DIR at a copy")
     return p
 
 
 def need_chromium():
     """playwright.sync_api, once Chromium and the playwright package are both there."""
     if not CHROMIUM.exists():
-        absent(f"Chromium is not installed at {CHROMIUM} (apt-get install chromium, or scripts/setup.sh --dev)")
+        absent(f"Chromium is not installed at {CHROMIUM}", "run scripts/setup.sh --dev (or apt-get install chromium)")
     try:
         from playwright import sync_api
     except ImportError:
-        absent("the playwright Python package is not installed (pip install -r requirements-dev.txt)")
+        absent("the playwright Python package is not installed", "run scripts/setup.sh --dev")
     return sync_api
 
 
