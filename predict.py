@@ -157,6 +157,8 @@ def prediction_notes(args, pred, classes, n_images: int) -> list[str]:
         notes.append(f"--classes ignored: the checkpoint names its classes {pred.class_names}")
     if not classes and fmt == "state_dict":
         notes.append("a bare state_dict has no class names; pass --classes, e.g. --classes cat,fish")
+    elif not classes and pred.info.get("class_names_recorded") is False:
+        notes.append(f"the {fmt} records no class names, so they are numbered; pass --classes, e.g. --classes cat,fish")
     if args.random and n_images < args.n:
         notes.append(f"the folder has {n_images} image(s), fewer than --n {args.n}: predicting all of them")
     return notes

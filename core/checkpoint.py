@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import errno
+import functools
 import glob
 import io
 import json
@@ -21,8 +22,8 @@ from torch import nn
 
 from . import checkpoint_rules as rules
 from .errors import CheckpointError, first_line
-from .config import ARCHS, MAX_CLASSES
-from .models import build_model, few_keys
+from .config import ARCHS, MAX_CLASSES, POLICIES
+from .models import build_model, few_keys, trainable_names
 from .safeload import check_torch_file
 
 FORMAT_VERSION = 1
@@ -111,10 +112,10 @@ class _Recording:
         return getattr(self._f, name)
 
 
-_WHY = {errno.ENOSPC: "no space left on the disk", getattr(errno, "EDQUOT", -1): "disk quota exceeded",
-        errno.EFBIG: "file too large for this file system or process limit",
-        errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",
-        errno.EPERM: "permission denied"}
+_WHY = {errno.ENOSPC: "the disk is full", getattr(errno, "EDQUOT", -1): "your disk quota is used up",
+        errno.EFBIG: "larger than this file system or a process limit allows",
+        errno.EROFS: "the disk is mounted read-only", errno.EACCES: "the folder is not writable for you",
+        errno.EPERM: "the folder is not writable for you"}
 
 
 def _naming(e: OSError, path: Path) -> OSError:
@@ -124,7 +125,7 @@ def _naming(e: OSError, path: Path) -> OSError:
         return e
     why = e.strerror or os.strerror(e.errno)
     plain = _WHY.get(e.errno)
-    return type(e)(e.errno, f"{why} ({plain})" if plain and plain.lower() != why.lower() else why, str(path))
+    return type(e)(e.errno, f"{why} ({plain})" if plain else why, str(path))
 
 
 _DEFERRED = threading.local()  # .dirs: folders whose fsync one_dir_sync() will do
@@ -500,7 +501,42 @@ def read_checkpoint(path, trust_pickle: bool = False) -> dict:
     ckpt = normalise_checkpoint(obj, path)
     rules.Rules(path).int_("epoch", ckpt.get("epoch"), 0, rules.MAX_EPOCH)  # a resume counts on from it
     rules.check_training_state(ckpt, path)
+    check_optimizer_fits(ckpt, path)
     return ckpt
+
+
+@functools.lru_cache(maxsize=16)
+def trainable_shapes(arch: str, num_classes: int, dropout: float) -> dict[str, tuple[tuple[int, ...], ...]]:
+    """Per policy, the shapes of the parameters an optimizer gets, in its order."""
+    with torch.device("meta"):
+        model = build_model(arch, num_classes, dropout, "none")
+    return {policy: tuple(tuple(p.shape) for name, p in model.named_parameters()
+                          if name.startswith(trainable_names(arch, policy))) for policy in POLICIES}
+
+
+def check_optimizer_fits(ckpt: dict, path) -> None:
+    """The saved optimizer state belongs to this model: as many parameters as
+    one of the policies trains, each moment the shape of its parameter (torch's
+    load_state_dict checks the count only; a wrong shape fails mid-training)."""
+    opt = ckpt.get("optimizer_state")
+    if not opt:
+        return
+    ids = [pid for g in opt["param_groups"] for pid in g["params"]]
+    shapes = trainable_shapes(ckpt["arch"], ckpt["head"]["num_classes"], ckpt["head"]["dropout"])
+    fitting = [s for s in shapes.values() if len(s) == len(ids)]
+    r = rules.Rules(path)
+    if len(set(ids)) != len(ids) or not fitting:
+        counts = ", ".join(f"{len(s)} ({p})" for p, s in shapes.items())
+        r.fail("optimizer_state.param_groups", opt["param_groups"],
+               f"the parameters one policy of this model trains, each once: {counts}")
+    for pid, shape in zip(ids, fitting[0]):
+        for k, v in (opt["state"].get(pid) or {}).items():
+            if not torch.is_tensor(v):
+                continue
+            if k == "step" and v.numel() != 1:
+                r.fail(f"optimizer_state.state.{pid}.step", v, "a single number")
+            if k != "step" and tuple(v.shape) != shape:
+                r.fail(f"optimizer_state.state.{pid}.{k}", v, f"a tensor of its parameter's shape {shape}")
 
 
 def normalise_checkpoint(ckpt: dict, path="<checkpoint>") -> dict:
@@ -520,16 +556,17 @@ def normalise_checkpoint(ckpt: dict, path="<checkpoint>") -> dict:
         raise CheckpointError(f"{path} is a {rules.shown(ckpt['arch'])} model; this tool loads {', '.join(ARCHS)} "
                               f"(its 'arch')")
     outputs = head_out_features(state, path)
-    if ckpt.get("head") is None:
+    head = dict(ckpt.get("head") or {"num_classes": outputs})
+    if head["num_classes"] != outputs:
+        rules.Rules(path).fail("head.num_classes", head["num_classes"],
+                               f"the number of outputs of the head in model_state ({outputs})")
+    if "dropout" not in head:
         has_dropout = any(k.startswith("fc.1.") for k in state)
         saved = args.get("dropout")  # 0.0 is a real value; only a missing one is guessed
-        ckpt["head"] = {"dropout": float(saved) if saved is not None else (0.5 if has_dropout else 0.0),
-                        "num_classes": outputs}
+        head["dropout"] = float(saved) if saved is not None else (0.5 if has_dropout else 0.0)
         if saved is None and has_dropout:  # the keys say a Dropout is there, not its rate
-            ckpt["head"]["dropout_guessed"] = True
-    elif ckpt["head"]["num_classes"] != outputs:
-        rules.Rules(path).fail("head.num_classes", ckpt["head"]["num_classes"],
-                               f"the number of outputs of the head in model_state ({outputs})")
+            head["dropout_guessed"] = True
+    ckpt["head"] = head
     names = rules.check_class_names(ckpt.get("class_names"), outputs, path)
     ckpt["class_names_recorded"] = names is not None
     ckpt["class_names"] = names or [f"class_{i}" for i in range(outputs)]

@@ -31,7 +31,7 @@ def clean_confusion(value, num_classes: int) -> list[list[int]] | None:
         if not isinstance(entry, (list, tuple)) or len(entry) != 3 or not all(type(v) is int for v in entry):
             continue
         t, p, c = entry
-        if 0 <= t < num_classes and 0 <= p < num_classes and c > 0:
+        if 0 <= t < num_classes and 0 <= p < num_classes and 0 < c < 2**53:  # a count, not a 5000-digit int
             out.append([t, p, c])
     return out or None
 

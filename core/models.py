@@ -77,6 +77,15 @@ def imagenet_state_dict(arch: str) -> dict:
                 f"  Fix: on a machine with internet, download {enum.url}\n"
                 f"  and place it at {cached} (TORCH_HOME={os.environ.get('TORCH_HOME', '<default ~/.cache/torch>')}),\n"
                 f"  or train without pretrained weights: --weights none, or a local file: --weights PATH.pth")
+    if cached.is_file():  # torchvision would torch.load whatever lies there
+        from .errors import CheckpointError
+        from .safeload import check_torch_file
+        try:
+            with open(cached, "rb") as f:
+                check_torch_file(f, cached, os.fstat(f.fileno()).st_size)
+        except (CheckpointError, OSError) as e:
+            raise WeightsError(f"the cached ImageNet weights for {arch} cannot be used: {e}. "
+                               f"Delete the file and retry, or use --weights none") from None
     try:
         return enum.get_state_dict(progress=True, check_hash=False)
     except Exception as e:  # network errors mid-download, a corrupt cache file
@@ -120,12 +129,19 @@ def load_backbone_weights(model: nn.Module, arch: str, weights: str) -> str:
 
 
 def read_weights_file(path: str) -> dict:
+    """A state_dict from a local file (or a checkpoint's model_state), its
+    tensors finite and its BatchNorm variances >= 0: damaged weights would
+    only show up as a diverged run."""
+    from . import checkpoint_rules as rules
     from .checkpoint import load_file  # local import: checkpoint imports models
     obj = load_file(path, what="--weights file")
     if isinstance(obj, dict) and "model_state" in obj:
         obj = obj["model_state"]
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise WeightsError(f"{path} is not a state_dict (a dict of tensors) or a checkpoint with 'model_state'")
+    r = rules.Rules(path)
+    for k, v in obj.items():
+        rules.check_tensor(r, f"[{rules.shown(k)}]", v, non_negative=str(k).endswith("running_var"))
     return obj
 
 

@@ -1,9 +1,12 @@
-"""Issue 5.6: time-bounded fuzzing of the two parsers that take files from
+"""Issue 5.6: time-bounded fuzzing of the parsers that take files from
 strangers. load_rgb: random bytes and mutated valid images of every supported
 format -> an RGB image or ImageLoadError, nothing else. extract_dataset_zip:
 random member names (.., absolute, backslashes, drive letters, links) and
 mutated zip bytes -> a dataset folder inside the destination or DatasetError,
-and nothing is ever written outside the destination."""
+and nothing is ever written outside the destination. Issue 15: checkpoint
+dicts of a real run with mutated fields, types, shapes and values -> a
+prediction with finite probabilities summing to 1 (and a resumable state), or
+the tool's own UserError, nothing else."""
 from __future__ import annotations
 
 import io
@@ -15,11 +18,13 @@ import zipfile
 from pathlib import Path
 
 import numpy as np
+import pytest
+import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from core.errors import DatasetError, ImageLoadError
+from core.errors import DatasetError, ImageLoadError, UserError
 from core.images import load_rgb
 from core.zipimport import extract_dataset_zip
 
@@ -32,12 +37,12 @@ COUNTS: dict[str, int] = {}
 
 
 class Budget:
-    def __init__(self, name):
-        self.name, self.end = name, None
+    def __init__(self, name, seconds=BUDGET_S):
+        self.name, self.seconds, self.end = name, seconds, None
 
     def spent(self) -> bool:
         if self.end is None:
-            self.end = time.monotonic() + BUDGET_S
+            self.end = time.monotonic() + self.seconds
         if time.monotonic() > self.end:
             return True
         COUNTS[self.name] = COUNTS.get(self.name, 0) + 1
@@ -209,6 +214,168 @@ def test_fuzz_zip_mutated_bytes(edits, cut):
     if ZIP_BUDGET_MUTATED.spent():
         return
     check_zip_result(mutate(BASE_ZIP, edits, cut))
+
+
+# ---------------------------------------------------------------- checkpoints
+
+# Each example saves, loads, predicts and restores a whole model (~0.1-0.5 s): a larger
+# budget than the parsers'. TL_FUZZ_SECONDS / TL_FUZZ_EXAMPLES run it longer by hand.
+FUZZ_CHECKPOINTS = settings(max_examples=int(os.environ.get("TL_FUZZ_EXAMPLES", 400)), **FUZZ)
+CKPT_BUDGET = Budget("checkpoint dicts", float(os.environ.get("TL_FUZZ_SECONDS", 30)))
+
+
+@pytest.fixture(scope="module")
+def real_checkpoint(tmp_path_factory):
+    """latest.pt of a real 1-epoch MobileNetV2 run (random init, 32-pixel images:
+    more examples in the budget) and an image. One torch thread meanwhile: the
+    hundreds of small per-tensor checks are faster without a thread pool."""
+    from conftest import make_image_dataset, train_config, train_run
+    tmp = tmp_path_factory.mktemp("fuzz_ckpt")
+    data = make_image_dataset(tmp / "ds")
+    _, _, end = train_run(train_config(data, tmp / "out", arch="mobilenet_v2", epochs=1, device="cpu",
+                                       image_size=32, resize_size=32))
+    ckpt = torch.load(Path(end.run_dir) / "latest.pt", weights_only=True)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield {"ckpt": ckpt, "data": data, "image": Image.open(next((data / "val" / "cat").iterdir())).convert("RGB"),
+           "file": tmp / "fuzzed.pt"}
+    torch.set_num_threads(threads)
+
+
+scalar = (st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats()
+          | st.sampled_from([0, 1, 2, -1, 31, 32, 224, 256, 1024, 1025, 10**4, 10**6, 2**63, 2**2000, 0.5, 1.5])
+          | st.text(max_size=6))
+tensor = st.builds(lambda shape, dtype, fill: torch.full(shape, fill).to(dtype),
+                   st.lists(st.integers(0, 4), max_size=3),
+                   st.sampled_from([torch.float32, torch.float16, torch.float64, torch.int64, torch.bool, torch.uint8]),
+                   st.sampled_from([0.0, 1.0, -1.0, 0.5, float("nan"), float("inf"), 3e38]))
+value = st.recursive(scalar | tensor, lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=4), c, max_size=3)
+                     | st.tuples(c, c), max_leaves=6)
+FIELDS = ["epoch", "best_epoch", "best_loss_epoch", "best_val_acc", "best_val_loss", "class_names", "weights", "args",
+          "history", "arch", "policy", "head", "preprocess", "format_version", "temperature", "val_confusion",
+          "optimizer_state", "scaler_state", "model_state", "unknown",
+          "preprocess.resize", "preprocess.crop", "preprocess.mean", "head.num_classes", "head.dropout",
+          "class_names.0", "class_names.1", "args.dropout", "args.arch", "args.policy", "args.image_size",
+          "args.resize_size", "args.epochs", "args.seed", "args.val_split", "args.freeze_backbone", "args.data_dir",
+          "history.0", "history.0.epoch", "history.0.val_loss", "val_confusion.0", "scaler_state.scale",
+          "optimizer_state.state", "optimizer_state.param_groups.0.lr", "optimizer_state.param_groups.0.betas",
+          "optimizer_state.param_groups.0.eps", "optimizer_state.param_groups.0.params",
+          "optimizer_state.state.0.exp_avg", "optimizer_state.state.0.exp_avg_sq", "optimizer_state.state.0.step"]
+field_edit = st.tuples(st.just("field"), st.sampled_from(FIELDS), st.sampled_from(["set", "delete"]), value)
+tensor_edit = st.tuples(st.just("tensor"), st.integers(0, 10**6),
+                        st.sampled_from(["delete", "fill", "one", "flatten", "transpose", "half", "int", "bool",
+                                         "scale", "replace", "extra"]),
+                        st.sampled_from([float("nan"), float("inf"), -1.0, 0.0, 1e38, 3e38, 1e-30]) | tensor)
+
+
+def edit(obj, dotted: str, op: str, new):
+    """obj with the value at a dotted path (dict keys, list indices) set or removed; copies along the path."""
+    head, _, rest = dotted.partition(".")
+    if isinstance(obj, dict):
+        key = int(head) if head.isdigit() and int(head) in obj else head  # optimizer state is keyed by ints
+        out = dict(obj)
+        if rest:
+            if key in out:
+                out[key] = edit(out[key], rest, op, new)
+        elif op == "delete":
+            out.pop(key, None)
+        else:
+            out[key] = new
+        return out
+    if isinstance(obj, (list, tuple)) and head.isdigit() and int(head) < len(obj):
+        out = list(obj)
+        i = int(head)
+        if rest:
+            out[i] = edit(out[i], rest, op, new)
+        elif op == "delete":
+            del out[i]
+        else:
+            out[i] = new
+        return type(obj)(out) if isinstance(obj, list) else tuple(out)
+    return obj
+
+
+def edit_tensor(ckpt: dict, keys: list, pick: int, op: str, arg) -> dict:
+    state = dict(ckpt["model_state"])
+    key = keys[pick % len(keys)]
+    t = state[key]
+    if not torch.is_tensor(t):  # an earlier edit put something else there
+        return ckpt
+    number = arg if isinstance(arg, float) else 1.0
+    if op == "delete":
+        del state[key]
+    elif op == "extra":
+        state[key + "_extra"] = t.clone()
+    elif op == "replace":
+        state[key] = arg if torch.is_tensor(arg) else torch.tensor(arg)
+    elif op == "fill":
+        state[key] = torch.full_like(t, number) if t.is_floating_point() else t.clone().fill_(int(number) if
+                                                                                                abs(number) < 1e9 else 0)
+    elif op == "one" and t.numel() and t.is_floating_point():
+        state[key] = t.clone(memory_format=torch.contiguous_format)
+        state[key].view(-1)[pick % t.numel()] = number
+    elif op == "flatten":
+        state[key] = t.reshape(-1)
+    elif op == "transpose" and t.dim() >= 2:
+        state[key] = t.transpose(0, 1).contiguous()
+    elif op == "half":
+        state[key] = t.half()
+    elif op == "int":
+        state[key] = t.long()
+    elif op == "bool":
+        state[key] = t.bool()
+    elif op == "scale" and t.is_floating_point():
+        state[key] = t * number
+    return dict(ckpt, model_state=state)
+
+
+def check_checkpoint_result(path: Path, real: dict):
+    """Predict: finite probabilities summing to 1, or a UserError. Resume
+    (the checkpoint read, the run's settings, model, optimizer and loss
+    scaler restored): done, or a UserError."""
+    from core import checkpoint as ck
+    from core.config import TrainConfig
+    from core.engine import make_grad_scaler, make_optimizer, read_resume, restore_optimizer
+    from core.models import apply_policy
+    from core.predict import Predictor
+    try:
+        pred = Predictor.load(path)
+        probs = pred.probabilities([real["image"]])
+        assert probs.shape == (1, len(pred.class_names)) and bool(torch.isfinite(probs).all())
+        assert abs(float(probs.sum()) - 1) < 1e-3
+        top = pred.predict_image(real["image"], 3)
+        assert top and all(isinstance(label, str) and 0 <= p <= 1 for label, p in top)
+    except UserError as e:
+        assert str(e) and "\n" not in str(e), str(e)
+    try:
+        ckpt = ck.read_checkpoint(path)
+        cfg = TrainConfig(data_dir=str(real["data"]), resume=str(path), epochs=10_000, weights="none", device="cpu")
+        ckpt, _ = read_resume(cfg, ckpt)
+        model = ck.model_from_checkpoint(ckpt, path)
+        apply_policy(model, cfg.arch, cfg.policy)
+        optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], cfg, torch.device("cpu"))
+        if ckpt.get("optimizer_state"):
+            restore_optimizer(optimizer, ckpt["optimizer_state"], cfg)
+        cfg.amp = True
+        make_grad_scaler(cfg, torch.device("cpu"), ckpt.get("scaler_state"), kind="cpu")
+    except UserError as e:
+        assert str(e) and "\n" not in str(e), str(e)
+
+
+@FUZZ_CHECKPOINTS
+@given(edits=st.lists(field_edit | tensor_edit, min_size=1, max_size=3))
+def test_fuzz_checkpoint_dicts(real_checkpoint, edits):
+    if CKPT_BUDGET.spent():
+        return
+    real = real_checkpoint
+    ckpt = real["ckpt"]
+    for kind, where, op, arg in edits:
+        if kind == "field":
+            ckpt = edit(ckpt, where, op, arg)
+        elif isinstance(ckpt.get("model_state"), dict) and ckpt["model_state"]:
+            ckpt = edit_tensor(ckpt, list(ckpt["model_state"]), where, op, arg)
+    torch.save(ckpt, real["file"])
+    check_checkpoint_result(real["file"], real)
 
 
 def test_fuzz_counts_report():

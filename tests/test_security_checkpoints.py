@@ -226,6 +226,16 @@ def test_large_crops_predict_in_smaller_batches(saved, tmp_path):
     assert Predictor.load(saved["latest"]).default_batch_size() == 8
 
 
+def test_cached_imagenet_weights_are_checked_before_torchvision_loads_them(tmp_path, offline_torch_home, monkeypatch):
+    from core.errors import WeightsError
+    from core.models import imagenet_cache_path, imagenet_state_dict
+    cached = imagenet_cache_path("mobilenet_v2")
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    zip_bomb(cached, 20 * 2**20)
+    no_torch_load(monkeypatch)
+    with pytest.raises(WeightsError, match="cached ImageNet weights for mobilenet_v2 cannot be used: .*zip bomb"):
+        imagenet_state_dict("mobilenet_v2")
+
 # ---------------------------------------------------------------- item 5: corrupt checkpoints
 
 def with_state(ckpt: dict, key: str, fn) -> dict:
@@ -249,7 +259,8 @@ def test_negative_batchnorm_variance_is_refused_in_every_format(saved, tmp_path)
             Predictor.load(path, **kw)
 
 
-def test_class_names_must_be_unique_non_empty_strings_matching_the_head(saved, tmp_path):
+def test_class_names_must_be_unique_non_empty_strings_matching_the_head(saved, tmp_path, capsys):
+    import predict
     from core.predict import Predictor
     good = saved["ckpt"]
     for names in ("ab", [1, 2], ["cat", "cat"], [["cat"], ["fish"]], ["cat", ""], ["cat"], ["a", "b", "c"],
@@ -263,6 +274,8 @@ def test_class_names_must_be_unique_non_empty_strings_matching_the_head(saved, t
     torch.save(dict(good, class_names=None), tmp_path / "none.pt")
     pred = Predictor.load(tmp_path / "none.pt")
     assert pred.class_names == ["class_0", "class_1"] and pred.info["class_names_recorded"] is False
+    assert predict.main(["--image", str(saved["image"]), "--checkpoint", str(tmp_path / "none.pt"), "--device", "cpu"]) == 0
+    assert "NOTE: the checkpoint dict records no class names, so they are numbered" in capsys.readouterr().err
     # --classes is held to the same rules
     for classes in (["cat", "cat"], ["cat", ""]):
         with pytest.raises(UserError, match="--classes"):
@@ -310,6 +323,20 @@ def test_non_finite_tensors_anywhere_are_refused_on_resume(saved, tmp_path):
     with pytest.raises(CheckpointError, match=rf"optimizer_state.state.{first}.exp_avg holds NaN or infinite values"):
         ck.read_checkpoint(tmp_path / "bad.pt")
 
+
+def test_weights_files_with_damaged_tensors_are_refused(saved, tmp_path):
+    from core.models import read_weights_file
+    state = torch.load(saved["state_dict"], weights_only=True)
+    for key, value in (("features.0.0.weight", float("nan")), ("features.0.1.running_var", -1.0)):
+        bad = dict(state, **{key: state[key].clone().fill_(value)})
+        torch.save(bad, tmp_path / "w.pt")
+        with pytest.raises(CheckpointError, match=rf"w.pt: \['{key}'\] holds (NaN or infinite|negative) values"):
+            read_weights_file(tmp_path / "w.pt")
+
+
+def test_per_class_counts_past_any_real_count_are_dropped():
+    from core.metrics import clean_confusion
+    assert clean_confusion([[0, 0, 2**60], [0, 1, 3]], 2) == [[0, 1, 3]]
 
 def test_a_prediction_is_never_a_non_finite_probability(saved, tmp_path):
     """Finite weights whose outputs overflow float32: an error, not p=nan."""
