@@ -60,7 +60,7 @@ def no_run_left(app):
 
 
 @pytest.fixture(scope="module")
-def page(app, sync_api):
+def page(sync_api, app):
     with sync_api.sync_playwright() as p:
         browser = launch_chromium(p)
         pg = browser.new_page(viewport={"width": 1440, "height": 1000})
