@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from . import checkpoint as ck
+from . import checkpoint_rules as rules
 from .config import ARCHS
 from .data import IMAGENET_MEAN, IMAGENET_STD, normalize
 from .errors import CheckpointError, ImageLoadError, UserError, first_line
@@ -47,6 +48,7 @@ SELF_CHECK_TOLERANCE = 1e-3
 # int8 is reported as not good enough when val accuracy drops by more than this.
 INT8_MAX_DROP = 0.01
 MAX_CALIBRATION_IMAGES = 200
+MAX_SIDECAR_BYTES = 16 * 2**20  # 10,000 class names are ~0.2 MB of JSON
 
 
 class ExportError(UserError):
@@ -232,6 +234,23 @@ def export_formats(source: ExportSource, out_dir, formats=FORMATS) -> Iterator[E
     yield ExportedFile("json", sidecar, sidecar.stat().st_size, time.perf_counter() - t, notes=notes)
 
 
+def export_checkpoint(path, out_dir=None, formats=FORMATS, quantize: str | None = None, data_dir=None,
+                      trust_pickle: bool = False, arch: str | None = None,
+                      classes: list[str] | None = None) -> tuple[list[ExportedFile], Int8Report | None]:
+    """Everything export.py does, in one call (for the app): the files written
+    (model.json last) and the int8 report when quantize == "int8"."""
+    if quantize not in (None, "int8"):
+        raise UserError(f"quantize {quantize!r} is not supported; the choice is int8")
+    formats = parse_formats(formats if isinstance(formats, str) else ",".join(formats))
+    if quantize and "onnx" not in formats:
+        formats = ("onnx", *formats)
+    source = load_source(path, trust_pickle, arch, classes)
+    files = list(export_formats(source, default_out_dir(path) if out_dir is None else out_dir, formats))
+    report = quantize_int8(source, next(f.path for f in files if f.format == "onnx"), data_dir=data_dir) \
+        if quantize else None
+    return files, report
+
+
 def _make_out_dir(out: Path) -> None:
     if out.exists() and not out.is_dir():
         raise ExportError(f"--out {out} is a file, not a folder")
@@ -396,9 +415,14 @@ def read_safetensors_export(path) -> LoadedExport:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    from .safeload import MAX_FILE_BYTES
+
     p = Path(path).expanduser()
     if not p.is_file():
         raise CheckpointError(f"{p} does not exist" if not p.exists() else f"{p} is not a regular file")
+    if p.stat().st_size > MAX_FILE_BYTES:
+        raise CheckpointError(f"{p} is {p.stat().st_size / 2**30:.1f} GiB; model files here are at most "
+                              f"{MAX_FILE_BYTES / 2**30:.0f} GiB")
     side = sidecar_for(p)
     if not side.is_file():
         raise CheckpointError(f"{p} holds weights only; the architecture and class names come from {side}, which is "
@@ -427,29 +451,27 @@ def read_safetensors_export(path) -> LoadedExport:
 
 
 def _read_sidecar(side: Path) -> dict:
+    """model.json, each field used checked as a checkpoint's are (core.checkpoint_rules)."""
     try:
+        if side.stat().st_size > MAX_SIDECAR_BYTES:
+            raise CheckpointError(f"{side} is {side.stat().st_size:,} bytes; a model.json is a few KB "
+                                  f"(at most {MAX_SIDECAR_BYTES:,} bytes)")
         meta = json.loads(side.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{side} is not readable JSON: {first_line(e)}") from None
     if not isinstance(meta, dict):
         raise CheckpointError(f"{side} is not a model.json object")
-
-    def need(ok, field_name, allowed):
-        if not ok:
-            raise CheckpointError(f"{side}: {field_name} is {meta.get(field_name)!r}; allowed: {allowed}")
-
-    need(meta.get("arch") in ARCHS, "arch", " or ".join(ARCHS))
-    names = meta.get("class_names")
-    need(isinstance(names, list) and len(names) >= 1 and all(isinstance(n, str) and n.strip() for n in names)
-         and len(set(names)) == len(names), "class_names", "a list of distinct, non-empty names")
-    for key, default in (("resize", 256), ("crop", 224)):
-        meta.setdefault(key, default)
-        need(type(meta[key]) is int and 32 <= meta[key] <= 1024, key, "an integer from 32 to 1024")
-    need(meta["crop"] <= meta["resize"], "crop", "at most resize")
+    r = rules.Rules(side)
+    r.str_("arch", meta.get("arch"), ARCHS)
+    if rules.check_class_names(meta.get("class_names"), None, side) is None:
+        r.fail("class_names", meta.get("class_names"), "a list of class-name strings")
+    meta.setdefault("resize", 256)
+    meta.setdefault("crop", 224)
+    r.int_("resize", meta["resize"], rules.MIN_SIDE, rules.MAX_SIDE)
+    r.int_("crop", meta["crop"], rules.MIN_SIDE, meta["resize"], " (at most resize)")
     if "temperature" in meta:
-        t = meta["temperature"]
-        need(isinstance(t, (int, float)) and not isinstance(t, bool) and math.isfinite(t) and 1e-3 <= t <= 100,
-             "temperature", "a number above 0, at most 100")
+        r.real("temperature", meta["temperature"], 1e-3, rules.MAX_TEMPERATURE,
+               f"a number above 0, at most {rules.MAX_TEMPERATURE:g}")
     return meta
 
 

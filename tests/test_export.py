@@ -18,7 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import ROOT, SHARED
+from conftest import ROOT, SHARED, absent
 
 # name -> train.py flags beyond the common ones; each freeze policy of ResNet-18, and MobileNetV2
 RUNS = {
@@ -123,7 +123,8 @@ def exports(made) -> dict[str, Path]:
 
 def run_or_skip(runs, name) -> Path:
     if name not in runs:
-        pytest.skip(f"{name} needs ../shared's MobileNetV2 weights and catfish-mini photos, which are absent")
+        absent(f"{name} needs ../shared's MobileNetV2 weights and catfish-mini photos, which are absent",
+               "put them at ../shared or point TL_SHARED_DIR at a copy")
     return runs[name]
 
 
@@ -243,7 +244,8 @@ def test_predict_onnx_without_torch_prints_what_predict_py_prints(runs, exports,
 
     ours = cli("deploy/predict_onnx.py", "--model", exports[name] / "model.onnx", "--image", folder, "--topk", "2",
                env={"PYTHONPATH": str(blocker.parent)})
-    theirs = main_of("predict.py", "--checkpoint", ckpt, "--image", folder, "--all", "1", "--topk", "2", "--device", "cpu")
+    theirs = main_of("predict.py", "--checkpoint", ckpt, "--image", folder, "--all", "1", "--topk", "2",
+                     "--device", "cpu")
     assert ours.returncode == 0 and "Traceback" not in ours.stderr, ours.stderr
     assert theirs.returncode == 0, theirs.stderr
 
@@ -346,11 +348,11 @@ def test_corrupt_or_incomplete_exports_give_clear_errors(runs, exports, tmp_path
 def test_state_dict_and_full_model_export(runs, tmp_path):
     """The other checkpoint kinds predict.py accepts: a bare state_dict with
     --arch/--classes, a full pickled model only with --trust-pickle 1."""
-    from core.export import export_formats, load_pt2, load_source, read_safetensors_export
+    from core.export import export_checkpoint, load_pt2, read_safetensors_export
 
     run = runs["resnet18-head"].parent
-    r = main_of("export.py", "--checkpoint", run / "state_dict.pt", "--arch", "resnet18", "--classes", "kitten,trout",
-            "--format", "safetensors", "--out", tmp_path / "sd")
+    r = main_of("export.py", "--checkpoint", run / "state_dict.pt", "--arch", "resnet18", "--classes",
+                "kitten,trout", "--format", "safetensors", "--out", tmp_path / "sd")
     assert r.returncode == 0, r.stderr
     assert "format: state_dict" in r.stdout and "class_names: ['kitten', 'trout']" in r.stdout
     loaded = read_safetensors_export(tmp_path / "sd" / "model.safetensors")
@@ -360,10 +362,39 @@ def test_state_dict_and_full_model_export(runs, tmp_path):
 
     r = main_of("export.py", "--checkpoint", run / "full_model.pt", "--format", "pt2", "--out", tmp_path / "full")
     assert r.returncode == 2 and "--trust-pickle 1" in r.stderr and not (tmp_path / "full").exists()
-    source = load_source(run / "full_model.pt", trust_pickle=True)
-    files = {f.format: f for f in export_formats(source, tmp_path / "full", ["pt2"])}
-    assert files["pt2"].max_abs_diff <= TOLERANCE
+    found, report = export_checkpoint(run / "full_model.pt", tmp_path / "full", ["pt2"], trust_pickle=True)
+    files = {f.format: f for f in found}
+    assert list(files) == ["pt2", "json"] and report is None and files["pt2"].max_abs_diff <= TOLERANCE
     x = torch.randn(3, 3, 224, 224)
     with torch.inference_mode():
-        assert torch.allclose(load_pt2(files["pt2"].path).module()(x), source.model(x), atol=TOLERANCE)
+        want = torch.load(run / "full_model.pt", weights_only=False).eval()(x)
+        assert torch.allclose(load_pt2(files["pt2"].path).module()(x), want, atol=TOLERANCE)
     assert json.loads(files["json"].path.read_text())["source"]["format"] == "full model (pickle)"
+
+
+def test_temperature_is_carried_into_model_json_and_applied(runs, exports, tmp_path):
+    """A checkpoint with a temperature (issue 17's calibration): model.json records it
+    and predict_onnx.py divides the logits by it before the softmax."""
+    from core.data import normalize
+    from core.export import export_formats, load_source
+    from core.predict import Predictor
+
+    saved = torch.load(runs["resnet18-head"], weights_only=True)
+    ckpt = tmp_path / "calibrated.pt"
+    torch.save({**saved, "temperature": 0.05}, ckpt)
+    source = load_source(ckpt)
+    assert source.meta["temperature"] == 0.05 and source.meta["probabilities"] == "softmax(logits / temperature)"
+    files = {f.format: f.path for f in export_formats(source, tmp_path / "export", ["safetensors"])}
+    assert json.loads(files["json"].read_text())["temperature"] == 0.05
+    shutil.copy(exports["resnet18-head"] / "model.onnx", tmp_path / "export" / "model.onnx")  # the same weights
+
+    image = real_images()[0]
+    r = cli("deploy/predict_onnx.py", "--model", tmp_path / "export" / "model.onnx", "--image", image)
+    assert r.returncode == 0, r.stderr
+    pred = Predictor.load(ckpt)
+    with torch.inference_mode():
+        logits = pred.model(normalize(pred.preprocess(image)[None]))
+    p = torch.softmax(logits / 0.05, 1)[0]  # small T: sharp, unlike the plain softmax of these weights
+    top = int(p.argmax())
+    assert f"{float(torch.softmax(logits, 1)[0][top]):.4f}" != f"{float(p[top]):.4f}"  # T makes a difference here
+    assert f"  1) {pred.class_names[top]}  p={float(p[top]):.4f}" in r.stdout.splitlines(), r.stdout
