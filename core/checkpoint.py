@@ -647,12 +647,13 @@ def check_weights(model: nn.Module, path) -> nn.Module:
     """Refuse NaN/inf weights (they predict p=nan for everything and cannot be
     trained further) and negative BatchNorm variances (the same, through a square root)."""
     for name, t in model.state_dict().items():
-        if t.is_floating_point() and not torch.isfinite(t).all():
+        if rules.value_problem(t):
             raise CheckpointError(f"{path} holds NaN or infinite weights in {name} (its run diverged); "
                                   f"use the run's best_acc.pt or best_loss.pt, or an earlier checkpoint")
     for name, m in model.named_modules():
         var = getattr(m, "running_var", None)
-        if isinstance(m, nn.modules.batchnorm._NormBase) and torch.is_tensor(var) and bool((var < 0).any()):
+        if isinstance(m, nn.modules.batchnorm._NormBase) and torch.is_tensor(var) and \
+                rules.value_problem(var, non_negative=True):
             raise CheckpointError(f"{path} holds a negative BatchNorm variance in {name}.running_var; a variance "
                                   f"is >= 0, so the file is damaged")
     return model
