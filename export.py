@@ -60,7 +60,7 @@ def _export(args) -> int:
     source = ex.load_source(args.checkpoint, bool(args.trust_pickle), args.arch, classes)
     meta = source.meta
     print(f"CHECKPOINT: {args.checkpoint}")
-    print(f"format: {meta['source']['format']}")
+    print(f"format: {source.predictor.info.get('format')}")
     print(f"arch: {meta.get('arch') or 'unknown (not a torchvision model this tool builds)'}")
     print(f"class_names: {source.class_names}")
     if meta.get("best_epoch") is not None:

@@ -67,7 +67,7 @@ class ExportSource:
 
 @dataclass
 class ExportedFile:
-    format: str  # "onnx", "pt2", "safetensors", "json" or "int8"
+    format: str  # "onnx", "pt2", "safetensors" or "json"
     path: Path
     bytes: int
     seconds: float
@@ -184,7 +184,7 @@ def _source_meta(path: Path, pred) -> tuple[dict, str | None]:
             meta[key] = info[key]
     data_dir = None
     if info.get("format") == "checkpoint dict":
-        c = ck.read_checkpoint(path)
+        c = ck.normalise_checkpoint(ck.load_file(path), path)  # as Predictor.load reads it (no optimizer checks)
         for key in ("epoch", "best_epoch", "best_val_acc", "best_val_loss", "best_loss_epoch", "policy", "weights",
                     "temperature"):
             value = c.get(key)
