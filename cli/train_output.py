@@ -9,7 +9,8 @@ from tqdm import tqdm
 
 from cli.common import say
 from core.config import TrainConfig
-from core.engine import BatchProgress, EpochEnded, Notice, RunEnded, RunStarted, train
+from core.engine import train
+from core.events import BatchProgress, LogLine, RunEnded, RunStarted, log_lines, notice_lines
 
 
 def print_training(cfg: TrainConfig, print_model: bool = False, notes=(), resume_checkpoint: dict | None = None) -> int:
@@ -19,23 +20,29 @@ def print_training(cfg: TrainConfig, print_model: bool = False, notes=(), resume
     bar = None
     try:
         for ev in train(cfg, stop, resume_checkpoint):
-            if isinstance(ev, RunStarted):
-                print_start(ev, print_model, notes)
-            elif isinstance(ev, BatchProgress):
+            if isinstance(ev, BatchProgress):
                 bar = update_bar(bar, ev)
-            elif isinstance(ev, Notice):
-                bar = close_bar(bar)
-                print(f"{ev.level.upper()}: {say(ev.text)}", file=sys.stderr, flush=True)
-            elif isinstance(ev, EpochEnded):
-                bar = close_bar(bar)
-                print(ev.line(), flush=True)
-            elif isinstance(ev, RunEnded):
-                bar = close_bar(bar)
-                return print_end(ev)
+                continue
+            bar = close_bar(bar)
+            match ev:
+                case RunStarted():
+                    print_start(ev, print_model, notes)
+                case RunEnded():
+                    print_lines(log_lines(ev))
+                    return {"completed": 0, "stopped": 130, "diverged": 3}[ev.status]
+                case _:
+                    print_lines(log_lines(ev))
     finally:
         close_bar(bar)
         signal.signal(signal.SIGINT, previous)
     return 0
+
+
+def print_lines(lines: list[LogLine]) -> None:
+    for line in lines:
+        print(say(line.text), file=sys.stderr if line.stderr else sys.stdout)
+    sys.stdout.flush()
+    sys.stderr.flush()
 
 
 def _request_stop(stop: threading.Event) -> None:
@@ -47,17 +54,13 @@ def _request_stop(stop: threading.Event) -> None:
 
 def print_start(ev: RunStarted, print_model: bool, notes=()) -> None:
     cfg, classes = ev.config, ev.dataset.classes
-    print("\n".join(ev.header_lines()))
+    print(say("\n".join(ev.header_lines())))
     if print_model:
         from core.models import build_model
         from core.summary import print_model_report
         model = build_model(cfg.arch, len(classes), cfg.dropout, "none")
         print("\n".join(print_model_report(cfg.arch, model, len(classes), cfg.dropout)))
-    for w in ev.dataset.warnings:
-        print(f"WARNING: {say(w)}", file=sys.stderr)
-    for n in [*notes, *ev.notes]:
-        print(f"NOTE: {say(n)}")
-    sys.stdout.flush()
+    print_lines(notice_lines(ev, notes))
 
 
 def update_bar(bar, ev: BatchProgress):
@@ -77,10 +80,3 @@ def close_bar(bar):
     if bar is not None:
         bar.close()
     return None
-
-
-def print_end(ev: RunEnded) -> int:
-    for line in ev.end_lines():
-        print(line, file=sys.stderr if line.startswith(("STOPPED:", "DIVERGED:")) else sys.stdout)
-    sys.stdout.flush()
-    return {"completed": 0, "stopped": 130, "diverged": 3}[ev.status]

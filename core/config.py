@@ -20,7 +20,7 @@ MAX_CLASSES = 10_000  # past this a new head alone needs gigabytes; no folder-of
 MAX_SEED = 2**32 - 1  # numpy's range, within torch's; the engine derives per-epoch seeds from it
 
 
-# Default augmentation per policy (see core/engine.py for the cache):
+# Default augmentation per policy (see core/features.py for the cache):
 # - head: none. A frozen backbone's features then never change, so the
 #   backbone runs exactly once per image; a flipped view would double that
 #   one-off cost for no measured accuracy gain (bench/RESULTS.md).
@@ -28,42 +28,6 @@ MAX_SEED = 2**32 - 1  # numpy's range, within torch's; the engine derives per-ep
 #   weights to fit, so the extra view is worth its cost.
 # - full: the reference's random crops + flips (nothing can be cached).
 AUTO_AUGMENT = {"head": "none", "last": "light", "full": "standard"}
-
-
-# A resumed run continues the same run: these settings come from its checkpoint
-# unless given again (arch, policy, dropout and the data pipeline always do,
-# see engine.read_resume). The device is this machine's business.
-RESUMED_SETTINGS = ("data_dir", "epochs", "batch_size", "lr", "weight_decay", "amp", "num_workers", "cache",
-                    "cache_budget_mb", "export_state_dict", "export_full_model", "run_name")
-
-
-def resumed_settings(saved_args: dict, given: set[str], current: "TrainConfig") -> dict:
-    """The saved run's RESUMED_SETTINGS not in `given`, where they differ from
-    `current`, converted to current's types (a reference checkpoint's args may
-    hold ints for flags)."""
-    out = {}
-    for name in RESUMED_SETTINGS:
-        if name in given or saved_args.get(name) is None:
-            continue
-        now = getattr(current, name)
-        value = as_type_of(now, saved_args[name])
-        if value is not None and value != now:
-            out[name] = value
-    return out
-
-
-def as_type_of(now, value):
-    """`value` as the type of `now`, or None where that would guess (e.g. 7.9
-    for an int, the string 'False' for a bool)."""
-    if isinstance(now, bool):
-        if isinstance(value, bool) or value in (0, 1):
-            return bool(value)
-        return {"true": True, "false": False}.get(str(value).strip().lower())
-    if isinstance(now, int):
-        return int(value) if isinstance(value, (int, float)) and not isinstance(value, bool) and value == int(value) else None
-    if isinstance(now, float):
-        return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
-    return value if isinstance(value, str) and value else None
 
 
 def policy_from_flags(freeze_backbone: int, unfreeze_last: int, unfreeze_all: int) -> str:

@@ -9,12 +9,14 @@ from __future__ import annotations
 import errno
 import os
 import random
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torchvision.transforms.v2.functional as TF
+from torchvision.transforms import RandomResizedCrop
 
 from .config import MAX_CLASSES
 from .errors import DatasetError, ImageLoadError
@@ -32,10 +34,8 @@ class Split:
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
 
     def counts(self) -> dict[str, int]:
-        c = {name: 0 for name in self.classes}
-        for _, y in self.samples:
-            c[self.classes[y]] += 1
-        return c
+        c = Counter(y for _, y in self.samples)
+        return {name: c[i] for i, name in enumerate(self.classes)}
 
     def summary_line(self) -> str:
         """The reference's `dataset_counts.py` line."""
@@ -67,7 +67,9 @@ class SplitFolder:
 
 def read_split_folder(split_dir: Path) -> SplitFolder:
     """One pass over `split_dir`. An entry that cannot be examined (a link into
-    a folder this user may not read) is named, not fatal."""
+    a folder this user may not read) is named, not fatal. (Not torchvision's
+    find_classes: it would make hidden folders classes and stop at such an
+    entry; tests/test_security_training.py.)"""
     try:
         with os.scandir(split_dir) as it:
             entries = sorted(it, key=lambda e: e.name)
@@ -175,9 +177,10 @@ def _scan_dataset(data_dir, val_split: float | None, seed: int) -> DatasetInfo:
     train_dir, val_dir = root / "train", root / "val"
     notes: list[str] = []
     if not train_dir.is_dir():
-        hint = (f"; {root} looks like a split itself: pass its parent, --data-dir {root.parent}"
+        hint = (f"; {root} looks like a split itself: pass its parent, {{setting}} {root.parent}"
                 if root.name in ("train", "val") and (root.parent / "train").is_dir() else "")
-        raise DatasetError(f"{train_dir} is missing: the dataset needs {root}/train/<class>/ folders with images{hint}")
+        raise DatasetError(f"{train_dir} is missing: the dataset needs {root}/train/<class>/ folders with images{hint}",
+                           field="data_dir", value=str(root))
     train_folder = read_split_folder(train_dir)
     train = scan_split(train_dir, "train", folder=train_folder)
     loose, hidden = train_folder.loose, [train_dir / h for h in train_folder.hidden]
@@ -188,7 +191,7 @@ def _scan_dataset(data_dir, val_split: float | None, seed: int) -> DatasetInfo:
                            f"(one sub-folder per class, e.g. train/cat and train/fish){hint}")
     if len(train.classes) > MAX_CLASSES:
         raise DatasetError(f"{train_dir} has {len(train.classes):,} class folders; at most {MAX_CLASSES:,} are supported "
-                           f"(is --data-dir pointing at the right folder?)")
+                           f"(is {{setting}} pointing at the right folder?)", field="data_dir", value=str(root))
     if val_dir.is_dir():
         val_folder = read_split_folder(val_dir)
         val_classes = val_folder.classes
@@ -202,13 +205,14 @@ def _scan_dataset(data_dir, val_split: float | None, seed: int) -> DatasetInfo:
         loose += val_folder.loose
         hidden += [val_dir / h for h in val_folder.hidden]
         if val_split:
-            notes.append(f"--val-split {val_split} ignored: {val_dir} exists and is used for validation")
+            notes.append(f"{{setting:val_split}} {val_split} ignored: {val_dir} exists and is used for validation")
     elif val_split:
         train, val = stratified_split(train, val_split, seed)
         fraction = val_split
     else:
         raise DatasetError(f"{val_dir} is missing: add {root}/val/<class>/ folders, "
-                           f"or pass --val-split 0.2 to hold out 20% of train/ for validation")
+                           f"or pass {{choice:val_split=0.2}} to hold out 20% of train/ for validation",
+                           field="val_split")
     for folder in sorted({p.parent for p in loose}):  # beside the class folders, images are in no class: unused
         here = [p for p in loose if p.parent == folder]
         notes.append(f"{len(here)} image(s) lie directly in {folder} (not in a class folder) and are not used, "
@@ -243,8 +247,9 @@ def stratified_split(train: Split, fraction: float, seed: int) -> tuple[Split, S
         items = [s for s in train.samples if s[1] == idx]
         rng.shuffle(items)
         if len(items) < 2:
-            raise DatasetError(f"class '{train.classes[idx]}' has {len(items)} image(s) in train/; --val-split needs at "
-                               f"least 2 per class (one to train, one to validate), or add a val/ folder")
+            raise DatasetError(f"class '{train.classes[idx]}' has {len(items)} image(s) in train/; {{setting}} needs at "
+                               f"least 2 per class (one to train, one to validate), or add a val/ folder",
+                               field="val_split", value=fraction)
         n_val = min(len(items) - 1, max(1, round(len(items) * fraction)))
         held += items[:n_val]
         keep += items[n_val:]
@@ -321,10 +326,7 @@ def estimate_decoded_bytes(split: Split, resize_size: int) -> int:
 
 def normalize(batch_uint8: torch.Tensor) -> torch.Tensor:
     """uint8 NCHW -> float normalised with ImageNet statistics (ToTensor + Normalize)."""
-    x = batch_uint8.float().div_(255)
-    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
-    return x.sub_(mean).div_(std)
+    return TF.normalize(batch_uint8.float().div_(255), IMAGENET_MEAN, IMAGENET_STD, inplace=True)
 
 
 def center_crop(img: torch.Tensor, size: int) -> torch.Tensor:
@@ -333,24 +335,11 @@ def center_crop(img: torch.Tensor, size: int) -> torch.Tensor:
 
 def random_resized_crop(img: torch.Tensor, size: int, gen: torch.Generator) -> torch.Tensor:
     """RandomResizedCrop(size) with torchvision's defaults, drawn from `gen` so
-    runs are reproducible. Crops come from the decoded (short side 256) image."""
-    _, h, w = img.shape
-    area = h * w
-    log_ratio = torch.log(torch.tensor((3 / 4, 4 / 3)))
-    for _ in range(10):
-        target = area * torch.empty(1).uniform_(0.08, 1.0, generator=gen).item()
-        ratio = torch.exp(torch.empty(1).uniform_(log_ratio[0].item(), log_ratio[1].item(), generator=gen)).item()
-        cw = int(round((target * ratio) ** 0.5))
-        ch = int(round((target / ratio) ** 0.5))
-        if 0 < cw <= w and 0 < ch <= h:
-            top = int(torch.randint(0, h - ch + 1, (1,), generator=gen))
-            left = int(torch.randint(0, w - cw + 1, (1,), generator=gen))
-            break
-    else:  # fallback: central crop at a clamped ratio, as torchvision does
-        ch, cw = h, w
-        if w / h < 3 / 4:
-            ch = int(round(w / (3 / 4)))
-        elif w / h > 4 / 3:
-            cw = int(round(h * 4 / 3))
-        top, left = (h - ch) // 2, (w - cw) // 2
+    runs are reproducible: torchvision draws from the global RNG, so it runs on
+    a fork of that RNG holding gen's state, and gen takes the state back after.
+    Crops come from the decoded (short side 256) image."""
+    with torch.random.fork_rng(devices=[]):
+        torch.set_rng_state(gen.get_state())
+        top, left, ch, cw = RandomResizedCrop.get_params(img, [0.08, 1.0], [3 / 4, 4 / 3])
+        gen.set_state(torch.get_rng_state())
     return TF.resized_crop(img, top, left, ch, cw, [size, size], antialias=True)

@@ -54,6 +54,11 @@ class UserError(Exception):
                choices: Mapping[tuple[str, str], str] | None = None) -> str:
         return render(self.message, names, choices, self.field)
 
+    @property
+    def template(self) -> str:
+        """The message with its own {setting} named explicitly, for quoting inside another error's message."""
+        return self.message.replace("{setting}", f"{{setting:{self.field}}}") if self.field else self.message
+
     def __str__(self) -> str:
         return self.render()
 

@@ -13,12 +13,13 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
+from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from .device import machine_memory_bytes
 from .errors import ImageLoadError, first_line
 
 # torchvision's ImageFolder extensions
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
+IMAGE_EXTENSIONS = IMG_EXTENSIONS + (".gif",)  # torchvision's ImageFolder list, and GIFs (Pillow reads them)
 # Pillow warns above this and errors above twice this; we make both an error.
 MAX_PIXELS = 89_478_485
 Image.MAX_IMAGE_PIXELS = MAX_PIXELS

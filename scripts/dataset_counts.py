@@ -29,12 +29,13 @@ def count_lines(data_dir) -> list[str]:
 def layout_problems(data_dir) -> list[str]:
     """What train.py would refuse or warn about (images loose in train/, class
     folders that differ between splits, ...): the counts alone do not show it."""
+    from cli.common import say
     from core.data import scan_dataset
     from core.errors import DatasetError
     try:
-        return scan_dataset(data_dir).warnings
+        return [say(w) for w in scan_dataset(data_dir).warnings]
     except DatasetError as e:  # its advice names train.py's flags (--val-split)
-        return [f"train.py would refuse this folder: {e}"]
+        return [f"train.py would refuse this folder: {say(e.message, e.field)}"]
 
 
 def report(data_dir) -> None:

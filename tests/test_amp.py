@@ -31,7 +31,8 @@ def test_amp_on_cpu_without_bf16_is_float32_and_says_so(tiny_dataset, tmp_path, 
     monkeypatch.setattr(dev, "cpu_has_native_bf16", lambda: False)
     events, amp_epochs, _ = run(cfg_for(tiny_dataset, tmp_path / "a", policy="last", amp=True))
     _, plain_epochs, _ = run(cfg_for(tiny_dataset, tmp_path / "p", policy="last"))
-    assert any("--amp 1 has no effect on this CPU" in n for n in events[0].notes)
+    from cli.common import say
+    assert any("--amp 1 has no effect on this CPU" in say(n) for n in events[0].notes)
     assert [[getattr(e, k) for k in METRICS] for e in amp_epochs] == [[getattr(e, k) for k in METRICS] for e in plain_epochs]
 
 

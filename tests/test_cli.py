@@ -293,7 +293,8 @@ def test_resume_from_another_folder_finds_a_relatively_given_dataset(tiny_datase
 
 
 def test_resumed_settings_are_taken_only_when_unambiguous():
-    from core.config import TrainConfig, resumed_settings
+    from core.config import TrainConfig
+    from core.resume import resumed_settings
     saved = {"amp": "False", "export_state_dict": 1, "epochs": 7.9, "batch_size": 8.0, "data_dir": ["a"],
              "lr": "0.1", "weight_decay": 0.5, "run_name": "cats", "cache": True}
     assert resumed_settings(saved, set(), TrainConfig()) == {"export_state_dict": True, "batch_size": 8,

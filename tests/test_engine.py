@@ -10,7 +10,9 @@ import pytest
 import torch
 
 from core import checkpoint as ck
-from core.engine import BatchProgress, EpochEnded, RunEnded, RunStarted, empty_best, is_better_acc, is_better_loss, train
+from core.best import empty_best, is_better_acc, is_better_loss
+from core.engine import train
+from core.events import BatchProgress, EpochEnded, RunEnded, RunStarted
 from core.models import build_model, split_model
 
 from conftest import TEST_DEVICE, cpu_only, train_config as cfg_for, train_run as run
@@ -124,8 +126,8 @@ def test_rerun_takes_features_from_memory_without_refolding(tiny_dataset, tmp_pa
     """An identical second run in the same process (the app's Train button again)
     reuses the frozen-layer activations: no cache pass, no folded copy of the
     frozen layers built, and the same metrics as the first run."""
-    from core import engine
-    monkeypatch.setattr(engine, "_FEATURES", {})
+    from core import engine, features
+    monkeypatch.setattr(engine, "FEATURES", features.BoundedCache(1))
     folds = []
     real_fold = engine.fold_batchnorm
     monkeypatch.setattr(engine, "fold_batchnorm", lambda m: folds.append(m) or real_fold(m))
@@ -337,8 +339,11 @@ def test_run_started_reports_dataset_and_params(tiny_dataset, tmp_path):
 def test_resume_refuses_a_finished_run_and_restores_data_settings(tiny_dataset, tmp_path):
     from core.errors import ConfigError
     first = run(cfg_for(tiny_dataset, tmp_path, epochs=2, seed=11))[2]
-    with pytest.raises(ConfigError, match="already finished epoch 2; pass a larger --epochs"):
+    from cli.common import FLAG_NAMES
+    with pytest.raises(ConfigError, match="already finished epoch 2") as e:
         list(train(cfg_for(tiny_dataset, tmp_path, epochs=2, resume=f"{first.run_dir}/latest.pt")))
+    assert e.value.field == "epochs" and "pass a larger --epochs (the new total, e.g. --epochs 12)" in \
+        e.value.render(FLAG_NAMES)
     events = list(train(cfg_for(tiny_dataset, tmp_path, epochs=3, seed=99, resume=f"{first.run_dir}/latest.pt")))
     assert events[0].config.seed == 11
     assert any("continuing with the checkpoint's seed=11" in n for n in events[0].notes)
@@ -365,11 +370,12 @@ def test_val_split_run_and_amp_note_on_cpu(tmp_path, monkeypatch):
     start = events[0]
     assert start.dataset.val_from_split == 0.34
     assert start.dataset.val.counts() == {"cat": 2, "fish": 2} and start.dataset.train.counts() == {"cat": 4, "fish": 4}
-    assert "held out of train/ by --val-split 0.34: 4 of 12 images" in "\n".join(start.header_lines())
+    from cli.common import say
+    assert "held out of train/ by --val-split 0.34: 4 of 12 images" in say("\n".join(start.header_lines()))
     # with a val/ folder, --val-split does nothing, and a warning says so
     from core.data import scan_dataset
     with_val = make_image_dataset(tmp_path / "withval", n_train=3)
-    assert any("--val-split 0.2 ignored" in w for w in scan_dataset(with_val, 0.2).warnings)
+    assert any("--val-split 0.2 ignored" in say(w) for w in scan_dataset(with_val, 0.2).warnings)
     assert not any("ignored" in w for w in scan_dataset(with_val).warnings)
-    assert any("--amp 1 has no effect on this CPU" in n for n in start.notes)
+    assert any("--amp 1 has no effect on this CPU" in say(n) for n in start.notes)
     assert end.status == "completed" and len(epochs) == 1

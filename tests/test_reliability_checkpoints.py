@@ -322,7 +322,8 @@ def test_an_epoch_save_fsyncs_its_folder_once_after_all_renames(tmp_path, monkey
     once at the end (not after every rename). A write outside one_dir_sync
     still fsyncs its folder itself, and an error inside still syncs what was done."""
     from core.config import TrainConfig
-    from core.engine import empty_best, save_epoch
+    from core.best import empty_best
+    from core.run_folder import RunState, save_epoch
     calls = []
     real_dir_sync = ck._fsync_dir
     monkeypatch.setattr(ck, "_fsync_dir", lambda d: calls.append(("dir", str(d))) or real_dir_sync(d))
@@ -330,7 +331,8 @@ def test_an_epoch_save_fsyncs_its_folder_once_after_all_renames(tmp_path, monkey
     opt = torch.optim.AdamW(model.parameters())
     best = {**empty_best(), "acc": 1.0, "acc_epoch": 1, "loss": 0.1, "loss_epoch": 1}
     cfg = TrainConfig(data_dir=str(tmp_path), weights="none")
-    save_epoch(tmp_path, model, opt, None, 1, best, ["a", "b"], cfg, [{"epoch": 1, "val_acc": 1.0}], True, True)
+    state = RunState(tmp_path, ["a", "b"], [{"epoch": 1, "val_acc": 1.0}], best, improved_acc=True, improved_loss=True)
+    save_epoch(state, 1, model, opt, None, cfg)
     assert calls == [("dir", str(tmp_path))]
     assert os.path.samefile(tmp_path / "latest.pt", tmp_path / "best_acc.pt")
     assert os.path.samefile(tmp_path / "latest.pt", tmp_path / "best_loss.pt")

@@ -16,7 +16,8 @@ import torch
 
 from conftest import ROOT, make_image_dataset
 from core.config import TrainConfig
-from core.engine import BatchProgress, EpochEnded, RunEnded, train
+from core.engine import train
+from core.events import BatchProgress, EpochEnded, RunEnded
 from core.errors import UserError
 
 PY = sys.executable

@@ -21,7 +21,8 @@ import torch
 
 from conftest import ROOT, make_image_dataset, train_config as cfg_for, train_run as run
 from core import checkpoint as ck
-from core.engine import EpochEnded, train
+from core.engine import train
+from core.events import EpochEnded
 from core.errors import ConfigError, UserError
 
 PY = sys.executable
@@ -125,8 +126,9 @@ def test_seed_outside_what_torch_and_numpy_take_is_one_clear_line(tiny_dataset, 
     assert r.stderr.startswith("error: ") and "--seed" in r.stderr and "4294967295" in r.stderr, r.stderr
     assert "internal error" not in r.stderr and not (tmp_path / "out").exists()
     for seed in (1e23, 10**23, -1, 1.5, True):  # what another front end could pass
-        with pytest.raises(ConfigError, match="--seed"):
+        with pytest.raises(ConfigError, match="^seed must be") as e:
             cfg_for(tiny_dataset, tmp_path, seed=seed).validate()
+        assert e.value.field == "seed" and e.value.value is seed
 
 
 def test_empty_output_dir_is_refused_not_the_current_folder(tiny_dataset, tmp_path):

@@ -1,0 +1,125 @@
+"""The run folder (checkpoints/<run>_<time>/): made fresh for a new run, one
+checkpoint save per epoch (latest.pt, best files as hard links, metrics.csv),
+the reference's extra export formats at the end, nothing left by a run that
+stopped before its first epoch."""
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+from . import checkpoint as ck
+from .best import update_best
+from .config import TrainConfig
+from .errors import ConfigError, UserError
+
+
+@dataclass
+class RunState:
+    """What a run has achieved so far; saved with every epoch."""
+    run_dir: Path
+    classes: list[str]
+    history: list[dict]
+    best: dict
+    best_confusion: list | None = None  # validation of the best-accuracy epoch
+    epochs_done: int = 0
+    confusion: list | None = None  # validation of the latest epoch
+    improved_acc: bool = False
+    improved_loss: bool = False
+
+    def record(self, epoch: int, val_loss: float, val_acc: float, confusion: list) -> tuple[bool, bool]:
+        """One epoch's validation: updates the best results; (new best accuracy, new best loss)."""
+        self.improved_acc, self.improved_loss = update_best(self.best, epoch, val_loss, val_acc)
+        self.confusion = confusion
+        if self.improved_acc:
+            self.best_confusion = confusion
+        return self.improved_acc, self.improved_loss
+
+    def file(self, name: str) -> str | None:
+        return str(self.run_dir / name) if (self.run_dir / name).exists() else None
+
+
+def new_run_dir(output_dir, run_name: str) -> Path:
+    """checkpoints/<run_name>_<YYYYmmdd_HHMMSS>, suffixed _2, _3 if taken."""
+    root = Path(output_dir)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"cannot create output folder {root}: {e.strerror}; pass a writable {{setting}}",
+                          field="output_dir", value=str(root)) from None
+    if not os.access(root, os.W_OK):
+        raise ConfigError(f"output folder {root} is not writable; pass a writable {{setting}}", field="output_dir",
+                          value=str(root))
+    stamp = datetime.now().strftime("%Y%m%d_%H%M%S")
+    for i in range(1, 1000):
+        path = root / (f"{run_name}_{stamp}" + (f"_{i}" if i > 1 else ""))
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
+    raise ConfigError(f"could not create a new run folder under {root}")
+
+
+def remove_empty_run(run_dir: Path) -> None:
+    """A run stopped before its first epoch leaves nothing behind."""
+    try:
+        if run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= {"args.json"}:
+            shutil.rmtree(run_dir)
+    except OSError:
+        pass
+
+
+def save_epoch(state: RunState, epoch: int, model, optimizer, scaler, cfg: TrainConfig) -> None:
+    """latest.pt every epoch; best files are hard links to it (no second 45 MB write).
+    state.epochs_done becomes `epoch` once everything is written."""
+    run_dir = state.run_dir
+    ckpt = ck.make_checkpoint(model=model, optimizer=optimizer, epoch=epoch, best=state.best,
+                              class_names=state.classes, weights=cfg.weights, args=cfg.to_dict(),
+                              history=state.history, arch=cfg.arch, dropout=cfg.dropout, policy=cfg.policy,
+                              resize_size=cfg.resize_size, image_size=cfg.image_size, scaler=scaler,
+                              val_confusion=state.confusion, best_val_confusion=state.best_confusion)
+    try:
+        with ck.one_dir_sync():
+            latest = ck.atomic_torch_save(ckpt, run_dir / "latest.pt")
+            if state.improved_acc:
+                ck.atomic_link_or_copy(latest, run_dir / "best_acc.pt")
+            if state.improved_loss:
+                ck.atomic_link_or_copy(latest, run_dir / "best_loss.pt")
+            ck.atomic_write_csv(run_dir / "metrics.csv", state.history)
+    except OSError as e:
+        if not run_dir.is_dir():
+            raise UserError(f"could not write checkpoints to {run_dir}: the run folder no longer exists (deleted or "
+                            f"moved while training?), so no checkpoint of this run is left there") from None
+        raise UserError(f"could not write checkpoints to {run_dir}: {e.strerror or e} "
+                        f"(disk full or not writable?). {saved_state(run_dir, epoch - 1)}") from None
+    state.epochs_done = epoch
+
+
+def saved_state(run_dir: Path, previous: int) -> str:
+    """What a failed save left in the run folder, as found on disk (files can
+    be deleted or replaced under a running run)."""
+    epochs = {name: ck.saved_epoch(run_dir / name) for name in ("latest.pt", "best_acc.pt", "best_loss.pt")
+              if (run_dir / name).is_file()}
+    epochs = {name: e for name, e in epochs.items() if e is not None}
+    if not epochs:
+        return "No checkpoint of this run is left there" + (" (none had been saved yet)." if previous == 0 else
+                                                             " (latest.pt is missing or unreadable).")
+    if epochs.get("latest.pt") == previous:
+        return f"Files from earlier epochs are intact (latest.pt holds epoch {previous})."
+    return "Left there: " + ", ".join(f"{name} (epoch {e})" for name, e in epochs.items()) + "."
+
+
+def export_best(run_dir: Path, cfg: TrainConfig, classes) -> list[str]:
+    """The reference's other save formats, made from the best-accuracy checkpoint."""
+    if not (cfg.export_state_dict or cfg.export_full_model) or not (run_dir / "best_acc.pt").exists():
+        return []
+    model = ck.model_from_checkpoint(ck.read_checkpoint(run_dir / "best_acc.pt"), run_dir / "best_acc.pt")
+    out = []
+    if cfg.export_state_dict:
+        out.append(str(ck.export_state_dict(model, run_dir / "state_dict.pt")))
+    if cfg.export_full_model:
+        out.append(str(ck.export_full_model(model, classes, run_dir / "full_model.pt")))
+    return out
