@@ -3,16 +3,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from core.data import DatasetInfo, scan_dataset
+from core.data import DatasetInfo
 from core.predict import list_images
-from core.zipimport import reuse_or_extract
 
 from .text import md_code, md_text
-
-
-def check(data_dir: str, val_split: float | None = None, seed: int = 0) -> DatasetInfo:
-    """Raises DatasetError with a message naming the folder at fault."""
-    return scan_dataset(str(data_dir).strip(), val_split or None, int(seed or 0))
 
 
 def summary_markdown(info: DatasetInfo, say=str) -> str:
@@ -32,12 +26,6 @@ def summary_markdown(info: DatasetInfo, say=str) -> str:
     else:
         lines += ["", "✔ No problems found."]
     return "\n".join(lines)
-
-
-def import_zip(zip_path: str, uploads_dir) -> tuple[Path, bool]:
-    """Extract an uploaded dataset zip into its own new folder under uploads/,
-    or reuse that of the same zip uploaded before. -> (dataset root, reused)."""
-    return reuse_or_extract(zip_path, uploads_dir, Path(zip_path).stem)
 
 
 def example_images(data_dir: str, per_class: int = 4) -> list[tuple[str, str]]:

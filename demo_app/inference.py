@@ -1,31 +1,24 @@
-"""Prediction helpers of the Predict tab, around core.predict."""
+"""What the Predict tab shows of core.predict's results: the checkpoint's
+description, the batch table, gallery and CSV."""
 from __future__ import annotations
 
 import csv
-import logging
 import math
 import tempfile
-import time
-import traceback
-from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image
 
-from core.errors import CheckpointError, ImageLoadError, UserError, first_line
+from core.errors import CheckpointError, ImageLoadError, UserError
 from core.images import load_rgb
 from core.metrics import per_class, per_class_summary
-from core.predict import Prediction, Predictor, cached_predictor, list_images
+from core.predict import Prediction, Predictor, list_images
 
 from .text import md_text
-
-log = logging.getLogger("demo_app")
 
 NO_CHECKPOINT = ("No checkpoint selected yet: train a model in the Train tab (its best_acc.pt then appears in the "
                  "list; press ↻ to refresh), or upload a checkpoint file (.pt / .pth).")
 GALLERY_LIMIT = 60
-NOT_FINITE = ("the model's output is not a number (NaN or infinite), so no result is shown: the checkpoint's "
-              "weights are damaged; choose another checkpoint")
 
 
 def choose_checkpoint(selected: str | None, uploaded: str | None) -> str:
@@ -34,22 +27,6 @@ def choose_checkpoint(selected: str | None, uploaded: str | None) -> str:
     if not path:
         raise CheckpointError(NO_CHECKPOINT)
     return path
-
-
-def load(selected: str | None, uploaded: str | None, trust_pickle: bool) -> Predictor:
-    """Only UserError escapes: a malformed file that core's checks miss is still
-    said (with the traceback in the server log), never a bare 'Error'."""
-    path = choose_checkpoint(selected, uploaded)
-    try:
-        return cached_predictor(path, "auto", bool(trust_pickle))
-    except UserError:
-        raise
-    except MemoryError:
-        raise CheckpointError(f"checkpoint {path} is too large to load into memory") from None
-    except Exception as e:
-        log.error("loading checkpoint %s failed:\n%s", path, traceback.format_exc())
-        raise CheckpointError(f"checkpoint {path} could not be loaded ({type(e).__name__}: {first_line(e)}); "
-                              f"it is damaged or not one this app can read") from None
 
 
 def describe(pred: Predictor, path: str) -> str:
@@ -66,22 +43,6 @@ def describe(pred: Predictor, path: str) -> str:
     rows = per_class(i.get("val_confusion"), pred.class_names)
     by_class = f"<br>val by class at epoch {md_text(i['epoch'])}: {md_text(per_class_summary(rows))}" if rows else ""
     return " · ".join(bits) + f"<br>classes: {md_text(', '.join(map(str, pred.class_names)))}{note}{by_class}"
-
-
-@dataclass
-class Single:
-    confidences: dict[str, float]
-    ms: float
-
-
-def predict_one(pred: Predictor, image, k: int) -> Single:
-    """`image`: a PIL image or a path. Raises ImageLoadError for non-images."""
-    img = image if isinstance(image, Image.Image) else load_rgb(image)
-    t0 = time.perf_counter()
-    topk = pred.predict_image(img, int(k))
-    if not all(math.isfinite(p) for _, p in topk):
-        raise CheckpointError(NOT_FINITE)
-    return Single({label: float(p) for label, p in topk}, (time.perf_counter() - t0) * 1000)
 
 
 def batch_paths(files: list[str] | None, folder: str | None) -> list[str]:
@@ -111,14 +72,6 @@ def display_name(path: str, folder: str | None, uploads: dict[str, str]) -> str:
         except ValueError:
             pass
     return Path(path).name
-
-
-def predict_many(pred: Predictor, paths: list[str], k: int) -> list[Prediction]:
-    """Raises CheckpointError when the model's output is not finite (no NaN is ever shown as a result)."""
-    preds = list(pred.predict_paths(paths, int(k)))
-    if not all(math.isfinite(p) for r in preds for _, p in r.topk):
-        raise CheckpointError(NOT_FINITE)
-    return preds
 
 
 def table_rows(preds: list[Prediction], names: list[str], labels: list[str | None]) -> list[list]:

@@ -1,11 +1,14 @@
 """Earlier runs under the checkpoints folder: listing, labels, metrics.csv."""
 from __future__ import annotations
 
-import csv
 import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import pandas as pd
+
+from core.best import empty_best, update_best
 
 CHECKPOINT_FILES = ("best_acc.pt", "best_loss.pt", "latest.pt")
 
@@ -45,25 +48,15 @@ class RunInfo:
 
 
 def read_metrics(path) -> list[dict]:
-    """metrics.csv (written by the engine each epoch) -> list of float rows."""
-    rows = []
+    """metrics.csv (written by the engine each epoch) -> its rows as numbers. A
+    blank or non-numeric cell (a column an older or the reference's history
+    lacks, a hand edit) is left out of its row; a row without an epoch is dropped."""
     try:
-        with open(path, newline="", encoding="utf-8") as f:
-            for row in csv.DictReader(f):
-                out = {}
-                for k, v in row.items():
-                    if v in ("", None):  # a column an older or the reference's history lacks
-                        continue
-                    try:
-                        out[k] = float(v)
-                    except (TypeError, ValueError):
-                        out[k] = v
-                if "epoch" in out:
-                    out["epoch"] = int(out["epoch"])
-                    rows.append(out)
-    except (OSError, csv.Error):
+        table = pd.read_csv(path).apply(pd.to_numeric, errors="coerce")
+    except (OSError, ValueError):  # unreadable, empty or not a CSV (pandas' parse errors are ValueErrors)
         return []
-    return rows
+    rows = [{k: v for k, v in row.items() if pd.notna(v)} for row in table.to_dict("records")]
+    return [{**r, "epoch": int(r["epoch"])} for r in rows if "epoch" in r]
 
 
 def _read_args(run: Path) -> dict:
@@ -110,7 +103,6 @@ def checkpoint_choices(checkpoints_dir) -> list[tuple[str, str]]:
 def file_rows(history: list[dict]) -> dict[str, dict]:
     """The metrics.csv row each checkpoint file holds, by the engine's own rules
     (a best file is the latest.pt of its epoch): no 45-135 MB file is opened."""
-    from core.engine import empty_best, update_best
     best, out = empty_best(), {}
     for row in history:
         if not all(isinstance(row.get(k), (int, float)) for k in ("epoch", "val_loss", "val_acc")):

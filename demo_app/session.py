@@ -15,8 +15,14 @@ from dataclasses import dataclass, field
 from typing import Iterator
 
 from core.config import TrainConfig
-from core.engine import BatchProgress, EpochEnded, Notice, RunEnded, RunStarted, train
+from core.engine import train
+from core.events import BatchProgress, EpochEnded, RunEnded, RunStarted
+from core.events import log_lines as core_log_lines
+from cli.common import CLI_CHOICES, FLAG_NAMES
+from cli.common import say as cli_words
 from core.errors import UserError
+
+from .messages import os_error_text
 
 log = logging.getLogger("demo_app")
 
@@ -33,23 +39,10 @@ def history_row(ev: EpochEnded) -> dict:
 
 
 def log_lines(ev) -> list[str]:
-    """The CLI's lines for an engine event: the app's run log."""
-    if isinstance(ev, RunStarted):
-        return ev.header_lines() + [f"WARNING: {w}" for w in ev.dataset.warnings] + [f"NOTE: {n}" for n in ev.notes]
-    if isinstance(ev, Notice):
-        return [f"{ev.level.upper()}: {ev.text}"]
-    if isinstance(ev, EpochEnded):
-        return [ev.line()]
-    if isinstance(ev, RunEnded):
-        return ev.end_lines()
+    """The CLI's lines for an engine event (or a Failed), in the CLI's words: the app's run log."""
     if isinstance(ev, Failed):
-        return [f"ERROR: {ev.message}"]
-    return []
-
-
-def os_error_text(e: OSError) -> str:
-    """An environment problem (full disk, unreadable file) in the words the CLI uses: reason and file."""
-    return f"{e.strerror or e}{': ' + str(e.filename) if e.filename else ''}"
+        return [f"ERROR: {ev.error.render(FLAG_NAMES, CLI_CHOICES)}"]
+    return [cli_words(line.text) for line in core_log_lines(ev)]
 
 
 class BusyError(UserError):
@@ -58,9 +51,12 @@ class BusyError(UserError):
 
 @dataclass
 class Failed:
-    """The run could not start or crashed; `message` is for the user."""
-    message: str
-    kind: str = "UserError"  # the core.errors class name
+    """The run could not start or crashed: `error` says why, for each screen to word."""
+    error: UserError
+
+    @property
+    def kind(self) -> str:
+        return type(self.error).__name__  # the core.errors class name
 
 
 _DONE = object()
@@ -84,11 +80,7 @@ class RunHandle:
 
     def follow(self) -> Iterator:
         """Every engine event (and a final Failed, if any) until the worker is done."""
-        while True:
-            ev = self.events.get()
-            if ev is _DONE:
-                return
-            yield ev
+        return iter(self.events.get, _DONE)
 
     def describe(self) -> str:
         name = self.run_dir.rsplit("/", 1)[-1] if self.run_dir else self.cfg.run_name
@@ -103,10 +95,6 @@ class TrainingService:
     def __init__(self):
         self._lock = threading.Lock()  # held for the whole run by the worker
         self.current: RunHandle | None = None
-
-    @property
-    def busy(self) -> bool:
-        return self._lock.locked()
 
     def start(self, cfg: TrainConfig) -> RunHandle:
         """Start `cfg` in a worker thread, or raise BusyError at once."""
@@ -128,29 +116,30 @@ class TrainingService:
     def _work(self, h: RunHandle) -> None:
         try:
             for ev in train(h.cfg, h.stop_event):
-                if isinstance(ev, RunStarted):
-                    h.run_dir, h.phase = ev.run_dir, "run"
-                elif isinstance(ev, BatchProgress):
-                    h.phase, h.epoch, h.progress = ev.phase, ev.epoch, (ev.step, ev.total)
-                elif isinstance(ev, EpochEnded):
-                    h.epoch = ev.epoch
-                    h.history = h.history + [history_row(ev)]  # a new list: readers never see it change
-                elif isinstance(ev, RunEnded):
-                    h.ended = ev
+                match ev:
+                    case RunStarted():
+                        h.run_dir, h.phase = ev.run_dir, "run"
+                    case BatchProgress():
+                        h.phase, h.epoch, h.progress = ev.phase, ev.epoch, (ev.step, ev.total)
+                    case EpochEnded():
+                        h.epoch = ev.epoch
+                        h.history = h.history + [history_row(ev)]  # a new list: readers never see it change
+                    case RunEnded():
+                        h.ended = ev
                 lines = log_lines(ev)
                 if lines:  # (none for the per-batch progress events: no copy of the log per batch)
                     h.log = h.log + lines
                 h.events.put(ev)
         except UserError as e:
-            h.failed = Failed(str(e), kind=type(e).__name__)
+            h.failed = Failed(e)
         except MemoryError:
-            h.failed = Failed("out of memory: try a smaller batch size")
+            h.failed = Failed(UserError("out of memory: try a smaller {setting}", field="batch_size"))
         except OSError as e:  # not a bug: the disk is full, a file or folder went away or cannot be read
             log.error("training stopped by an OS error:\n%s", traceback.format_exc())
-            h.failed = Failed(f"a file could not be read or written: {os_error_text(e)}", kind="OSError")
+            h.failed = Failed(UserError(f"a file could not be read or written: {os_error_text(e)}"))
         except Exception as e:  # a bug, not a user error: keep the traceback in the server log
             log.error("training crashed:\n%s", traceback.format_exc())
-            h.failed = Failed(f"internal error ({type(e).__name__}: {e}); details are in the server log")
+            h.failed = Failed(UserError(f"internal error ({type(e).__name__}: {e}); details are in the server log"))
         finally:
             if h.failed:
                 h.log = h.log + log_lines(h.failed)
@@ -168,7 +157,3 @@ class TrainingService:
         h.stop_event.set()
         h.done.wait(wait)
         return h
-
-    def wait_idle(self, timeout: float = 30.0) -> bool:
-        h = self.current
-        return h is None or h.done.wait(timeout)

@@ -13,9 +13,10 @@ import urllib.request
 import zipfile
 from pathlib import Path
 
+import gradio as gr
 import pytest
 
-from conftest import make_image_dataset
+from conftest import make_image_dataset, wait_until
 
 gradio_client = pytest.importorskip("gradio_client")
 from gradio_client import Client, handle_file  # noqa: E402
@@ -47,6 +48,25 @@ def app(tmp_path_factory):
         demo.handlers.service.stop(wait=30)
         client.close()
         demo.close()
+
+
+def built(tmp_path, data=DATA, **kw):
+    """The handlers of a freshly built (not launched) app with folders of its own
+    and its own training service: its tabs, called directly as the page would."""
+    from demo_app.ui import build_app
+    return build_app(tmp_path / "ck", data, tmp_path / "up", **kw).handlers
+
+
+def start(tabs, data, **settings):
+    """The Train tab's Start stream (a generator of {component: value} frames) for a
+    small CPU run from random init; `settings` override the form's defaults."""
+    return tabs.train.run.start(compare=[], **{"data_dir": str(data), "weights_source": "none", "seed": 7,
+                                               "device": "cpu", **settings})
+
+
+def finished(tabs) -> bool:
+    """The service's last run is over (the worker sets `done` just before releasing the lock)."""
+    return tabs.service.current is None or tabs.service.current.done.is_set()
 
 
 def train_job(client, **kw):
@@ -118,35 +138,33 @@ def test_train_streams_one_update_per_epoch(trained, app):
     assert len((run / "metrics.csv").read_text().strip().splitlines()) == 3
     assert final[CHECKPOINT]["value"] == str(run / "best_acc.pt"), "the Predict tab preselects the new run"
     assert run.name in [c[1] for c in final[COMPARE]["choices"]]
-    assert not app["service"].busy
+    assert finished(app["demo"].handlers)
 
 
 @pytest.mark.parametrize("min_frame_s", [0.0, 3600.0])
 def test_fast_epochs_are_coalesced_into_fewer_frames_without_losing_rows(tmp_path, monkeypatch, min_frame_s):
     """Epoch frames are spaced MIN_FRAME_S apart; every frame carries the whole
     history, so held-back epochs appear in the next frame and all in the last."""
-    from demo_app import handlers
-    monkeypatch.setattr(handlers, "MIN_FRAME_S", min_frame_s)
+    from demo_app import tab_train_run
+    monkeypatch.setattr(tab_train_run, "MIN_FRAME_S", min_frame_s)
     data = make_image_dataset(tmp_path / "ds")
-    h = handlers.Handlers(tmp_path / "ck", data, tmp_path / "up")
-    frames = list(h.start(str(data), "resnet18", "none", None, "head", 5, 4, 1e-3, 1e-4, 0, "auto", 7, "cpu", 0,
-                          "", False, []))
-    epoch_frames = [f for f in frames if f[0].startswith("▶ Epoch")]
-    rows = [len(f[3].data) for f in frames]  # a Styler over the table
+    tabs = built(tmp_path, data)
+    run = tabs.train.run
+    frames = list(start(tabs, data, epochs=5, batch_size=4))
+    epoch_frames = [f for f in frames if f[run.status].startswith("▶ Epoch")]
+    rows = [len(f[run.epochs_table].data) for f in frames]  # a Styler over the table
     assert len(epoch_frames) == (5 if min_frame_s == 0 else 1)
-    assert rows == sorted(rows) and rows[-1] == 5 and "Completed" in frames[-1][0]
-    assert all(f"EPOCH {e}/5" in frames[-1][4] for e in range(1, 6))
+    assert rows == sorted(rows) and rows[-1] == 5 and "Completed" in frames[-1][run.status]
+    assert all(f"EPOCH {e}/5" in frames[-1][run.log_box] for e in range(1, 6))
 
 
 def test_mixed_precision_checkbox_reaches_the_engine(tmp_path):
-    from demo_app import handlers
     data = make_image_dataset(tmp_path / "ds")
-    h = handlers.Handlers(tmp_path / "ck", data, tmp_path / "up")
-    frames = list(h.start(str(data), "resnet18", "none", None, "last", 1, 4, 1e-3, 1e-4, 0, "auto", 7, "cpu", 0,
-                          "", True, []))
-    assert "Completed" in frames[-1][0]
-    assert "NOTE: --amp 1" in frames[-1][4]  # bf16 here, or "no effect" on a CPU without it: said either way
-    run = run_dir_of(frames[-1][0])
+    tabs = built(tmp_path, data)
+    final = list(start(tabs, data, policy="last", epochs=1, batch_size=4, amp=True))[-1]
+    assert "Completed" in final[tabs.train.run.status]
+    assert "NOTE: --amp 1" in final[tabs.train.run.log_box]  # bf16 here, or "no effect" on a CPU without it: said either way
+    run = run_dir_of(final[tabs.train.run.status])
     assert json.loads((run / "args.json").read_text())["amp"] is True
 
 
@@ -155,11 +173,10 @@ def test_stop_mid_epoch_keeps_completed_epochs_and_refuses_a_second_start(traine
     client = app["client"]
     # Full fine-tune: slow batches, so Stop lands in the middle of an epoch.
     job = train_job(client, policy="full", epochs=50, batch_size=4)
-    deadline = time.monotonic() + 240
-    while not any(len(table_rows(o)) >= 1 for o in job.outputs()):
+    def first_epoch_shown():
         assert not job.done(), job.result()
-        assert time.monotonic() < deadline, "first epoch never arrived"
-        time.sleep(0.2)
+        return any(len(table_rows(o)) >= 1 for o in job.outputs())
+    wait_until(first_epoch_shown, 240, "the first epoch's row")
 
     # Only one run at a time: a second Start is refused with a clear message.
     with pytest.raises(AppError, match="already in progress"):
@@ -171,7 +188,8 @@ def test_stop_mid_epoch_keeps_completed_epochs_and_refuses_a_second_start(traine
                               api_name="/predict")
     assert label["label"] in ("cat", "fish")
 
-    time.sleep(1.0)  # into epoch 2
+    h = app["service"].current  # into epoch 2: wait for a trained batch of it, not a guessed delay
+    wait_until(lambda: h.epoch == 2 and h.phase == "train" and h.progress[0] >= 1, 240, "a trained batch of epoch 2")
     t0 = time.monotonic()
     stop_status = client.predict(api_name="/stop")
     final = job.result(timeout=60)
@@ -189,7 +207,7 @@ def test_stop_mid_epoch_keeps_completed_epochs_and_refuses_a_second_start(traine
     assert ck["epoch"] == 1 and ck["policy"] == "full"
     assert read_checkpoint(run / "best_acc.pt")["epoch"] == 1
     assert len((run / "metrics.csv").read_text().strip().splitlines()) == 2
-    assert not app["service"].busy
+    assert finished(app["demo"].handlers)
     assert client.predict(api_name="/stop") == "No training run is in progress."
 
 
@@ -200,7 +218,7 @@ def test_imagenet_weights_offline_gives_the_fix(app):
     assert "ImageNet weights for resnet18 are not cached and cannot be downloaded (TL_OFFLINE=1 is set" in msg and "'Pretrained weights' = None (random init)" in msg
     assert "--weights" not in msg  # the app's field, not the CLI flag
     assert "Traceback" not in msg
-    assert not app["service"].busy
+    assert finished(app["demo"].handlers)
 
 
 def test_bad_settings_are_refused_before_training(app):
@@ -245,7 +263,7 @@ def test_check_dataset_counts_and_errors(app):
         train_job(app["client"], data_dir="").result(timeout=60)
     # the dataset's warnings name the app's fields, not the CLI's flags
     ignored = as_shown(app["client"].predict(str(DATA), 0.5, 1337, api_name="/check_dataset"))
-    assert "'Validation fraction (Advanced)' = 0.5 ignored" in ignored and "--val-split" not in ignored
+    assert "'Validation fraction (Advanced)' 0.5 ignored" in ignored and "--val-split" not in ignored
 
 
 def test_dataset_zip_upload(app, tmp_path):
@@ -295,7 +313,7 @@ def test_bad_zip_uploads_give_clear_errors(app, tmp_path):
             z.write(p, p.relative_to(ds))
     folder, summary = app["client"].predict(handle_file(no_val), 0, 1337, api_name="/upload_dataset_zip")
     assert (Path(folder) / "train" / "cat").is_dir() and "val is missing" in summary
-    assert "set 'Validation fraction (Advanced)' to 0.2" in as_shown(summary) and "--val-split" not in summary
+    assert "'Validation fraction (Advanced)' = 0.2 to hold out" in as_shown(summary) and "--val-split" not in summary
     fixed = app["client"].predict(folder, 0.25, 1337, api_name="/check_dataset")  # the fix it names works
     assert "**2 classes**" in fixed
 
@@ -340,7 +358,7 @@ def test_predict_batch_table_gallery_and_csv(trained, app, tmp_path):
     import torch
 
     from core.metrics import per_class
-    from demo_app.inference import md_text
+    from demo_app.text import md_text
     saved = torch.load(ckpt, weights_only=True)
     right = sum(r["correct"] for r in per_class(saved["val_confusion"], saved["class_names"]))
     assert f"against the folder names: **{right}/32** right" in summary, summary
@@ -379,18 +397,16 @@ def test_a_full_model_loads_only_where_the_server_allows_pickles(trained, app, t
 
     from core.access import AccessPolicy
     from core.checkpoint import export_full_model, model_from_checkpoint, read_checkpoint
-    from demo_app import handlers
     ckpt = trained["final"][CHECKPOINT]["value"]
     full = export_full_model(model_from_checkpoint(read_checkpoint(ckpt)), ["cat", "fish"], tmp_path / "full.pt")
     cat = sorted((DATA / "val" / "cat").glob("*.jpg"))[0]
     for trust in (False, True):
         with pytest.raises(AppError, match="pickled Python objects.*does not load such files.*--allow-pickle-uploads"):
             app["client"].predict(handle_file(cat), 2, None, handle_file(full), trust, api_name="/predict")
-    owner = handlers.Handlers(tmp_path / "ck", DATA, tmp_path / "up", policy=AccessPolicy.make(False, allow_pickle=True))
-    with pytest.raises(handlers.gr.Error, match="tick 'Trust pickle'"):
+    owner = built(tmp_path, policy=AccessPolicy.make(False, allow_pickle=True)).predict
+    with pytest.raises(gr.Error, match="tick 'Trust pickle'"):
         owner.predict(Image.open(cat), 2, None, str(full), False)
-    label, _ = owner.predict(Image.open(cat), 2, None, str(full), True)
-    assert set(label) == {"cat", "fish"}
+    assert set(owner.predict(Image.open(cat), 2, None, str(full), True)[owner.label]) == {"cat", "fish"}
 
 
 def test_refresh_checkpoints_preselects_newest_best_acc(trained, app):
@@ -434,8 +450,8 @@ def test_model_summary_rows_and_totals(app):
     assert "BatchNorm layer(s) inside (frozen" in m_rows["features.13"][5]
     assert m_rows["classifier.0"][4].startswith("–")  # dropout: no weights, neither frozen nor training
     # A BatchNorm that trains (full fine-tune) keeps its green "trains" cell beside the yellow highlight.
-    from demo_app.handlers import Handlers
-    styled = Handlers.model_tab("resnet18", "full", 2)[0]
+    model = app["demo"].handlers.model
+    styled = model.summary("resnet18", "full", 2)[model.table]
     styles = {(styled.data.iloc[r]["layer"], styled.data.columns[c]): css
               for (r, c), css in styled._compute().ctx.items()}
     assert "#fef3c7" in str(styles[("bn1", "type")]) and "#bbf7d0" in str(styles[("bn1", "trains")])
@@ -443,14 +459,11 @@ def test_model_summary_rows_and_totals(app):
     for bad in (10**8, 1, 0, -3):  # the handler checks the range (the box's own check logged tracebacks)
         with pytest.raises(AppError, match=r"'Classes' must be from 2 to 10,000 \(got"):
             app["client"].predict("resnet18", "head", bad, api_name="/model_summary")
-    import gradio as gr
-
-    from demo_app.handlers import Handlers
     with pytest.raises(AppError, match="'Classes' must be a whole number"):
         app["client"].predict("resnet18", "head", 2.5, api_name="/model_summary")
     for bad in (10**8, float("inf"), "lots", 1):  # and the handler itself, for other callers
         with pytest.raises(gr.Error, match="'Classes' must be"):
-            Handlers.model_tab("resnet18", "head", bad)
+            model.summary("resnet18", "head", bad)
 
 
 def test_model_tab_and_predictor_loads_leave_the_training_rng_alone(trained):
@@ -565,38 +578,42 @@ def test_a_page_opened_during_a_run_follows_it_to_the_end(tmp_path):
     """A reload (or a second tab) during a run used to show a status that never
     changed. Now the page follows the run: status, charts and epoch table fill
     in as epochs end, then the final status and the new best checkpoint."""
-    from demo_app import handlers
+    from demo_app.tab_train_run import READY
     data = make_image_dataset(tmp_path / "ds", n_train=6, n_val=2)
-    h = handlers.Handlers(tmp_path / "ck", data, tmp_path / "up")
-    assert next(h.watch())[0] == handlers.READY  # nothing running
-    starter = h.start(str(data), "resnet18", "none", None, "full", 3, 2, 1e-3, 1e-4, 0, "auto", 7, "cpu", 0,
-                      "", False, [])
+    tabs = built(tmp_path, data)
+    train, run, predict = tabs.train, tabs.train.run, tabs.predict
+    assert next(run.watch())[run.status] == READY  # nothing running
+    starter = start(tabs, data, policy="full", epochs=3, batch_size=2)
     next(starter)  # the run is started; the starting page then goes away (reload)
-    # the reloaded page's form shows the run's settings, in ui.py's order of train inputs
+    # the reloaded page's form shows the run's settings
     # (an empty run name stays empty: the default would name a later run of another policy after this one)
-    assert h.followed_settings() == [str(data), "resnet18", "none", "", "full", 3, 2, 1e-3, 1e-4, 0.0, "auto", 7,
-                                     "cpu", 0, "", False]
-    frames = list(h.watch(poll_s=0.05))
-    assert all("in progress" in f[0] for f in frames[:-1]) and len(frames) >= 2
-    tables = [f[3] for f in frames[:-1] if f[3] is None or not isinstance(f[3], type(handlers.gr.skip()))]
+    assert {name: train.followed_settings()[component] for name, component in train.form.items()} == {
+        "data_dir": str(data), "arch": "resnet18", "weights_source": "none", "weights_path": "", "policy": "full",
+        "epochs": 3, "batch_size": 2, "lr": 1e-3, "weight_decay": 1e-4, "dropout": 0.0, "augment": "auto", "seed": 7,
+        "device": "cpu", "val_split": 0, "run_name": "", "amp": False}
+    frames = list(run.watch(poll_s=0.05))
+    assert all("in progress" in f[run.status] for f in frames[:-1]) and len(frames) >= 2
+    tables = [f[run.epochs_table] for f in frames[:-1] if run.epochs_table in f]
     rows = [0 if t is None else len(t.data) for t in tables]
     assert rows == sorted(rows) and rows[-1] >= 2  # epochs appear as they end (the last may end with the run)
     # between epochs the status line alone moves on, with the phase's progress
-    assert any(re.search(r"(epoch \d/3, (train|val) batch \d+/\d+|running the frozen layers|decoding images)", f[0])
-               for f in frames[:-1]), [f[0] for f in frames]
+    assert any(re.search(r"(epoch \d/3, (train|val) batch \d+/\d+|running the frozen layers|decoding images)",
+                         f[run.status]) for f in frames[:-1]), [f[run.status] for f in frames]
     final = frames[-1]
-    assert "Completed" in final[0] and len(final[3].data) == 3
+    assert "Completed" in final[run.status] and len(final[run.epochs_table].data) == 3
     # the accuracy chart and the run state (which 'Compare policies' draws from) hold the run too
-    assert [len(t.x) for t in final[2].data[:2]] == [3, 3] and len(final[5]["history"]) == 3
-    assert final[5]["run"] and final[5]["run"] in final[6]["value"]
-    assert "EPOCH 3/3" in final[4] and "BEST:" in final[4]  # the run log, as the CLI prints it
-    assert final[6]["value"].endswith("best_acc.pt")
-    best = max(r["epoch"] for r in final[5]["history"] if r["best"])
-    assert f"epoch {best}" in final[7]  # its description is redone (the path may be the one already shown)
+    state = final[run.run_state]
+    assert [len(t.x) for t in final[run.acc_plot].data[:2]] == [3, 3] and len(state["history"]) == 3
+    assert state["run"] and state["run"] in final[predict.ckpt]["value"]
+    assert "EPOCH 3/3" in final[run.log_box] and "BEST:" in final[run.log_box]  # the run log, as the CLI prints it
+    assert final[predict.ckpt]["value"].endswith("best_acc.pt")
+    best = max(r["epoch"] for r in state["history"] if r["best"])
+    assert f"epoch {best}" in final[predict.ckpt_info]  # its description is redone (the path may be the one already shown)
     # Start is greyed out on the following page while the run trains, and back at its end.
-    assert all(f[8]["interactive"] is False for f in frames[:-1]) and final[8]["interactive"] is True
-    assert all(isinstance(v, type(handlers.gr.skip())) for v in h.followed_settings())  # nothing to follow now
-    assert all(len(f) == 9 for f in frames)  # the outputs ui.py wires to watch()
+    assert all(f[run.start_btn]["interactive"] is False for f in frames[:-1])
+    assert final[run.start_btn]["interactive"] is True
+    assert train.followed_settings() == gr.skip()  # nothing to follow now
+    assert all(set(f) <= set(run.watch_outputs) for f in frames)  # only outputs the page wires to watch()
     for _ in starter:  # the original stream still ends normally
         pass
 
@@ -609,44 +626,44 @@ def test_wrong_kinds_of_path_are_named_as_such(trained, app, tmp_path):
     assert "is a file, not a folder" in said
     with pytest.raises(AppError, match="is a folder; give the path of the .pth file"):
         train_job(app["client"], weights_source="local file", weights_path=str(tmp_path)).result(timeout=60)
-    from demo_app import handlers
-    with pytest.raises(handlers.gr.Error, match="is a file; give the folder"):
-        handlers.Handlers(tmp_path / "ck", DATA, tmp_path / "up").predict_batch(
-            None, str(a_file), 2, trained["final"][CHECKPOINT]["value"], None, False)
+    with pytest.raises(gr.Error, match="is a file; give the folder"):
+        app["demo"].handlers.predict.predict_batch(None, str(a_file), 2, trained["final"][CHECKPOINT]["value"], None,
+                                                   False)
 
 
-def test_the_page_shows_predict_problems_in_place_of_the_old_answer(trained, tmp_path):
+def test_the_page_shows_predict_problems_in_place_of_the_old_answer(trained, app, tmp_path):
     """Raised, a problem left the previous image's label on screen under an
     error badge (and toasted twice); the page's handlers clear it and say why."""
     from PIL import Image
 
-    from demo_app import handlers
-    h = handlers.Handlers(tmp_path / "ck", DATA, tmp_path / "up")
+    from demo_app.components import SafeImage
+    from demo_app.tab_predict import BATCH_STALE
+    p = app["demo"].handlers.predict
     ckpt = trained["final"][CHECKPOINT]["value"]
     image = Image.open(sorted((DATA / "val" / "cat").glob("*.jpg"))[0])
-    label, timing = h.predict_shown(image, 2, ckpt, None, False)
-    assert set(label) == {"cat", "fish"} and "Prediction took" in timing
+    said = p.predict_shown(image, 2, ckpt, None, False)
+    assert set(said[p.label]) == {"cat", "fish"} and "Prediction took" in said[p.pred_time]
     broken = tmp_path / "broken.pt"
     broken.write_bytes(b"\x00garbage" * 100)
-    label, timing = h.predict_shown(image, 2, ckpt, str(broken), False)
-    assert label is None and timing.startswith("⚠ **Checkpoint problem:**") and "broken.pt" in as_shown(timing)
+    said = p.predict_shown(image, 2, ckpt, str(broken), False)
+    assert said[p.label] is None and said[p.pred_time].startswith("⚠ **Checkpoint problem:**")
+    assert "broken.pt" in as_shown(said[p.pred_time])
     # a non-image dropped on the page: the image box hands over its message, shown in place of the old label
-    from demo_app.components import SafeImage
     text = tmp_path / "notes.jpg"
     text.write_text("not a photo")
-    not_image = SafeImage(type="pil").preprocess(handlers.gr.FileData(path=str(text), orig_name="notes.jpg"))
-    label, timing = h.predict_shown(not_image, 2, ckpt, None, False)
-    assert label is None and timing.startswith("⚠ **Not an image:**")
-    assert as_shown(timing).startswith("⚠ Not an image: notes.jpg: not an image file")
-    *cleared, summary = h.predict_batch_shown([], "", 2, ckpt, None, False)
-    assert cleared == [None, None, None] and summary.startswith("⚠ **No images:**")
+    not_image = SafeImage(type="pil").preprocess(gr.FileData(path=str(text), orig_name="notes.jpg"))
+    said = p.predict_shown(not_image, 2, ckpt, None, False)
+    assert said[p.label] is None and said[p.pred_time].startswith("⚠ **Not an image:**")
+    assert as_shown(said[p.pred_time]).startswith("⚠ Not an image: notes.jpg: not an image file")
+    cleared = {p.batch_table: None, p.batch_gallery: None, p.batch_csv: None}
+    said = p.predict_batch_shown([], "", 2, ckpt, None, False)
+    assert said.items() >= cleared.items() and said[p.batch_summary].startswith("⚠ **No images:**")
     # another checkpoint chosen: results of the old one are cleared, and the page says how to redo them
-    *shown, summary = h.predict_batch_shown(None, str(DATA / "val"), 2, ckpt, None, False)
-    assert len(shown[0].data) == 32  # a Styler over the table
-    *cleared, said = h.batch_stale(summary)
-    assert cleared == [None, None, None] and said == handlers.BATCH_STALE
-    assert all(isinstance(v, type(handlers.gr.skip())) for v in h.batch_stale(said))  # nothing more to clear
-    assert all(isinstance(v, type(handlers.gr.skip())) for v in h.batch_stale("⚠ **No images:** add some"))
+    shown = p.predict_batch_shown(None, str(DATA / "val"), 2, ckpt, None, False)
+    assert len(shown[p.batch_table].data) == 32  # a Styler over the table
+    assert p.batch_stale(shown[p.batch_summary]) == {**cleared, p.batch_summary: BATCH_STALE}
+    assert p.batch_stale(BATCH_STALE) == gr.skip()  # nothing more to clear
+    assert p.batch_stale("⚠ **No images:** add some") == gr.skip()
 
 
 def test_weights_note_says_whether_imagenet_weights_are_here(tmp_path, monkeypatch):
@@ -655,70 +672,64 @@ def test_weights_note_says_whether_imagenet_weights_are_here(tmp_path, monkeypat
     import torch
 
     from core.models import imagenet_cache_path
-    from demo_app.handlers import Handlers
+    from demo_app.tab_train import weights_note
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
-    assert "not on this machine yet" in Handlers.weights_note("resnet18")["info"]
+    assert "not on this machine yet" in weights_note("resnet18")["info"]
     # with another source chosen, the note is about that source
-    assert Handlers.weights_note("resnet18", "none")["info"].startswith("Random init")
-    assert "state_dict (.pth) of a mobilenet_v2 backbone" in Handlers.weights_note("mobilenet_v2", "local file")["info"]
+    assert weights_note("resnet18", "none")["info"].startswith("Random init")
+    assert "state_dict (.pth) of a mobilenet_v2 backbone" in weights_note("mobilenet_v2", "local file")["info"]
     cached = imagenet_cache_path("resnet18")
     cached.parent.mkdir(parents=True)
     cached.write_bytes(b"x")
-    assert "in the torch cache" in Handlers.weights_note("resnet18")["info"]
-    assert "not on this machine yet" in Handlers.weights_note("mobilenet_v2")["info"]
+    assert "in the torch cache" in weights_note("resnet18")["info"]
+    assert "not on this machine yet" in weights_note("mobilenet_v2")["info"]
 
 
-def test_a_bare_state_dict_is_described_as_having_no_class_names(trained, tmp_path):
+def test_a_bare_state_dict_is_described_as_having_no_class_names(trained, app, tmp_path):
     import torch
 
-    from demo_app import handlers
     sd = tmp_path / "weights.pt"
     torch.save(torch.load(trained["final"][CHECKPOINT]["value"], weights_only=True)["model_state"], sd)
-    h = handlers.Handlers(tmp_path / "ck", DATA, tmp_path / "up")
+    h = app["demo"].handlers.predict
     info = h.checkpoint_info(None, str(sd), False)
     assert "classes: class_0, class_1 (this file stores no class names" in as_shown(info), info
     assert "no class names" not in h.checkpoint_info(trained["final"][CHECKPOINT]["value"], None, False)
     assert "val by class" not in info  # a bare state_dict has no validation results
 
 
-def test_run_status_and_checkpoint_info_give_val_accuracy_by_class(trained, tmp_path):
-    from demo_app import handlers
+def test_run_status_and_checkpoint_info_give_val_accuracy_by_class(trained, app):
     best = trained["final"][CHECKPOINT]["value"]
     m = re.search(r"Val by class at that epoch: cat (\d+)/16.* · fish (\d+)/16", as_shown(trained["final"][STATUS]))
     assert m, trained["final"][STATUS]
     acc = float(re.search(r"val_acc (\d\.\d+)", trained["final"][STATUS]).group(1))
     assert round((int(m.group(1)) + int(m.group(2))) / 32, 3) == acc  # the same epoch's counts
-    info = handlers.Handlers(tmp_path / "ck", DATA, tmp_path / "up").checkpoint_info(best, None, False)
+    info = app["demo"].handlers.predict.checkpoint_info(best, None, False)
     epoch = re.search(r"Best epoch \*\*(\d+)", trained["final"][STATUS]).group(1)
     assert f"val by class at epoch {epoch}: cat" in as_shown(info), info
 
 
-def test_uploaded_images_are_not_checked_against_their_folder(trained, tmp_path):
+def test_uploaded_images_are_not_checked_against_their_folder(trained, app):
     """An upload's folder is not the user's labelling (even a val/cat/ file given
     as an upload); images from the folder box are checked."""
-    from demo_app import handlers
-    h = handlers.Handlers(tmp_path / "ck", DATA, tmp_path / "up")
+    h = app["demo"].handlers.predict
     cat = sorted((DATA / "val" / "cat").glob("*.jpg"))[0]
-    table, gallery, _, summary = h.predict_batch([str(cat)], "", 2, trained["final"][CHECKPOINT]["value"], None, False)
-    assert table.data["check"].tolist() == [""] and "against the folder names" not in summary
-    table, *_ = h.predict_batch([], str(DATA / "val" / "cat"), 2, trained["final"][CHECKPOINT]["value"], None, False)
+    said = h.predict_batch([str(cat)], "", 2, trained["final"][CHECKPOINT]["value"], None, False)
+    assert said[h.batch_table].data["check"].tolist() == [""] and "against the folder names" not in said[h.batch_summary]
+    table = h.predict_batch([], str(DATA / "val" / "cat"), 2, trained["final"][CHECKPOINT]["value"], None,
+                            False)[h.batch_table]
     assert all(c == "✓" or c == "✗ folder: cat" for c in table.data["check"]) and len(table.data) == 16
 
 
 def test_stop_from_a_page_that_did_not_start_the_run_preselects_its_best_checkpoint(tmp_path):
     """Stop's status says the best checkpoint is preselected in the Predict tab; on a
     page other than the starting one that was untrue. It now is, description too."""
-    from demo_app import handlers
     data = make_image_dataset(tmp_path / "ds", n_train=6, n_val=2)
-    h = handlers.Handlers(tmp_path / "ck", data, tmp_path / "up")
-    starter = h.start(str(data), "resnet18", "none", None, "full", 50, 2, 1e-3, 1e-4, 0, "auto", 7, "cpu", 0,
-                      "", False, [])
+    tabs = built(tmp_path, data)
+    starter = start(tabs, data, policy="full", epochs=50, batch_size=2)
     next(starter)
-    deadline = time.monotonic() + 120
-    while not h.service.current.history:
-        assert time.monotonic() < deadline, "first epoch never ended"
-        time.sleep(0.1)
-    status, ckpt, info = h.stop_shown()  # this page never ran the Start stream
+    wait_until(lambda: tabs.service.current.history, 240, "the end of the first epoch")
+    said = tabs.train.run.stop_shown()  # this page never ran the Start stream
+    status, ckpt, info = said[tabs.train.run.status], said[tabs.predict.ckpt], said[tabs.predict.ckpt_info]
     assert "Stopped" in status and "preselected in the Predict tab" in status
     best = re.search(r"`([^`]+best_acc\.pt)`", status).group(1)
     assert ckpt["value"] == best and best in [v for _, v in ckpt["choices"]]
@@ -736,16 +747,123 @@ def test_stop_from_a_page_that_did_not_start_the_run_preselects_its_best_checkpo
     ("/a/train looks like a split itself: pass its parent, --data-dir /a", "set 'Dataset folder' to /a"),
     ("add /x/val/<class>/ folders, or pass --val-split 0.2 to hold out", "or set 'Validation fraction (Advanced)' to 0.2 to")])
 def test_core_messages_name_the_apps_fields_and_choices(core_says, app_says):
-    from demo_app.handlers import for_the_app
+    from demo_app.messages import for_the_app
     said = for_the_app(core_says)
     assert app_says in said and "--" not in said, said
 
 
-def test_dataset_summary_rewrites_warnings_not_class_names(tmp_path):
+def test_dataset_summary_rewrites_warnings_not_class_names(app, tmp_path):
     """Class folders and paths are shown as they are; only the warnings' advice
     is worded for the app."""
-    from demo_app import handlers
     data = make_image_dataset(tmp_path / "ds", classes=("--lr 3", "fish"), n_train=3, n_val=2)
-    summary, n = handlers.Handlers(tmp_path / "ck", data, tmp_path / "up").check_dataset(str(data), 0.5)
+    train = app["demo"].handlers.train
+    said = train.check_dataset(str(data), 0.5)
+    summary, n = said[train.ds_summary], said[train.n_classes]
     assert n == 2 and "| \\-\\-lr 3 | 3 | 2 |" in summary and "for ['--lr 3', 'fish']" in as_shown(summary)
-    assert "'Validation fraction (Advanced)' = 0.5 ignored" in as_shown(summary)
+    assert "'Validation fraction (Advanced)' 0.5 ignored" in as_shown(summary)
+
+
+# ---------------------------------------------------------------- errors in the app's words
+
+# Settings core may name that the app never sets (it leaves them at their defaults) or has no
+# widget for: a message about one cannot reach the app's screen.
+NOT_IN_THE_APP = {"num_workers", "export_state_dict", "export_full_model", "cache", "cache_budget_mb", "image_size",
+                  "resize_size", "extra", "freeze_backbone", "unfreeze_last", "unfreeze_all"}
+
+
+def test_every_setting_core_can_name_has_a_label_in_the_app():
+    """core names settings by field ({setting}, {setting:F}, {choice:F=V}, field=F, TrainConfig's
+    checks); each one the app can meet is worded by the app's labels, none falls back to a bare name."""
+    import dataclasses
+
+    from core.config import TrainConfig
+    from demo_app.messages import FIELD_LABELS
+    named = {f.name for f in dataclasses.fields(TrainConfig)}
+    for source in (ROOT / "core").glob("*.py"):
+        text = source.read_text(encoding="utf-8")
+        named |= {a or b for a, b in re.findall(r'field="([a-z_]+)"|\{(?:setting|choice):([a-z_]+)', text)}
+    missing = sorted(named - set(FIELD_LABELS) - NOT_IN_THE_APP)
+    assert not missing, f"settings core names with no app label: {missing}"
+
+
+def test_every_error_the_app_shows_names_its_fields_not_cli_flags(app, trained, tmp_path):
+    """A walk through the errors, warnings and notes the page shows for bad input
+    (each form field, the dataset, weights, checkpoints, images, the Model tab):
+    each is in the app's words: its field labels, no CLI flag, no placeholder."""
+    import torch
+
+    from cli.common import FLAG_NAMES
+    from demo_app.components import SafeImage
+    from demo_app.messages import FIELD_LABELS
+    tabs = app["demo"].handlers
+    train, run, predict, model = tabs.train, tabs.train.run, tabs.predict, tabs.model
+    shown: list[tuple[str, str, str]] = []  # (what, text, the label it should name or "")
+
+    def said(what, fn, *args, label="", **kw):
+        try:
+            out = fn(*args, **kw)
+        except gr.Error as e:
+            shown.append((what, e.message, label))
+            return
+        texts = [v for v in (out.values() if isinstance(out, dict) else [out]) if isinstance(v, str)]
+        shown.append((what, "\n".join(texts), label))
+
+    def start_refused(what, label="", **form):
+        """Start with a bad form: the status it shows, and its pop-up."""
+        frames = []
+        with pytest.raises(gr.Error) as e:
+            for frame in run.start(**{"data_dir": str(DATA), "weights_source": "none", "device": "cpu", **form}):
+                frames.append(frame)
+        shown.append((what, frames[-1][run.status] + "\n" + e.value.message, label))
+
+    settings = {"epochs": [0, 1.5, None], "batch_size": [0, 2.5], "lr": [0, "fast"], "weight_decay": [-1],
+                "dropout": [1.0], "seed": [-1, 0.5], "val_split": [5], "run_name": ["a b/c"], "data_dir": ["", "/no/such"]}
+    for field, values in settings.items():
+        for value in values:
+            start_refused(f"{field}={value!r}", FIELD_LABELS[field] if field != "data_dir" or value == "" else "",
+                          **{field: value})
+    for path in ("", str(tmp_path), str(tmp_path / "none.pth")):
+        start_refused(f"weights {path!r}", weights_source="local file", weights_path=path)
+    (tmp_path / "flat" / "cat").mkdir(parents=True)
+    ds_noval = make_image_dataset(tmp_path / "noval", n_train=3, val=False)
+    for folder, split in ((str(DATA / "missing"), 0), (str(DATA / "val" / "cat" / "cat_000.jpg"), 0),
+                          (str(tmp_path / "flat"), 0), (str(DATA / "train"), 0), (str(ds_noval), 0),
+                          (str(DATA), 0.5), (str(DATA), 3), ("", 0)):
+        said(f"dataset {folder} {split}", train.check_dataset_shown, folder, split, 1337)
+    ckpt = trained["final"][CHECKPOINT]["value"]
+    broken = tmp_path / "broken.pt"
+    broken.write_bytes(b"\x00garbage" * 100)
+    text = tmp_path / "notes.jpg"
+    text.write_text("not a photo")
+    not_image = SafeImage(type="pil").preprocess(gr.FileData(path=str(text), orig_name="notes.jpg"))
+    image = sorted((DATA / "val" / "cat").glob("*.jpg"))[0]
+    for args in ((str(image), 2, None, None, False), (str(image), 2, None, str(broken), False),
+                 (not_image, 2, ckpt, None, False)):
+        said("predict", predict.predict_shown, *args)
+        said("checkpoint", predict.checkpoint_info, *args[2:])
+    from core.checkpoint import export_full_model, model_from_checkpoint, read_checkpoint
+    full = export_full_model(model_from_checkpoint(read_checkpoint(ckpt)), ["cat", "fish"], tmp_path / "full.pt")
+    said("pickle refused", predict.predict_shown, str(image), 2, None, str(full), True)
+    said("pickle refused", predict.checkpoint_info, None, str(full), True)
+    for files, folder in (([], ""), ([], str(image)), ([], str(tmp_path / "flat"))):
+        said(f"batch {folder}", predict.predict_batch_shown, files, folder, 2, ckpt, None, False)
+    for n in (1, 2.5, "lots"):
+        said(f"classes {n}", model.summary, "resnet18", "head", n, label="'Classes'")
+    said("stop", run.stop)
+    weights = tmp_path / "resnet18_weights.pth"
+    torch.save(torch.load(ckpt, weights_only=True)["model_state"], weights)
+    start_refused("weights of another arch", "'Architecture'", arch="mobilenet_v2", weights_source="local file",
+                  weights_path=str(weights))
+    start_refused("imagenet offline", "'Pretrained weights'", weights_source="imagenet")  # (TL_OFFLINE=1: conftest)
+    if not torch.cuda.is_available():  # a run that fails once started, in its worker
+        start_refused("device cuda", FIELD_LABELS["device"], device="cuda")
+
+    flags = re.compile(r"(?<![\w-])(?:" + "|".join(re.escape(f) for f in FLAG_NAMES.values()) + r")(?![\w-])")
+    bare = re.compile(r"\b(?:" + "|".join(f for f in FIELD_LABELS if "_" in f) + r")\b")
+    assert len(shown) >= 40
+    for what, text, label in shown:
+        assert text.strip(), what
+        assert not flags.search(text), (what, text)
+        assert "{setting" not in text and "{choice" not in text, (what, text)
+        assert not bare.search(text), (what, text)
+        assert label in text.replace("\\", ""), (what, label, text)  # (Markdown escapes the quotes)

@@ -13,14 +13,13 @@ import re
 import socket
 import subprocess
 import sys
-import time
 import uuid
 import zipfile
 from pathlib import Path
 
 import pytest
 
-from conftest import make_image_dataset
+from conftest import make_image_dataset, wait_until
 
 gradio_client = pytest.importorskip("gradio_client")
 httpx = pytest.importorskip("httpx")
@@ -274,15 +273,13 @@ def test_a_login_guards_every_route(tmp_path):
                             stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}/"
     try:
-        deadline = time.time() + 120
-        while True:
+        def started():
+            assert proc.poll() is None, "app.py exited"
             try:
-                if httpx.get(url + "gradio_api/startup-events", timeout=2).status_code == 200:
-                    break
+                return httpx.get(url + "gradio_api/startup-events", timeout=2).status_code == 200
             except httpx.HTTPError:
-                pass
-            assert proc.poll() is None and time.time() < deadline, "app.py did not start"
-            time.sleep(0.5)
+                return False
+        wait_until(started, 120, "app.py to answer")
         outsider = httpx.Client(base_url=url, timeout=30)
         assert outsider.get("config").status_code == 401
         join = {"data": [str(DATA), 0, 1337], "fn_index": 0, "session_hash": "x", "event_data": None}
@@ -322,7 +319,7 @@ def folders(tmp_path_factory):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A 1-epoch checkpoint trained on class folders with hostile names."""
-    from demo_app.handlers import Handlers
+    from demo_app.ui import build_app
     base = tmp_path_factory.mktemp("hostile")
     data = make_image_dataset(base / "data", classes=HOSTILE)
     # The same image in every class folder, under a name that is a link: at least two are
@@ -331,10 +328,9 @@ def trained(tmp_path_factory):
     for i, c in enumerate(HOSTILE):
         (check / c).mkdir(parents=True)
         (check / c / f"[f](javascript:x) {i}.jpg").write_bytes((data / "val" / HOSTILE[0] / f"{HOSTILE[0]}_0.jpg").read_bytes())
-    h = Handlers(base / "checkpoints", data, base / "uploads")
-    frames = list(h.start(str(data), "resnet18", "none", None, "head", 1, 4, 1e-3, 1e-4, 0, "auto", 7, "cpu", 0,
-                          "", False, []))
-    status = frames[-1][0]
+    run = build_app(base / "checkpoints", data, base / "uploads").handlers.train.run
+    frames = list(run.start(data_dir=str(data), weights_source="none", epochs=1, batch_size=4, seed=7, device="cpu"))
+    status = frames[-1][run.status]
     assert "Completed" in status, status
     ckpt = next((base / "checkpoints").glob("*/best_acc.pt"))
     return {"data": data, "checkpoint": ckpt, "status": status, "base": base, "check": check}
@@ -355,7 +351,7 @@ def test_exposed_app_reads_only_its_own_and_data_root_folders(tmp_path, folders,
     client = Client(url, analytics_enabled=False, verbose=False, download_files=str(tmp_path / "dl"))
     h = demo.handlers
     private, root = folders["private"], folders["root"]
-    ours = h.checkpoints_dir / "run" / "best_acc.pt"  # a checkpoint in the app's own folder
+    ours = h.ctx.checkpoints_dir / "run" / "best_acc.pt"  # a checkpoint in the app's own folder
     ours.parent.mkdir(parents=True)
     shutil.copy(trained["checkpoint"], ours)
     try:
@@ -365,7 +361,7 @@ def test_exposed_app_reads_only_its_own_and_data_root_folders(tmp_path, folders,
             summary = client.predict(folder, 0, 1337, api_name="/check_dataset")
             assert summary.startswith("⚠ **Dataset problem:**") and "secret" not in summary, (folder, summary)
             assert "outside the folders this app may read" in summary, summary
-            assert h.examples(folder) == ([], [])
+            assert h.predict.show_examples(folder) == {h.predict.examples: [], h.predict.example_paths: []}
             with pytest.raises(AppError, match="outside the folders this app may read") as e:
                 client.predict([], folder, 2, str(ours), None, False, api_name="/predict_batch")
             assert "secret" not in str(e.value)
@@ -379,20 +375,20 @@ def test_exposed_app_reads_only_its_own_and_data_root_folders(tmp_path, folders,
         outside_ckpt = str(trained["checkpoint"])  # a real checkpoint, outside every allowed folder
         with pytest.raises(AppError, match="'Checkpoint' .* is outside the folders"):
             client.predict(image, 2, outside_ckpt, None, False, api_name="/predict")
-        assert "outside the folders" in h.checkpoint_info(outside_ckpt, None, False)
+        assert "outside the folders" in h.predict.checkpoint_info(outside_ckpt, None, False)
         weights = private / "w.pth"
         weights.write_bytes(b"")
         with pytest.raises(AppError, match="'Weights file' .* is outside the folders"):
             client.submit(str(folders["good"]), "resnet18", "local file", str(weights), "head", 1, 4, 1e-3, 1e-4, 0,
                           "auto", 1, "cpu", 0, "", False, [], api_name="/train").result(timeout=60)
         # An uploaded weights file is copied into uploads/, so the path the page puts in the box is allowed.
-        uploaded = h.weights_uploaded(str(trained["checkpoint"]))
-        assert Path(uploaded).is_relative_to(h.uploads_dir) and h.policy.allows(uploaded)
+        uploaded = h.train.weights_uploaded(str(trained["checkpoint"]))
+        assert Path(uploaded).is_relative_to(h.ctx.uploads_dir) and h.ctx.policy.allows(uploaded)
         # Inside: the data root, the app's own data folder and checkpoint.
         for folder in (str(folders["good"]), str(DATA)):
             summary = client.predict(folder, 0, 1337, api_name="/check_dataset")
             assert "**2 classes**" in summary, summary
-            assert len(h.examples(folder)[0]) >= 4
+            assert len(h.predict.show_examples(folder)[h.predict.examples]) >= 4
         table, *_ = client.predict([], str(folders["good"] / "val"), 2, str(ours), None, False,
                                    api_name="/predict_batch")
         assert len(table["data"]) == 4
@@ -411,7 +407,8 @@ def test_loopback_app_reads_any_folder(default_app, folders, trained):
         table, *_ = client.predict([], str(folders["private"] / "val"), 2, str(trained["checkpoint"]), None, False,
                                    api_name="/predict_batch")
         assert len(table["data"]) == 4
-        assert len(default_app["demo"].handlers.examples(str(folders["private"]))[0]) == 4
+        p = default_app["demo"].handlers.predict
+        assert len(p.show_examples(str(folders["private"]))[p.examples]) == 4
     finally:
         client.close()
 
@@ -434,7 +431,7 @@ def assert_shown_as_text(markdown: str, names):
 
 def test_user_strings_render_as_text(default_app, trained, tmp_path):
     client = Client(default_app["url"], analytics_enabled=False, verbose=False)
-    h = default_app["demo"].handlers
+    h = default_app["demo"].handlers.predict
     data, ckpt = trained["data"], str(trained["checkpoint"])
     try:
         summary = client.predict(str(data), 0, 1337, api_name="/check_dataset")
@@ -502,7 +499,7 @@ def damaged_copies(ckpt: Path, folder: Path) -> dict[str, Path]:
 
 def test_damaged_checkpoints_give_clear_errors_never_a_result(default_app, trained, tmp_path):
     client = Client(default_app["url"], analytics_enabled=False, verbose=False)
-    h = default_app["demo"].handlers
+    h = default_app["demo"].handlers.predict
     image = handle_file(sorted((DATA / "val" / "cat").glob("*.jpg"))[0])
     try:
         for name, path in damaged_copies(trained["checkpoint"], tmp_path).items():
@@ -511,9 +508,11 @@ def test_damaged_checkpoints_give_clear_errors_never_a_result(default_app, train
                 pytest.fail(f"{name}: answered {label}")
             said = str(e.value)
             assert path.name in said and "internal error" not in said and "verbose error" not in said, (name, said)
-            label, shown = h.predict_shown(str(DATA / "val" / "cat" / "cat_000.jpg"), 2, str(path), None, False)
+            said = h.predict_shown(str(DATA / "val" / "cat" / "cat_000.jpg"), 2, str(path), None, False)
+            label, shown = said[h.label], said[h.pred_time]
             assert label is None and shown.startswith("⚠ **Checkpoint problem:**"), (name, shown)
-            table, gallery, csv, summary = h.predict_batch_shown(None, str(DATA / "val"), 2, str(path), None, False)
+            said = h.predict_batch_shown(None, str(DATA / "val"), 2, str(path), None, False)
+            table, summary = said[h.batch_table], said[h.batch_summary]
             assert table is None and summary.startswith("⚠ **Checkpoint problem:**"), (name, summary)
             assert "classified" not in summary and "internal error" not in summary  # no result, NaN or not
             info = h.checkpoint_info(str(path), None, False)  # an overflowing head only shows when it runs
@@ -535,12 +534,11 @@ data = make_image_dataset(Path({str(tmp_path)!r}) / "data")
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG, as ENOSPC would
 resource.setrlimit(resource.RLIMIT_FSIZE, (1_000_000, 1_000_000))  # a checkpoint is ~45 MB
 import gradio as gr
-from demo_app.handlers import Handlers
-h = Handlers(Path({str(tmp_path)!r}) / "ck", data, Path({str(tmp_path)!r}) / "up")
+from demo_app.ui import build_app
+run = build_app(Path({str(tmp_path)!r}) / "ck", data, Path({str(tmp_path)!r}) / "up").handlers.train.run
 try:
-    frames = list(h.start(str(data), "resnet18", "none", None, "head", 1, 4, 1e-3, 1e-4, 0, "auto", 7, "cpu", 0,
-                          "", False, []))
-    print("STATUS", frames[-1][0])
+    frames = list(run.start(data_dir=str(data), weights_source="none", epochs=1, batch_size=4, seed=7, device="cpu"))
+    print("STATUS", frames[-1][run.status])
 except gr.Error as e:
     print("ERROR", e.message)
 """
@@ -555,14 +553,10 @@ except gr.Error as e:
 @pytest.mark.browser
 def test_names_render_as_text_in_the_browser(default_app, trained):
     """Gradio's own Markdown renderer (marked, GFM: tables, autolinks), in Chromium."""
-    chromium = Path("/usr/bin/chromium")
-    if not chromium.exists():
-        pytest.skip("Chromium is not installed at /usr/bin/chromium (apt-get install chromium)")
-    sync_api = pytest.importorskip("playwright.sync_api")
+    from conftest import launch_chromium, need_chromium
+    sync_api = need_chromium()  # skipped without Chromium; a failure under CI
     with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(chromium), headless=True,
-                                    args=["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                                          "--disable-background-networking"])
+        browser = launch_chromium(p)
         try:
             page = browser.new_page(viewport={"width": 1440, "height": 1000})
             page.set_default_timeout(60_000)
