@@ -150,6 +150,7 @@ def train_config(data, out, **kw):
 
 def train_run(cfg, stop=None):
     """Every event of one engine run: (events, the EpochEnded ones, the final RunEnded)."""
-    from core.engine import EpochEnded, train
+    from core.engine import train
+    from core.events import EpochEnded
     events = list(train(cfg, stop))
     return events, [e for e in events if isinstance(e, EpochEnded)], events[-1]
