@@ -100,8 +100,11 @@ def test_reference_flags_map_to_policies():
                                              # a mistyped keyword is not "checkpoint nonee does not exist"
                                              ("weights", "nonee", "--weights 'nonee' is not valid; choose imagenet, none")])
 def test_config_validation_messages(field, value, msg):
-    with pytest.raises(ConfigError, match=msg):
+    """Each error carries its field and, in the CLI's words, names the flag."""
+    from cli.common import FLAG_NAMES
+    with pytest.raises(ConfigError) as e:
         TrainConfig(**{field: value}).validate()
+    assert e.value.field == field and msg in e.value.render(FLAG_NAMES)
 
 
 def test_saved_data_dir_is_absolute_and_plain(tmp_path, monkeypatch):
