@@ -14,13 +14,12 @@ import traceback
 from dataclasses import dataclass, field
 from typing import Iterator
 
+from cli.common import say as cli_words
 from core.config import TrainConfig
 from core.engine import train
+from core.errors import UserError
 from core.events import BatchProgress, EpochEnded, RunEnded, RunStarted
 from core.events import log_lines as core_log_lines
-from cli.common import CLI_CHOICES, FLAG_NAMES
-from cli.common import say as cli_words
-from core.errors import UserError
 
 from .messages import os_error_text
 
@@ -41,7 +40,7 @@ def history_row(ev: EpochEnded) -> dict:
 def log_lines(ev) -> list[str]:
     """The CLI's lines for an engine event (or a Failed), in the CLI's words: the app's run log."""
     if isinstance(ev, Failed):
-        return [f"ERROR: {ev.error.render(FLAG_NAMES, CLI_CHOICES)}"]
+        return [f"ERROR: {cli_words(ev.error.message, ev.error.field)}"]
     return [cli_words(line.text) for line in core_log_lines(ev)]
 
 
