@@ -526,10 +526,14 @@ def test_app_cli_help_and_flags():
 
 def test_app_run_matches_the_engine_run(trained, tmp_path):
     """Same settings, same numbers: the app adds nothing to (and loses nothing from) core's training."""
+    import dataclasses
+
     from core.config import TrainConfig
-    from core.engine import RunEnded, train
+    from core.engine import train
+    from core.events import RunEnded
     run = run_dir_of(trained["final"][STATUS])
-    cfg = TrainConfig.from_dict(json.loads((run / "args.json").read_text()))
+    args = json.loads((run / "args.json").read_text())
+    cfg = TrainConfig(**{f.name: args[f.name] for f in dataclasses.fields(TrainConfig) if f.name in args})
     cfg.output_dir = str(tmp_path)
     ended = [ev for ev in train(cfg) if isinstance(ev, RunEnded)][0]
     app_rows = table_rows(trained["final"])
