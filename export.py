@@ -80,7 +80,7 @@ def _export(args) -> int:
             onnx_path = f.path
     if args.quantize:
         report = ex.quantize_int8(source, onnx_path, data_dir=args.data_dir)
-        for line in int8_lines(report):
+        for line in report.lines():
             print(line)
             if line.startswith("WARNING"):
                 print(line, file=sys.stderr)
@@ -90,19 +90,6 @@ def _export(args) -> int:
         print(f"NEXT: python deploy/predict_onnx.py --model {onnx_path} --image photo.jpg  (needs only "
               f"onnxruntime, numpy, pillow: deploy/requirements.txt)")
     return 0
-
-
-def int8_lines(r) -> list[str]:
-    """The INT8 block; a WARNING line when int8 loses more than 1 val image in 100."""
-    lines = [f"INT8: {r.path} ({r.bytes / 1e6:.1f} MB, {r.seconds:.1f} s), calibrated on {r.calibration_images} "
-             f"training image(s)",
-             f"  val accuracy on {r.val_images} image(s): float32 {r.float_val_acc:.4f}, int8 {r.int8_val_acc:.4f}; "
-             f"top-1 agreement {r.agreement:.4f}"]
-    if not r.acceptable:
-        lines.append(f"WARNING: int8 LOSES ACCURACY: {r.int8_val_acc:.4f} against float32's {r.float_val_acc:.4f} on "
-                     f"{r.val_images} val images (more than 1 image in 100). model.int8.onnx is written but is NOT a "
-                     f"faithful copy: deploy model.onnx (float32) unless the speed is worth the loss")
-    return lines
 
 
 if __name__ == "__main__":

@@ -48,6 +48,7 @@ SELF_CHECK_TOLERANCE = 1e-3
 # int8 is reported as not good enough when val accuracy drops by more than this.
 INT8_MAX_DROP = 0.01
 MAX_CALIBRATION_IMAGES = 200
+MAX_INT8_VAL_IMAGES = 2000  # int8 vs float32 is scored on at most this many val images (a seeded sample)
 MAX_SIDECAR_BYTES = 16 * 2**20  # 10,000 class names are ~0.2 MB of JSON
 
 
@@ -63,6 +64,7 @@ class ExportSource:
     meta: dict  # the model.json content, less the per-file entries
     predictor: object  # the core.predict.Predictor it came from (its preprocessing)
     data_dir: str | None = None  # the training run's dataset folder, when the checkpoint names one
+    split: tuple = (None, 0)  # its (val_split, seed): the same val images when val/ was carved out of train/
 
 
 @dataclass
@@ -94,11 +96,29 @@ class Int8Report:
     int8_val_acc: float
     agreement: float  # share of val images whose top-1 is the same in int8 and float32
     seconds: float
+    val_total: int = 0  # val images in the dataset (val_images were scored: a sample when there are many)
 
     @property
     def acceptable(self) -> bool:
         """At most one val image per 100 lost to quantization."""
         return self.float_val_acc - self.int8_val_acc <= INT8_MAX_DROP + 1e-9
+
+    def lines(self) -> list[str]:
+        """What export.py prints (and the app can show); a WARNING line when int8
+        loses more than 1 val image in 100."""
+        lines = [f"INT8: {self.path} ({self.bytes / 1e6:.1f} MB, {self.seconds:.1f} s), calibrated on "
+                 f"{self.calibration_images} training image(s)",
+                 f"  val accuracy on {self.val_images} image(s){self._sampled()}: float32 {self.float_val_acc:.4f}, int8 "
+                 f"{self.int8_val_acc:.4f}; top-1 agreement {self.agreement:.4f}"]
+        if not self.acceptable:
+            lines.append(f"WARNING: int8 LOSES ACCURACY: {self.int8_val_acc:.4f} against float32's "
+                         f"{self.float_val_acc:.4f} on {self.val_images} val images (more than 1 image in 100). "
+                         f"{self.path.name} is written but is NOT a faithful copy: deploy model.onnx (float32) "
+                         f"unless the speed is worth the loss")
+        return lines
+
+    def _sampled(self) -> str:
+        return f" (a seeded sample of the {self.val_total:,})" if self.val_total > self.val_images else ""
 
 
 # ---------------------------------------------------------------- choosing what to export
@@ -136,12 +156,12 @@ def load_source(path, trust_pickle: bool = False, arch: str | None = None,
     else:
         pred = Predictor.load(p, "cpu", trust_pickle, arch, classes)
     model = pred.model.to(memory_format=torch.contiguous_format).float().eval()
-    meta, data_dir = _source_meta(p, pred)
+    meta, data_dir, split = _source_meta(p, pred)
     if p.suffix.lower() == ".safetensors":
         earlier = _read_sidecar(sidecar_for(p))
         meta["exported_from"] = meta["source"]
         meta.update({k: earlier[k] for k in CARRIED_OVER if k in earlier})
-    return ExportSource(model, list(pred.class_names), meta, pred, data_dir)
+    return ExportSource(model, list(pred.class_names), meta, pred, data_dir, split)
 
 
 # What a re-export from model.safetensors keeps from its model.json: the original checkpoint and its scores.
@@ -149,7 +169,7 @@ CARRIED_OVER = ("source", "epoch", "best_epoch", "best_val_acc", "best_val_loss"
                 "val_loss", "policy", "weights", "temperature", "probabilities")
 
 
-def _source_meta(path: Path, pred) -> tuple[dict, str | None]:
+def _source_meta(path: Path, pred) -> tuple[dict, str | None, tuple]:
     info = pred.info
     arch = info.get("arch")
     if arch is None:  # a state_dict or full model: the keys say which torchvision model it is, if any
@@ -182,7 +202,7 @@ def _source_meta(path: Path, pred) -> tuple[dict, str | None]:
     for key in ("temperature", "best_epoch", "best_val_acc"):
         if info.get(key) is not None:
             meta[key] = info[key]
-    data_dir = None
+    data_dir, split = None, (None, 0)
     if info.get("format") == "checkpoint dict":
         c = ck.normalise_checkpoint(ck.load_file(path), path)  # as Predictor.load reads it (no optimizer checks)
         for key in ("epoch", "best_epoch", "best_val_acc", "best_val_loss", "best_loss_epoch", "policy", "weights",
@@ -196,9 +216,12 @@ def _source_meta(path: Path, pred) -> tuple[dict, str | None]:
                 meta[key] = float(row[key])
         args = c.get("args") or {}
         data_dir = args.get("data_dir") if isinstance(args.get("data_dir"), str) else None
+        val_split, seed = args.get("val_split"), args.get("seed")
+        split = (val_split if isinstance(val_split, float) and 0 < val_split < 1 else None,
+                 seed if type(seed) is int else 0)
     if "temperature" in meta:
         meta["probabilities"] = "softmax(logits / temperature)"
-    return meta, data_dir
+    return meta, data_dir, split
 
 
 # ---------------------------------------------------------------- writing
@@ -497,24 +520,25 @@ def quantize_int8(source: ExportSource, onnx_path, out_path=None, data_dir=None,
                         "folder; pass --data-dir DIR (with DIR/train/<class>/ and DIR/val/<class>/)")
     if not Path(folder).expanduser().is_dir():
         raise UserError(f"--quantize int8: the dataset folder {folder} does not exist (moved?); pass --data-dir DIR")
-    ds = scan_dataset(folder)
+    ds = scan_dataset(folder, *(source.split if folder == source.data_dir else (None, 0)))
     if ds.classes != source.class_names:
         raise UserError(f"--quantize int8: the classes of {folder} {ds.classes} are not the model's "
                         f"{source.class_names}; pass the --data-dir the model was trained on")
-    train_paths = [p for p, _ in ds.train.samples]
-    calib_paths = sorted(random.Random(seed).sample(train_paths, min(max_images, len(train_paths))))
-    calib, _ = _normalised_crops(source, calib_paths)
-    if not len(calib):
-        raise UserError(f"--quantize int8: none of the training images under {folder} could be read")
-    val, labels = _normalised_crops(source, [p for p, _ in ds.val.samples], [y for _, y in ds.val.samples])
+    rng = random.Random(seed)
+    calib = sorted(rng.sample(ds.train.samples, min(max_images, len(ds.train.samples))))
+    val = sorted(rng.sample(ds.val.samples, min(MAX_INT8_VAL_IMAGES, len(ds.val.samples))))
+    calibrated = [0]
 
-    class Batches(CalibrationDataReader):
+    class Batches(CalibrationDataReader):  # decoded a batch at a time: 200 inputs are 120 MB
         def __init__(self):
-            self.items = iter(calib[i:i + 8] for i in range(0, len(calib), 8))
+            self.batches = _input_batches(source, calib, 8)
 
         def get_next(self):
-            batch = next(self.items, None)
-            return None if batch is None else {INPUT_NAME: batch}
+            x, _ = next(self.batches, (None, None))
+            if x is None:
+                return None
+            calibrated[0] += len(x)
+            return {INPUT_NAME: x}
 
     with tempfile.TemporaryDirectory(prefix="tl-int8-") as tmp:
         pre, q = Path(tmp) / "pre.onnx", Path(tmp) / "int8.onnx"
@@ -526,16 +550,22 @@ def quantize_int8(source: ExportSource, onnx_path, out_path=None, data_dir=None,
                             extra_options={"CalibMaxIntermediateOutputs": 4})
         except Exception as e:
             raise ExportError(f"int8 quantization failed: {type(e).__name__}: {first_line(e)}") from None
+        if not calibrated[0]:
+            raise UserError(f"--quantize int8: none of the training images under {folder} could be read")
         data = q.read_bytes()
-    float_top = _top1(onnx_session(str(onnx_path)), val)
-    int8_top = _top1(onnx_session(data, out_path.name), val)
+    sessions = onnx_session(str(onnx_path)), onnx_session(data, out_path.name)
+    n = right_float = right_int8 = same = 0
+    for x, y in _input_batches(source, val, 32):
+        top_float, top_int8 = (s.run([OUTPUT_NAME], {INPUT_NAME: x})[0].argmax(1) for s in sessions)
+        n += len(y)
+        right_float += int((top_float == y).sum())
+        right_int8 += int((top_int8 == y).sum())
+        same += int((top_float == top_int8).sum())
     ck.atomic_write_bytes(out_path, data)
-    n, labels = len(val), np.asarray(labels)
-    report = Int8Report(out_path, len(data), len(calib), n,
-                        float((float_top == labels).mean()) if n else float("nan"),
-                        float((int8_top == labels).mean()) if n else float("nan"),
-                        float((float_top == int8_top).mean()) if n else float("nan"),
-                        time.perf_counter() - t0)
+    nan = float("nan")
+    report = Int8Report(out_path, len(data), calibrated[0], n, right_float / n if n else nan,
+                        right_int8 / n if n else nan, same / n if n else nan, time.perf_counter() - t0,
+                        len(ds.val.samples))
     _record_int8(source, report)
     return report
 
@@ -555,21 +585,16 @@ def _record_int8(source: ExportSource, report: Int8Report) -> None:
     ck.atomic_write_json(side, meta)
 
 
-def _normalised_crops(source: ExportSource, paths, labels=None) -> tuple[np.ndarray, list]:
-    """The model's input for each readable image (float32 NCHW) and the labels
-    of those; unreadable files are left out, as training leaves them out."""
-    crops, kept = [], []
-    for i, p in enumerate(paths):
-        try:
-            crops.append(source.predictor.preprocess(p))
-        except ImageLoadError:
-            continue
-        kept.append(labels[i] if labels is not None else i)
-    if not crops:
-        return np.zeros((0, 3, source.meta["crop"], source.meta["crop"]), np.float32), kept
-    return normalize(torch.stack(crops)).numpy(), kept
-
-
-def _top1(session, x: np.ndarray, batch: int = 32) -> np.ndarray:
-    out = [session.run([OUTPUT_NAME], {INPUT_NAME: x[i:i + batch]})[0].argmax(1) for i in range(0, len(x), batch)]
-    return np.concatenate(out) if out else np.zeros(0, np.int64)
+def _input_batches(source: ExportSource, samples: list[tuple[str, int]], size: int):
+    """(float32 NCHW model inputs, int labels) per `size` samples, decoded as the
+    Predictor decodes; unreadable files are left out, as training leaves them out."""
+    for i in range(0, len(samples), size):
+        crops, labels = [], []
+        for path, label in samples[i:i + size]:
+            try:
+                crops.append(source.predictor.preprocess(path))
+            except ImageLoadError:
+                continue
+            labels.append(label)
+        if crops:
+            yield normalize(torch.stack(crops)).numpy(), np.asarray(labels)

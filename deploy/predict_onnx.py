@@ -160,6 +160,8 @@ def list_images(target: str) -> list[str]:
     p = Path(target).expanduser()
     if p.is_file():
         return [str(p)]
+    if p.exists() and not p.is_dir():
+        raise Refused(f"--image {p} is not a regular file or folder (a pipe or device?)")
     if not p.is_dir():
         raise Refused(f"--image {p} does not exist (give an image file or a folder of images)")
     images = sorted(str(f) for f in p.rglob("*")

@@ -264,7 +264,6 @@ def test_int8_is_scored_against_float32_and_a_bad_one_is_flagged(runs, exports, 
     from predict_onnx import OnnxClassifier
 
     from core.export import load_source, quantize_int8
-    from export import int8_lines
 
     name = "mobilenet_v2-head" if "mobilenet_v2-head" in runs else "resnet18-head"
     out = exports[name]
@@ -300,7 +299,7 @@ def test_int8_is_scored_against_float32_and_a_bad_one_is_flagged(runs, exports, 
     report = quantize_int8(load_source(runs[name]), out / "model.onnx", tmp_path / "bad.int8.onnx", data_dir=bad)
     assert report.calibration_images == 4 and report.float_val_acc - report.int8_val_acc > 0.01
     assert not report.acceptable
-    assert any(line.startswith("WARNING: int8 LOSES ACCURACY") for line in int8_lines(report))
+    assert any(line.startswith("WARNING: int8 LOSES ACCURACY") for line in report.lines())
 
 
 def test_corrupt_or_incomplete_exports_give_clear_errors(runs, exports, tmp_path):
@@ -340,6 +339,10 @@ def test_corrupt_or_incomplete_exports_give_clear_errors(runs, exports, tmp_path
     r = cli("deploy/predict_onnx.py", "--model", bad / "model.onnx", "--image", real_images()[0])
     assert r.returncode == 2 and r.stderr.startswith("error: ") and "not a loadable ONNX model" in r.stderr
     assert "Traceback" not in r.stderr
+    shutil.copy(src / "model.onnx", alone / "model.onnx")
+    (alone / "model.json").unlink()
+    r = cli("deploy/predict_onnx.py", "--model", alone / "model.onnx", "--image", real_images()[0])
+    assert r.returncode == 2 and "model.json is missing" in r.stderr and "Traceback" not in r.stderr
     r = main_of("export.py", "--checkpoint", bad / "model.safetensors", "--format", "onnx", "--out", tmp_path / "o")
     assert r.returncode == 2 and "not a readable safetensors file" in r.stderr and "Traceback" not in r.stderr
     r = main_of("export.py", "--checkpoint", runs["resnet18-head"], "--format", "onnx,tflite")
