@@ -335,7 +335,8 @@ def check_checkpoint_result(path: Path, real: dict):
     scaler restored): done, or a UserError."""
     from core import checkpoint as ck
     from core.config import TrainConfig
-    from core.engine import make_grad_scaler, make_optimizer, read_resume, restore_optimizer
+    from core.engine import make_grad_scaler, make_optimizer
+    from core.resume import read_resume, restore_optimizer
     from core.models import apply_policy
     from core.predict import Predictor
     try:
