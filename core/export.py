@@ -130,8 +130,8 @@ def parse_formats(text: str | None) -> tuple[str, ...]:
     chosen = [t.strip().lower() for t in str(text).split(",") if t.strip()]
     wrong = [t for t in chosen if t not in FORMATS]
     if wrong:
-        raise UserError(f"--format {', '.join(map(repr, wrong))} is not an export format; choose from "
-                        f"{', '.join(FORMATS)} (comma-separated, e.g. --format onnx,safetensors)")
+        raise UserError(f"{', '.join(map(repr, wrong))} is not an export format; the formats are "
+                        f"{', '.join(FORMATS)} (several comma-separated, e.g. onnx,safetensors)")
     return tuple(f for f in FORMATS if f in chosen)
 
 
@@ -276,7 +276,7 @@ def export_checkpoint(path, out_dir=None, formats=FORMATS, quantize: str | None 
 
 def _make_out_dir(out: Path) -> None:
     if out.exists() and not out.is_dir():
-        raise ExportError(f"--out {out} is a file, not a folder")
+        raise ExportError(f"the export folder {out} is a file, not a folder")
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -449,7 +449,7 @@ def read_safetensors_export(path) -> LoadedExport:
     side = sidecar_for(p)
     if not side.is_file():
         raise CheckpointError(f"{p} holds weights only; the architecture and class names come from {side}, which is "
-                              f"missing. Copy the model.json that export.py wrote beside it")
+                              f"missing. Copy the model.json written with it by the export beside it")
     meta = _read_sidecar(side)
     listed = (meta.get("files") or {}).get(p.name) if isinstance(meta.get("files"), dict) else None
     if listed and listed != file_sha256(p):
@@ -516,14 +516,17 @@ def quantize_int8(source: ExportSource, onnx_path, out_path=None, data_dir=None,
     out_path = Path(out_path) if out_path else onnx_path.with_name(INT8_NAME)
     folder = data_dir or source.data_dir
     if not folder:
-        raise UserError("--quantize int8 calibrates on training images, and this checkpoint names no dataset "
-                        "folder; pass --data-dir DIR (with DIR/train/<class>/ and DIR/val/<class>/)")
+        raise UserError("int8 quantization calibrates on training images, and this checkpoint names no dataset "
+                        "folder; give it as {setting} (a folder with train/<class>/ and val/<class>/)",
+                        field="data_dir")
     if not Path(folder).expanduser().is_dir():
-        raise UserError(f"--quantize int8: the dataset folder {folder} does not exist (moved?); pass --data-dir DIR")
+        raise UserError(f"int8 quantization: the dataset folder {folder} does not exist (moved?); give the "
+                        f"folder the model was trained on as {{setting}}", field="data_dir", value=str(folder))
     ds = scan_dataset(folder, *(source.split if folder == source.data_dir else (None, 0)))
     if ds.classes != source.class_names:
-        raise UserError(f"--quantize int8: the classes of {folder} {ds.classes} are not the model's "
-                        f"{source.class_names}; pass the --data-dir the model was trained on")
+        raise UserError(f"int8 quantization: the classes of {folder} {ds.classes} are not the model's "
+                        f"{source.class_names}; give the folder the model was trained on as {{setting}}",
+                        field="data_dir", value=str(folder))
     rng = random.Random(seed)
     calib = sorted(rng.sample(ds.train.samples, min(max_images, len(ds.train.samples))))
     val = sorted(rng.sample(ds.val.samples, min(MAX_INT8_VAL_IMAGES, len(ds.val.samples))))
@@ -551,7 +554,8 @@ def quantize_int8(source: ExportSource, onnx_path, out_path=None, data_dir=None,
         except Exception as e:
             raise ExportError(f"int8 quantization failed: {type(e).__name__}: {first_line(e)}") from None
         if not calibrated[0]:
-            raise UserError(f"--quantize int8: none of the training images under {folder} could be read")
+            raise UserError(f"int8 quantization: none of the training images under {folder} could be read",
+                            field="data_dir", value=str(folder))
         data = q.read_bytes()
     sessions = onnx_session(str(onnx_path)), onnx_session(data, out_path.name)
     n = right_float = right_int8 = same = 0
