@@ -16,8 +16,7 @@ from PIL import Image
 from . import checkpoint as ck
 from .data import center_crop, normalize, resize_short_side
 from .device import inference_batch_size, resolve_device
-from .checkpoint_rules import check_class_names
-from .checkpoint_rules import shown as rules_shown
+from .checkpoint_rules import check_class_names, shown
 from .errors import CheckpointError, ImageLoadError, UserError, first_line
 from .metrics import clean_confusion
 from .models import fold_batchnorm
@@ -110,7 +109,7 @@ class Predictor:
                 raise CheckpointError(f"{self.info.get('path')}: the pickled model failed on an image: "
                                       f"{type(e).__name__}: {first_line(e)}") from None
             if not torch.is_tensor(out) or tuple(out.shape) != (len(x), len(self.class_names)):
-                raise CheckpointError(f"{self.info.get('path')}: the model gives {rules_shown(out)} for {len(x)} "
+                raise CheckpointError(f"{self.info.get('path')}: the model gives {shown(out)} for {len(x)} "
                                       f"image(s); expected one score per class ({len(self.class_names)})")
             probs = torch.softmax(out.float(), dim=1).cpu()
         if not torch.isfinite(probs).all():  # finite weights can still overflow float32 on the way
