@@ -9,13 +9,12 @@ import math
 
 import torch
 
-from .config import MAX_CLASSES, POLICIES
+from .config import MAX_CLASSES, MAX_SIDE, MIN_SIDE, POLICIES
 from .errors import CheckpointError
 
 # Image sides a checkpoint may ask prediction to resize and crop to. 1024 is
 # 4.6x the usual 224 crop (21x its pixels, ~1/2 GB of ResNet-18 activations
 # per image, so prediction batches shrink to match); 20000 would be 2.5 GB.
-MIN_SIDE, MAX_SIDE = 32, 1024
 MAX_EPOCH = 10_000  # --epochs allows at most this
 MAX_NAME_CHARS = 1000  # a class name is a folder name (<= 255 bytes); room for names from elsewhere
 MAX_INT = 2**63  # larger ints are no count or setting, and 10**5000 cannot even be printed

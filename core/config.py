@@ -17,6 +17,7 @@ AUGMENTS = ("auto", "none", "light", "standard")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 CACHE_MODES = ("auto", "off")
 MAX_CLASSES = 10_000  # past this a new head alone needs gigabytes; no folder-of-images task has so many
+MIN_SIDE, MAX_SIDE = 32, 1024  # image sides in pixels: 1024 is ~21x the pixels of the usual 224 crop
 MAX_SEED = 2**32 - 1  # numpy's range, within torch's; the engine derives per-epoch seeds from it
 
 
@@ -109,8 +110,10 @@ class TrainConfig:
         check_val_split(self.val_split)
         need(isinstance(self.cache_budget_mb, int) and self.cache_budget_mb >= 0, "cache_budget_mb",
              "{setting} must be >= 0", (0, None))
-        need(self.image_size >= 32 and self.resize_size >= self.image_size, "image_size",
-             "{setting} must be >= 32 and <= resize size", (32, self.resize_size))
+        # capped like a checkpoint's preprocess (checkpoint_rules): a run must be able to predict with its own files
+        need(MIN_SIDE <= self.image_size <= self.resize_size <= MAX_SIDE, "image_size",
+             f"{{setting}} must be >= {MIN_SIDE} and <= resize size, which must be <= {MAX_SIDE}",
+             (MIN_SIDE, min(self.resize_size, MAX_SIDE)))
         need(bool(self.run_name) and all(c.isalnum() or c in "-_." for c in self.run_name), "run_name",
              f"{{setting}} {self.run_name!r} may only contain letters, digits, '-', '_' and '.'")
         need(bool(str(self.data_dir).strip()), "data_dir", "{setting} must not be empty")
