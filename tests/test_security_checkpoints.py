@@ -429,3 +429,13 @@ def test_csv_under_a_file_says_the_file_is_not_a_folder(saved, tmp_path, capsys)
                              "--csv", str(tmp_path / csv), "--device", "cpu"]) == 2
         err = capsys.readouterr().err
         assert f"{tmp_path / 'afile'} is a file, not a folder" in err and "does not exist" not in err, err
+
+
+@pytest.mark.parametrize("image_size,resize_size", [(224, 1025), (1025, 1025), (16, 256)])
+def test_training_refuses_sides_its_own_checkpoint_would_be_refused_for(image_size, resize_size):
+    """A run trained at a size past the checkpoint rules would save files its own predict.py refuses."""
+    from core.config import TrainConfig
+    from core.errors import ConfigError
+    with pytest.raises(ConfigError) as e:
+        TrainConfig(image_size=image_size, resize_size=resize_size).validate()
+    assert e.value.field == "image_size" and "1024" in str(e.value)
