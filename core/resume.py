@@ -325,15 +325,6 @@ def read_resume(cfg: TrainConfig, ckpt: dict | None = None) -> tuple[dict, list[
     return ckpt, notes
 
 
-def resume_best(ckpt: dict) -> dict:
-    acc_epoch = int(ckpt.get("best_epoch", 0))
-    rows = [h for h in ckpt.get("history") or [] if isinstance(h, dict) and h.get("epoch") == acc_epoch]
-    return {"acc": float(ckpt.get("best_val_acc", 0.0)), "acc_epoch": acc_epoch,
-            "acc_loss": float(rows[0].get("val_loss", float("inf"))) if rows else float("inf"),  # the reference kept no val_loss
-            "loss": float(ckpt.get("best_val_loss", float("inf"))),
-            "loss_epoch": int(ckpt.get("best_loss_epoch", acc_epoch))}
-
-
 def restore_optimizer(optimizer: torch.optim.AdamW, saved: dict, cfg: TrainConfig) -> None:
     """Load a checkpoint's optimizer state into this run's optimizer, keeping
     this run's lr, weight decay and kernel choice."""
