@@ -17,7 +17,9 @@ FLAG_NAMES = {name: "--" + name.replace("_", "-") for name in (
     "cache_budget_mb", "image_size", "image", "checkpoint", "topk", "random", "n", "all", "csv", "classes",
     "trust_pickle", "format", "out", "quantize")}
 # A setting with a value, where the CLI words it other than "<flag> <value>".
-CLI_CHOICES: dict[tuple[str, str], str] = {}
+CLI_CHOICES: dict[tuple[str, str], str] = {
+    ("trust_pickle", "1"): "predict.py --trust-pickle 1 (in the app: tick 'trust pickle')",  # said by load_file
+}
 
 
 def say(text: str, field: str | None = None) -> str:

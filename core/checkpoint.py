@@ -359,7 +359,7 @@ def _unlink_quietly(p) -> None:
 def check_model_file(path, what: str = "checkpoint") -> Path:
     """`path` as a Path if it may be a model file: a regular, non-empty file
     that is not obviously something else; else a CheckpointError saying what it is.
-    `what` names it in messages ("--weights file", "checkpoint")."""
+    `what` names it in messages ("{setting:weights} file", "checkpoint")."""
     p = Path(path).expanduser()
     if p.is_dir():
         inside = [n for n in ("latest.pt", "best_acc.pt") if (p / n).is_file()]
@@ -396,11 +396,11 @@ def load_file(path, trust_pickle: bool = False, what: str = "checkpoint"):
             if not looks_like_code_pickle(e):
                 raise CheckpointError(f"{p} is not a valid PyTorch file ({first_line(e)})") from None
             if not trust_pickle:
-                raise CheckpointError(
+                raise CheckpointError(  # field: front ends word the advice ({choice:trust_pickle=1}) their own way
                     f"{p} contains pickled Python objects (e.g. a full-model save), not just tensors; "
                     f"loading it could run arbitrary code, so it was refused. Only if you trust where it came from: "
-                    f"predict.py --trust-pickle 1 (in the app: tick 'trust pickle'). Training (--resume, --weights) "
-                    f"needs a checkpoint dict or a state_dict.") from None
+                    f"{{choice:trust_pickle=1}}. Training ({{setting:resume}}, {{setting:weights}}) "
+                    f"needs a checkpoint dict or a state_dict.", field="trust_pickle", value=str(p)) from None
         except MemoryError:
             raise CheckpointError(f"{p} is too large to load into memory") from None
         except Exception as e:  # truncated zip, random bytes, wrong format: torch raises many types
@@ -409,7 +409,8 @@ def load_file(path, trust_pickle: bool = False, what: str = "checkpoint"):
             f.seek(0)
             return torch.load(f, map_location="cpu", weights_only=False)
         except Exception as e:
-            raise CheckpointError(f"{p} could not be unpickled even with --trust-pickle: {first_line(e)}") from None
+            raise CheckpointError(f"{p} could not be unpickled even with {{setting}}: {first_line(e)}",
+                                  field="trust_pickle", value=str(p)) from None
 
 
 def non_torch_content(p: Path) -> str | None:
@@ -495,7 +496,7 @@ def read_checkpoint(path, trust_pickle: bool = False) -> dict:
     if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise CheckpointError(f"{path} is a bare state_dict (weights only: no epoch, optimizer or class names), not a "
                               f"checkpoint dict. Resume from a run's latest.pt; a state_dict can start a new run "
-                              f"(--weights) or predict (predict.py --classes)")
+                              f"({{setting:weights}}) or predict (predict.py {{setting:classes}})", field="checkpoint")
     if not isinstance(obj, dict) or "model_state" not in obj:
         raise CheckpointError(f"{path} is not a checkpoint dict (no 'model_state' key)")
     ckpt = normalise_checkpoint(obj, path)
@@ -593,7 +594,7 @@ def infer_arch(state: dict) -> str:
         return "resnet18"
     if "features.0.0.weight" in state:
         return "mobilenet_v2"
-    raise CheckpointError("cannot tell the architecture from the state_dict keys; pass --arch")
+    raise CheckpointError("cannot tell the architecture from the state_dict keys; pass {setting}", field="arch")
 
 
 def head_out_features(state: dict, path="the state_dict") -> int:
@@ -624,8 +625,8 @@ def model_from_checkpoint(ckpt: dict, path="the checkpoint") -> nn.Module:
             looks = infer_arch(ckpt["model_state"])
         except CheckpointError:
             looks = None
-        fix = (f"its keys are {looks}'s: pass --arch {looks}" if looks and looks != ckpt["arch"]
-               else "is it a different architecture (--arch)?")
+        fix = (f"its keys are {looks}'s: pass {{choice:arch={looks}}}" if looks and looks != ckpt["arch"]
+               else "is it a different architecture ({setting:arch})?")
         raise CheckpointError(f"{path} does not fit {ckpt['arch']}: {len(missing)} missing key(s) {few_keys(missing)}, "
                               f"{len(unexpected)} unexpected {few_keys(unexpected)}; {fix}")
     r = rules.Rules(path)
@@ -639,7 +640,7 @@ def model_from_checkpoint(ckpt: dict, path="the checkpoint") -> nn.Module:
     except RuntimeError as e:  # its first line is only "Error(s) in loading state_dict for ResNet:"
         detail = next((line.strip() for line in str(e).splitlines()[1:] if line.strip()), first_line(e))
         raise CheckpointError(f"{path} does not fit {ckpt['arch']} ({detail[:240]}). "
-                              f"Is it a different architecture (--arch)?") from None
+                              f"Is it a different architecture ({{setting:arch}})?") from None
     return check_weights(model.float().eval(), path)  # float16 weights (someone's export) still run in float32
 
 
@@ -660,10 +661,10 @@ def check_weights(model: nn.Module, path) -> nn.Module:
 
 
 def model_from_state_dict(state: dict, arch: str | None, class_names: list[str] | None, path="<file>"):
-    """A bare state_dict: the arch comes from --arch (or the keys), class names from --classes."""
+    """A bare state_dict: the arch comes from `arch` (or the keys), class names from `class_names`."""
     n = head_out_features(state, path)
     if class_names and len(class_names) != n:
-        raise CheckpointError(f"--classes lists {len(class_names)} names but {path} has {n} outputs")
+        raise CheckpointError(f"{{setting}} lists {len(class_names)} names but {path} has {n} outputs", field="classes")
     ckpt = normalise_checkpoint({"model_state": state, "arch": arch or infer_arch(state), "class_names": class_names}, path)
     return model_from_checkpoint(ckpt, path), ckpt["class_names"]
 

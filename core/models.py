@@ -76,7 +76,8 @@ def imagenet_state_dict(arch: str) -> dict:
                 f"ImageNet weights for {arch} are not cached and cannot be downloaded ({why}).\n"
                 f"  Fix: on a machine with internet, download {enum.url}\n"
                 f"  and place it at {cached} (TORCH_HOME={os.environ.get('TORCH_HOME', '<default ~/.cache/torch>')}),\n"
-                f"  or train without pretrained weights: --weights none, or a local file: --weights PATH.pth")
+                f"  or train without pretrained weights: {{choice:weights=none}}, or a local file: {{choice:weights=PATH.pth}}",
+                field="weights", value="imagenet")
     if cached.is_file():  # torchvision would torch.load whatever lies there
         from .errors import CheckpointError
         from .safeload import check_torch_file
@@ -85,12 +86,14 @@ def imagenet_state_dict(arch: str) -> dict:
                 check_torch_file(f, cached, os.fstat(f.fileno()).st_size)
         except (CheckpointError, OSError) as e:
             raise WeightsError(f"the cached ImageNet weights for {arch} cannot be used: {e}. "
-                               f"Delete the file and retry, or use --weights none") from None
+                               f"Delete the file and retry, or use {{choice:weights=none}}",
+                               field="weights", value="imagenet") from None
     try:
         return enum.get_state_dict(progress=True, check_hash=False)
     except Exception as e:  # network errors mid-download, a corrupt cache file
         raise WeightsError(f"could not load ImageNet weights for {arch} from {cached}: {e}. "
-                           f"Delete the file and retry, or use --weights none") from None
+                           f"Delete the file and retry, or use {{choice:weights=none}}",
+                           field="weights", value="imagenet") from None
 
 
 def host_reachable(host: str | None, port: int, timeout: float = 3.0) -> bool:
@@ -123,7 +126,7 @@ def load_backbone_weights(model: nn.Module, arch: str, weights: str) -> str:
         found = [f"{what} {few_keys(keys)}" for what, keys in (("missing keys", missing), ("unexpected keys", unexpected),
                                                                 ("wrong shapes", wrong_shape)) if keys]
         raise WeightsError(f"weights from {source} do not fit {arch}: {'; '.join(found)}. "
-                           f"Is the file for a different --arch?")
+                           f"Is the file for a different {{setting}}?", field="arch", value=arch)
     model.load_state_dict(backbone, strict=False)
     return source
 
@@ -134,7 +137,7 @@ def read_weights_file(path: str) -> dict:
     only show up as a diverged run."""
     from . import checkpoint_rules as rules
     from .checkpoint import load_file  # local import: checkpoint imports models
-    obj = load_file(path, what="--weights file")
+    obj = load_file(path, what="{setting:weights} file")
     if isinstance(obj, dict) and "model_state" in obj:
         obj = obj["model_state"]
     if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):

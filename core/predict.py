@@ -58,7 +58,7 @@ class Predictor:
         obj = ck.load_file(path, trust_pickle=trust_pickle)
         if isinstance(obj, torch.nn.Module):
             n = _out_features(obj)
-            names = check_class_names(classes, n, path, "--classes")
+            names = check_class_names(classes, n, path, "{setting:classes}")
             if names is None:  # the class names export_full_model attaches, if they are usable
                 try:
                     names = check_class_names(getattr(obj, "class_names", None), n, path, "the model's class_names")
@@ -68,7 +68,7 @@ class Predictor:
             return cls(ck.check_weights(obj.float(), path), names or [f"class_{i}" for i in range(n)], device, info)
         if isinstance(obj, dict) and "model_state" in obj:
             if classes and not obj.get("class_names"):  # a checkpoint that never named its classes
-                obj = dict(obj, class_names=check_class_names(classes, None, path, "--classes"))
+                obj = dict(obj, class_names=check_class_names(classes, None, path, "{setting:classes}"))
             c = ck.normalise_checkpoint(obj, path)
             info = {"format": "checkpoint dict", "path": str(path), "epoch": c.get("epoch"),
                     "best_epoch": c.get("best_epoch"), "best_val_acc": c.get("best_val_acc"),
@@ -78,7 +78,7 @@ class Predictor:
             return cls(ck.model_from_checkpoint(c, path), c["class_names"], device, info, pre["resize"], pre["crop"])
         if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
             if classes:
-                check_class_names(classes, None, path, "--classes")
+                check_class_names(classes, None, path, "{setting:classes}")
             model, names = ck.model_from_state_dict(obj, arch, classes, path)
             return cls(model, names, device, {"format": "state_dict", "path": str(path),
                                               "class_names_recorded": bool(classes)})
@@ -182,14 +182,15 @@ def choose_images(target, random_pick: bool = False, n: int = 5, all_images: boo
     """The reference's rules: a file -> itself; a folder -> its first image, or
     `n` random ones (seedable), or every image with all_images."""
     if not str(target).strip():
-        raise UserError("--image is empty; give an image file or a folder of images")
+        raise UserError("{setting} is empty; give an image file or a folder of images", field="image", value=str(target))
     p = Path(target).expanduser()
     if p.is_file():
         return [str(p)]
     if p.exists() and not p.is_dir():
-        raise UserError(f"--image {p} is not a regular file or folder (a pipe or device?)")
+        raise UserError(f"{{setting}} {p} is not a regular file or folder (a pipe or device?)", field="image", value=str(p))
     if not p.is_dir():
-        raise UserError(f"--image {p} does not exist (give an image file or a folder of images)")
+        raise UserError(f"{{setting}} {p} does not exist (give an image file or a folder of images)",
+                        field="image", value=str(p))
     images = list_images(p)
     if not images:
         raise UserError(f"no images (jpg, png, gif, bmp, tif, webp) found under {p}")

@@ -4,8 +4,7 @@ of the output they replace (Markdown)."""
 from __future__ import annotations
 
 import math
-import re
-import tempfile
+from collections import ChainMap
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -48,48 +47,20 @@ class _Choices(Mapping):
 CHOICES = _Choices()
 
 
-def say(message, field: str | None = None) -> str:
-    """A core error, warning or note in the app's words."""
-    text = message.render(FIELD_LABELS, CHOICES) if isinstance(message, UserError) else \
-        render(str(message), FIELD_LABELS, CHOICES, field)
-    return for_the_app(text)
+def say(message, field: str | None = None, choices: Mapping[tuple[str, str], str] | None = None) -> str:
+    """A core error, warning or note in the app's words; `choices` overrides some of CHOICES."""
+    choices = ChainMap(choices, CHOICES) if choices else CHOICES
+    return message.render(FIELD_LABELS, choices) if isinstance(message, UserError) else \
+        render(str(message), FIELD_LABELS, choices, field)
 
 
-# Until every core message names its settings by placeholder (issue 16, CORE helper's
-# part), those still naming a CLI flag are reworded here; to be deleted then.
-FIELD_NAMES = {"--epochs": "Epochs", "--batch-size": "Batch size", "--lr": "Learning rate",
-               "--weight-decay": "Weight decay", "--dropout": "Head dropout", "--run-name": "Run name",
-               "--val-split": "Validation fraction (Advanced)", "--data-dir": "Dataset folder",
-               "--arch": "Architecture", "--augment": "Augmentation", "--seed": "Seed",
-               "--device": "Device (Advanced)", "--weights": "Pretrained weights", "--policy": "Freeze policy"}
-# (not inside a word or right after a quote: a class folder named '--lr 3' stays as it is)
-_FLAG_RE = re.compile(r"(?<![\w'/-])(?:" + "|".join(re.escape(f) for f in FIELD_NAMES) + r")(?![\w-])")
-_UPLOAD_DIR_RE = re.compile(re.escape(str(Path(tempfile.gettempdir()) / "gradio")) + r"/[0-9a-f]+/")
-_PASS_FLAG_RE = re.compile(r"\bpass (?:its parent, )?(--[\w-]+) (\S+?)(?=[,;.]?(?:\s|$))")  # "pass --val-split 0.2"
-# "--val-split 0.5 ignored", "--weights none": a flag and its value -> "'Field' = value"
-_KEYWORDS = r"none|imagenet|auto|cpu|cuda|mps|head|last|full|light|standard|resnet18|mobilenet_v2"
-_FLAG_VALUE_RE = re.compile(r"(?<![\w'/-])(--[\w-]+) ((?:[\d./~]|(?:" + _KEYWORDS + r")\b|PATH)\S*?)(?=[,;:)]?(?:\s|$))")
-_PASS_BARE_FLAG_RE = re.compile(r"\bpass (--[\w-]+)(?=[,;.)]|$)")  # "pass --arch" -> "set 'Architecture'"
-_PICKLE_HINT = "predict.py --trust-pickle 1 (in the app: tick 'trust pickle')"
-TRUST_HINT = "tick 'Trust pickle'"
-_WEIGHTS_CHOICES = {"none": "None (random init)", "imagenet": "ImageNet (torchvision)", "PATH.pth": "Local file"}
-
-
-def _value_for_the_app(flag: str, value: str) -> str:
-    return _WEIGHTS_CHOICES.get(value, value) if flag == "--weights" else value
-
-
-def for_the_app(message) -> str:
-    """A core/CLI message worded for the app: field names (and the app's
-    choices) for flags and their values, an uploaded file by its name rather
-    than Gradio's temp path."""
-    text = _PASS_FLAG_RE.sub(lambda m: f"set {m.group(1)} to {_value_for_the_app(m.group(1), m.group(2))}"
-                             if m.group(1) in FIELD_NAMES else m.group(0), str(message))
-    text = _FLAG_VALUE_RE.sub(lambda m: f"{m.group(1)} = {_value_for_the_app(m.group(1), m.group(2))}"
-                              if m.group(1) in FIELD_NAMES else m.group(0), text)
-    text = _PASS_BARE_FLAG_RE.sub(lambda m: f"set {m.group(1)}" if m.group(1) in FIELD_NAMES else m.group(0), text)
-    text = text.replace(_PICKLE_HINT, TRUST_HINT)
-    return _UPLOAD_DIR_RE.sub("", _FLAG_RE.sub(lambda m: f"'{FIELD_NAMES[m.group(0)]}'", text))
+def upload_named(e: UserError, path: str) -> UserError:
+    """`e` with an uploaded file's Gradio temp path (/tmp/gradio/<hash>/name) shown as its
+    file name: only that one path, which the app handed to core, is replaced."""
+    if str(path) in e.message:
+        e.message = e.message.replace(str(path), Path(path).name)
+        e.args = (e.message,)
+    return e
 
 
 def user_error(e: Exception | str, title: str = "Error") -> gr.Error:

@@ -20,17 +20,19 @@ from . import inference, runs
 from .components import NotAnImage, SafeImage
 from .context import PRIVATE, AppContext
 from .datasets import example_images
-from .messages import TRUST_HINT, os_error_text, say, shown_error, user_error
+from .messages import os_error_text, say, shown_error, upload_named, user_error
 from .text import md_code, md_text
 
 log = logging.getLogger("demo_app")
 
 PRED_COLUMNS = ["file", "top-1", "p", "top-k", "error", "check"]
 BATCH_STALE = "ⓘ The checkpoint changed: press **Classify all** to classify these images with it."
-# What the app says instead of "tick 'Trust pickle'" when its owner did not start it with
-# --allow-pickle-uploads (the checkbox is hidden then, and a client's "trust" is ignored).
-PICKLE_OFF = ("This app does not load such files; only on their own machine can its owner allow it, for files they "
-              "trust (python app.py --allow-pickle-uploads, or predict.py --trust-pickle 1)")
+# core's advice for a refused pickle ({choice:trust_pickle=1}, after "Only if you trust where it
+# came from: ") in the app's words: tick the box, or, when its owner did not start it with
+# --allow-pickle-uploads (the box is hidden then, and a client's "trust" is ignored), that it cannot.
+TRUST_HINT = "tick 'Trust pickle'"
+PICKLE_OFF = ("this app does not load such files; only on their own machine can its owner allow them, for files "
+              "they trust (python app.py --allow-pickle-uploads, or predict.py --trust-pickle 1)")
 
 
 class PredictTab:
@@ -151,13 +153,13 @@ class PredictTab:
             self.ctx.policy.check(path, "Checkpoint")
         try:
             return cached_predictor(path, "auto", bool(trust) and allowed)
-        except CheckpointError as e:
-            if allowed or TRUST_HINT not in say(e):
+        except UserError as e:
+            if uploaded:
+                upload_named(e, path)
+            if e.field != "trust_pickle":
                 raise
-            raise CheckpointError(say(e).replace(f"Only if you trust where it came from: {TRUST_HINT}",
-                                                         PICKLE_OFF).replace(TRUST_HINT, PICKLE_OFF)) from None
-        except UserError:
-            raise
+            advice = {("trust_pickle", "1"): TRUST_HINT if allowed else PICKLE_OFF}
+            raise CheckpointError(say(e, choices=advice), field=e.field, value=e.value) from None
         except MemoryError:
             raise CheckpointError(f"checkpoint {path} is too large to load into memory") from None
         except Exception as e:

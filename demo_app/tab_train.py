@@ -11,6 +11,7 @@ from pathlib import Path
 
 import gradio as gr
 
+from core.checkpoint import check_model_file
 from core.config import ARCHS, AUGMENTS, DEVICES, TrainConfig, check_val_split
 from core.data import scan_dataset
 from core.errors import UserError
@@ -230,11 +231,7 @@ class TrainTab:
                 raise UserError("weights source 'Local file' needs the path of a state_dict (.pth): "
                                 "type it or upload the file, or choose 'None (random init)'")
             self.ctx.policy.check(weights, "Weights file")
-            if Path(weights).expanduser().is_dir():
-                raise UserError(f"weights file {weights} is a folder; give the path of the .pth file in it")
-            if not Path(weights).expanduser().is_file():
-                raise UserError(f"weights file {weights} does not exist")
-            weights = str(Path(weights).expanduser())
+            weights = str(check_model_file(weights, "weights file"))  # a folder, /dev/zero, an empty file: said early
         else:
             weights = form.weights_source or "imagenet"
         policy = form.policy or "head"

@@ -236,6 +236,18 @@ def test_bad_settings_are_refused_before_training(app):
         train_job(app["client"], data_dir=str(DATA / "nope")).result(timeout=60)
 
 
+def test_a_weights_path_is_checked_like_the_clis(tmp_path):
+    """The weights box is checked by core's check_model_file: a device is not a file
+    (it used to be said not to exist), an empty file is said to be empty."""
+    empty = tmp_path / "empty.pth"
+    empty.write_bytes(b"")
+    tabs = built(tmp_path)
+    for path, said in (("/dev/zero", "/dev/zero is not a regular file"), (str(empty), "is empty (0 bytes)"),
+                       (str(tmp_path / "no.pth"), "does not exist")):
+        with pytest.raises(gr.Error, match=re.escape(said)):
+            list(start(tabs, DATA, weights_source="local file", weights_path=path))
+
+
 def test_local_weights_file_transfer_learns(app, mobilenet_weights, catfish_mini):
     """Real ImageNet MobileNetV2 weights from a local file: head-only training on real photos works."""
     final = train_job(app["client"], data_dir=str(catfish_mini), arch="mobilenet_v2", weights_source="local file",
@@ -741,19 +753,42 @@ def test_stop_from_a_page_that_did_not_start_the_run_preselects_its_best_checkpo
     list(starter)  # the starting page's stream ends too
 
 
-@pytest.mark.parametrize("core_says,app_says", [
-    ("--device 'cuda' was requested but CUDA is not available; use --device cpu or --device auto",
-     "use 'Device (Advanced)' = cpu or 'Device (Advanced)' = auto"),
-    ("with policy 'head' ... use ImageNet weights or --policy full", "or 'Freeze policy' = full"),
-    ("cannot tell the architecture of x.pt; pass --arch", "cannot tell the architecture of x.pt; set 'Architecture'"),
-    ("or train without pretrained weights: --weights none, or a local file: --weights PATH.pth",
-     "'Pretrained weights' = None (random init), or a local file: 'Pretrained weights' = Local file"),
-    ("/a/train looks like a split itself: pass its parent, --data-dir /a", "set 'Dataset folder' to /a"),
-    ("add /x/val/<class>/ folders, or pass --val-split 0.2 to hold out", "or set 'Validation fraction (Advanced)' to 0.2 to")])
-def test_core_messages_name_the_apps_fields_and_choices(core_says, app_says):
-    from demo_app.messages import for_the_app
-    said = for_the_app(core_says)
-    assert app_says in said and "--" not in said, said
+@pytest.mark.parametrize("core_says,field,app_says", [
+    ("{choice:device=cuda} was requested but CUDA is not available; use {choice:device=cpu} or {choice:device=auto}",
+     "device", "use 'Device (Advanced)' = cpu or 'Device (Advanced)' = auto"),
+    ("with policy 'head' ... use ImageNet weights or {choice:policy=full}", "policy", "or 'Freeze policy' = full"),
+    ("cannot tell the architecture from the state_dict keys; pass {setting}", "arch", "pass 'Architecture'"),
+    ("or train without pretrained weights: {choice:weights=none}, or a local file: {choice:weights=PATH.pth}",
+     "weights", "'Pretrained weights' = None (random init), or a local file: 'Pretrained weights' = Local file"),
+    ("/a/train looks like a split itself: pass its parent, {setting} /a", "data_dir", "pass its parent, 'Dataset folder' /a"),
+    ("add /x/val/<class>/ folders, or pass {choice:val_split=0.2} to hold out", "data_dir",
+     "or pass 'Validation fraction (Advanced)' = 0.2 to")])
+def test_core_messages_name_the_apps_fields_and_choices(core_says, field, app_says):
+    from demo_app.messages import say
+    said = say(core_says, field)
+    assert app_says in said and "--" not in said and "{" not in said, said
+
+
+def test_a_refused_pickle_is_worded_by_field_not_by_text(trained, tmp_path):
+    """load_file's refusal carries field="trust_pickle": the CLI says predict.py --trust-pickle 1,
+    the app ticks its box, or says it cannot when its owner did not allow pickles."""
+    from cli.common import say as cli_say
+    from core.access import AccessPolicy
+    from core.checkpoint import export_full_model, load_file, model_from_checkpoint, read_checkpoint
+    from core.errors import CheckpointError
+    ckpt = trained["final"][CHECKPOINT]["value"]
+    full = export_full_model(model_from_checkpoint(read_checkpoint(ckpt)), ["cat", "fish"], tmp_path / "full.pt")
+    with pytest.raises(CheckpointError) as e:
+        load_file(full)
+    assert e.value.field == "trust_pickle"
+    assert ("Only if you trust where it came from: predict.py --trust-pickle 1 (in the app: tick 'trust pickle'). "
+            "Training (--resume, --weights) needs") in cli_say(e.value.message, e.value.field)
+    for allow, advice in ((True, "Only if you trust where it came from: tick 'Trust pickle'. Training (resuming, "
+                                 "'Pretrained weights')"), (False, "this app does not load such files")):
+        tab = built(tmp_path, policy=AccessPolicy.make(False, allow_pickle=allow)).predict
+        with pytest.raises(CheckpointError) as e:
+            tab.load(None, str(full), False)
+        assert advice in e.value.message and "{" not in e.value.message, e.value.message
 
 
 def test_dataset_summary_rewrites_warnings_not_class_names(app, tmp_path):

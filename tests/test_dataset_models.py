@@ -162,8 +162,9 @@ def test_partial_weights_file_is_refused_naming_keys(tmp_path):
 def test_imagenet_missing_offline_message(offline_torch_home):
     with pytest.raises(WeightsError) as e:
         imagenet_state_dict("resnet18")
-    msg = str(e.value)
-    assert str(offline_torch_home) in msg and "--weights none" in msg
+    from cli.common import CLI_CHOICES, FLAG_NAMES
+    msg = e.value.render(FLAG_NAMES, CLI_CHOICES)
+    assert str(offline_torch_home) in msg and "--weights none" in msg and "--weights PATH.pth" in msg
 
 
 def test_unreachable_download_host_is_detected_without_waiting():

@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from cli.common import say
 from conftest import ROOT, make_image_dataset, train_config, train_run
 from core import checkpoint as ck
 from core.errors import CheckpointError, UserError
@@ -278,8 +279,9 @@ def test_class_names_must_be_unique_non_empty_strings_matching_the_head(saved, t
     assert "NOTE: the checkpoint dict records no class names, so they are numbered" in capsys.readouterr().err
     # --classes is held to the same rules
     for classes in (["cat", "cat"], ["cat", ""]):
-        with pytest.raises(UserError, match="--classes"):
+        with pytest.raises(UserError) as e:
             Predictor.load(saved["state_dict"], arch="mobilenet_v2", classes=classes)
+        assert "--classes" in say(e.value.message, e.value.field), e.value.message
 
 
 ODD_FIELDS = [
