@@ -115,29 +115,39 @@ def _taps(in_size: int, out_size: int):
     return idx, np.floor(w * (1 << precision) + 0.5).astype(np.int32), precision
 
 
-def _resample(a, axis: int, out_size: int):
+def _apply(a, axis: int, idx, weights, precision: int):
+    """Each output pixel along `axis`: the rounded fixed-point sum of its taps."""
     import numpy as np
 
-    if a.shape[axis] == out_size:
-        return a
-    idx, weights, precision = _taps(a.shape[axis], out_size)
     shape = [1] * a.ndim
-    shape[axis] = out_size
-    acc = np.full(a.shape[:axis] + (out_size,) + a.shape[axis + 1:], 1 << (precision - 1), np.int32)
+    shape[axis] = idx.shape[0]
+    acc = np.full(a.shape[:axis] + (idx.shape[0],) + a.shape[axis + 1:], 1 << (precision - 1), np.int32)
     for k in range(idx.shape[1]):
         acc += np.take(a, idx[:, k], axis=axis) * weights[:, k].reshape(shape)
     return np.clip(acc >> precision, 0, 255).astype(np.uint8)
 
 
-def resize_short_side(hwc, size: int):
-    """Shorter side to `size` (longer side truncated as torchvision computes it); width first, then height."""
+def resized_crop(hwc, size: int, crop: int):
+    """Resize(size) (shorter side to `size`, the longer truncated as torchvision
+    computes it; width pass first, each pass rounded to uint8) then
+    CenterCrop(crop), computing only the pixels the crop keeps: an output pixel
+    depends on its own taps only, and the weights come from the whole axis."""
     h, w = hwc.shape[:2]
     short, long = min(h, w), max(h, w)
-    if short == size:
-        return hwc
     new_long = int(size * long / short)
-    nh, nw = (size, new_long) if h <= w else (new_long, size)
-    return _resample(_resample(hwc, 1, nw), 0, nh)
+    nh, nw = (h, w) if short == size else (size, new_long) if h <= w else (new_long, size)
+    if nh < crop or nw < crop:
+        raise ValueError(f"image is smaller than the {crop}x{crop} crop after resizing")
+    top, left = int(round((nh - crop) / 2.0)), int(round((nw - crop) / 2.0))
+    if (nh, nw) == (h, w):
+        return hwc[top:top + crop, left:left + crop]
+    vidx, vweights, vprecision = _taps(h, nh)
+    vidx, vweights = vidx[top:top + crop], vweights[top:top + crop]
+    first = int(vidx.min())
+    rows = hwc[first:int(vidx.max()) + 1]  # only the input rows the kept output rows read
+    hidx, hweights, hprecision = _taps(w, nw)
+    wide = _apply(rows, 1, hidx[left:left + crop], hweights[left:left + crop], hprecision)
+    return _apply(wide, 0, vidx - first, vweights, vprecision)
 
 
 def model_input(path: str, meta: dict):
@@ -145,12 +155,8 @@ def model_input(path: str, meta: dict):
     import numpy as np
 
     resize, crop = int(meta.get("resize", 256)), int(meta.get("crop", 224))
-    a = resize_short_side(np.asarray(load_rgb(path, resize), dtype=np.uint8), resize)
-    h, w = a.shape[:2]
-    if h < crop or w < crop:
-        raise ValueError(f"image is smaller than the {crop}x{crop} crop after resizing")
-    top, left = int(round((h - crop) / 2.0)), int(round((w - crop) / 2.0))
-    x = a[top:top + crop, left:left + crop].transpose(2, 0, 1).astype(np.float32) / np.float32(255)
+    a = resized_crop(np.asarray(load_rgb(path, resize), dtype=np.uint8), resize, crop)
+    x = a.transpose(2, 0, 1).astype(np.float32) / np.float32(255)
     mean = np.asarray(meta.get("mean", (0.485, 0.456, 0.406)), np.float32).reshape(3, 1, 1)
     std = np.asarray(meta.get("std", (0.229, 0.224, 0.225)), np.float32).reshape(3, 1, 1)
     return (x - mean) / std
