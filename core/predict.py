@@ -126,6 +126,23 @@ class Predictor:
         """One PIL image or path -> top-k (label, probability)."""
         return self.topk(self._forward(self.preprocess(image)[None])[0], k)
 
+    def cam(self, crops: torch.Tensor, class_indices) -> "np.ndarray":
+        """Grad-CAM maps, float32 [N, crop, crop] in [0, 1], of uint8 crops (as
+        preprocess() gives them) for the given class indices (core.cam). Runs the
+        unfolded model with gradients; prediction itself never does."""
+        from .cam import cam_maps, model_arch
+        x = normalize(crops).to(self.device).contiguous(memory_format=torch.channels_last)
+        with self._lock:
+            try:
+                return cam_maps(self.model, x, class_indices, self.info.get("arch") or model_arch(self.model))
+            except UserError:
+                raise
+            except Exception as e:  # a pickled model is someone else's code
+                if self.info.get("format") != "full model (pickle)":
+                    raise
+                raise CheckpointError(f"{self.info.get('path')}: Grad-CAM failed on the pickled model: "
+                                      f"{type(e).__name__}: {first_line(e)}") from None
+
     def _load_chunk(self, paths: list[str]) -> tuple[list[str], list[torch.Tensor], dict[str, str]]:
         good, crops, errors = [], [], {}
         for p in paths:
