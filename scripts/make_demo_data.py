@@ -7,11 +7,13 @@ train/ holds "clean" cartoon drawings (soft backgrounds, centred subject);
 val/ holds "challenge" drawings (clutter, odd colours, occlusion, noise, blur,
 small or off-centre subjects) so validation accuracy says something about
 robustness rather than memorisation. Same seed -> byte-identical files.
+boxes.json records each drawn animal's bounding box (for Grad-CAM's pointing game).
 """
 
 import argparse
 import colorsys
 import io
+import json
 import math
 import random
 import re
@@ -25,6 +27,8 @@ SPLITS = ("train", "val")
 JPEG_QUALITY = 80
 GENERATED_NAME = re.compile(r"^(cat|fish)_\d{3}\.jpg$")
 README_MARKER = "# Demo dataset (generated)"
+BOXES_NAME = "boxes.json"
+BOXES_MARKER = '{\n  "about": "bounding box of the drawn animal'  # how the script knows its own boxes.json
 
 
 class ForeignFilesError(Exception):
@@ -281,14 +285,18 @@ def gradient_background(rng, size, c1, c2):
 
 def paste_subject(img, layer, size_px, center, angle):
     """Rotate the supersampled subject layer, shrink it to size_px (antialiasing
-    for free) and paste it over img with its alpha; may overhang the edges."""
+    for free) and paste it over img with its alpha; may overhang the edges.
+    Returns the subject's bounding box in img, (x0, y0, x1, y1) with x1, y1
+    exclusive, from its drawn (non-transparent) pixels, clipped to img."""
     c = layer.width
     rotated = layer.rotate(angle, resample=Image.BICUBIC, expand=True)
     k = size_px / c
     small = rotated.resize((max(1, round(rotated.width * k)), max(1, round(rotated.height * k))),
                            Image.LANCZOS)
-    img.paste(small, (round(center[0] - small.width / 2), round(center[1] - small.height / 2)),
-              small)
+    x, y = round(center[0] - small.width / 2), round(center[1] - small.height / 2)
+    img.paste(small, (x, y), small)
+    bx0, by0, bx1, by1 = small.getchannel("A").getbbox()
+    return (max(0, x + bx0), max(0, y + by0), min(img.width, x + bx1), min(img.height, y + by1))
 
 
 def add_clutter(img, rng):
@@ -358,8 +366,8 @@ def make_clean_image(cls, rng, size):
     layer, pal = draw_subject(cls, rng, size * 2)
     img = gradient_background(rng, size, *background_colors(rng, pal["body"]))
     center = (size * rng.uniform(0.42, 0.58), size * rng.uniform(0.42, 0.58))
-    paste_subject(img, layer, size * rng.uniform(0.8, 1.05), center, rng.uniform(-20, 20))
-    return img
+    box = paste_subject(img, layer, size * rng.uniform(0.8, 1.05), center, rng.uniform(-20, 20))
+    return img, box
 
 
 def make_challenge_image(cls, rng, size):
@@ -371,7 +379,7 @@ def make_challenge_image(cls, rng, size):
         add_clutter(img, rng)
     size_px = size * rng.uniform(0.45, 0.75)
     center = (size * rng.uniform(0.3, 0.7), size * rng.uniform(0.3, 0.7))
-    paste_subject(img, layer, size_px, center, rng.uniform(-45, 45))
+    box = paste_subject(img, layer, size_px, center, rng.uniform(-45, 45))
     if "occlusion" in effects:
         add_occlusion(img, rng, center, size_px)
     if "recolor" in effects:
@@ -380,7 +388,7 @@ def make_challenge_image(cls, rng, size):
         img = img.filter(ImageFilter.GaussianBlur(rng.uniform(1.2, 2.5)))
     if "noise" in effects:
         img = add_noise(img, rng)
-    return img
+    return img, box
 
 
 # --- output ----------------------------------------------------------------------
@@ -409,6 +417,9 @@ def find_foreign_files(out):
     readme = out / "README.md"
     if readme.exists() and not readme.read_text(errors="replace").startswith(README_MARKER):
         foreign.append(readme)
+    boxes = out / BOXES_NAME
+    if boxes.exists() and not boxes.read_text(errors="replace").startswith(BOXES_MARKER):
+        foreign.append(boxes)
     return foreign
 
 
@@ -424,6 +435,8 @@ with `{flags}`.
 - `train/cat`, `train/fish`: clean drawings (soft background, centred subject).
 - `val/cat`, `val/fish`: harder drawings (clutter, odd colours/grayscale,
   occlusion, small or off-centre subjects, noise, blur).
+- `boxes.json`: each drawn animal's bounding box, `[x0, y0, x1, y1]` in pixels
+  (used to check where Grad-CAM looks: README "Grad-CAM").
 
 Regenerate (byte-identical for the same seed):
 
@@ -436,6 +449,14 @@ that contain files it did not generate unless `--force` is given.
 """
 
 
+def boxes_json(boxes, size):
+    """The boxes file: one line per image, so a diff shows which image changed."""
+    lines = [f"  {json.dumps(k)}: {json.dumps(v)}" for k, v in sorted(boxes.items())]
+    return (f'{{\n  "about": "bounding box of the drawn animal in each {size}x{size} image: [x0, y0, x1, y1] in '
+            f'pixels, x1 and y1 exclusive, clipped to the image",\n  "boxes": {{\n  '
+            + ",\n  ".join(lines) + "\n  }\n}\n")
+
+
 def generate(out, seed=0, train_per_class=20, val_per_class=16, size=256, force=False):
     """Write the dataset and README; return {split: total bytes written}."""
     out = Path(out)
@@ -446,7 +467,7 @@ def generate(out, seed=0, train_per_class=20, val_per_class=16, size=256, force=
             "use another --out or pass --force")
     counts = {"train": train_per_class, "val": val_per_class}
     makers = {"train": make_clean_image, "val": make_challenge_image}
-    written = {}
+    written, boxes = {}, {}
     for split in SPLITS:
         written[split] = 0
         for cls in CLASSES:
@@ -459,9 +480,13 @@ def generate(out, seed=0, train_per_class=20, val_per_class=16, size=256, force=
             for i in range(counts[split]):
                 # Per-image seed: changing one count doesn't reshuffle the other images.
                 rng = random.Random(f"{seed}:{split}:{cls}:{i}")
-                data = jpeg_bytes(makers[split](cls, rng, size))
+                img, box = makers[split](cls, rng, size)
+                data = jpeg_bytes(img)
                 (folder / f"{cls}_{i:03d}.jpg").write_bytes(data)
                 written[split] += len(data)
+                boxes[f"{split}/{cls}/{cls}_{i:03d}.jpg"] = list(box)
+    if out / BOXES_NAME not in foreign:  # like the README: a user's own file is never replaced
+        (out / BOXES_NAME).write_text(boxes_json(boxes, size))
     readme = out / "README.md"
     if readme not in foreign:  # --force never replaces a user's own README
         readme.write_text(readme_text(seed, train_per_class, val_per_class, size))

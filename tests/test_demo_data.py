@@ -118,3 +118,39 @@ def test_an_unwritable_output_folder_is_named(gen, tmp_path, capsys):
     assert gen.main(small_args(blocker)) == 2
     err = capsys.readouterr().err
     assert "cannot write" in err and "a_file.jpg" in err and "--out" in err
+
+
+def test_boxes_json_holds_each_animals_box(gen, tmp_path):
+    """boxes.json names every image; each box lies in the image and covers the
+    animal: its pixels differ from the background around it more than the
+    background differs from itself (train images: a plain gradient behind)."""
+    import json
+
+    import numpy as np
+    assert gen.main(small_args(tmp_path)) == 0
+    boxes = json.loads((tmp_path / "boxes.json").read_text())["boxes"]
+    images = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*.jpg"))
+    assert sorted(boxes) == images
+    for name, (x0, y0, x1, y1) in boxes.items():
+        assert 0 <= x0 < x1 <= 256 and 0 <= y0 < y1 <= 256, name
+        assert (x1 - x0) * (y1 - y0) >= 0.04 * 256 * 256, name  # an animal, not a speck
+        if name.startswith("train/"):
+            a = np.asarray(Image.open(tmp_path / name).convert("L"), np.float32)
+            inside = np.zeros(a.shape, bool)
+            inside[y0:y1, x0:x1] = True
+            assert np.abs(a[inside] - np.median(a[~inside])).mean() > 2 * a[~inside].std(), name
+
+
+def test_a_foreign_boxes_json_is_refused_and_kept(gen, tmp_path):
+    mine = tmp_path / "boxes.json"
+    mine.write_text('{"my": "labels"}')
+    assert gen.main(small_args(tmp_path)) == 2
+    assert gen.main(small_args(tmp_path, "--force")) == 0
+    assert mine.read_text() == '{"my": "labels"}'
+
+
+def test_shipped_boxes_match_the_generator(gen, tmp_path):
+    """data/boxes.json is what the script writes for data/'s own flags."""
+    root = SCRIPT.parents[1] / "data"
+    assert gen.main(["--out", str(tmp_path)]) == 0
+    assert (tmp_path / "boxes.json").read_bytes() == (root / "boxes.json").read_bytes()
