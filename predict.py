@@ -2,7 +2,8 @@
 
     python predict.py --image FILE_OR_DIR --checkpoint PATH --device cpu --topk 2
     python predict.py --image DIR --checkpoint PATH --random 1 --n 5
-    python predict.py --image DIR --checkpoint PATH --all 1 --csv predictions.csv"""
+    python predict.py --image DIR --checkpoint PATH --all 1 --csv predictions.csv
+    python predict.py --image FILE_OR_DIR --checkpoint PATH --cam cams/ [--cam-class NAME]"""
 from __future__ import annotations
 
 import argparse
@@ -27,6 +28,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--arch", default=None, type=str.lower, help="architecture of a bare state_dict (resnet18 | mobilenet_v2); guessed if omitted")
     a("--classes", default=None, help="comma-separated class names for a bare state_dict or full model")
     a("--trust-pickle", type=bool01, default=0, help="1: allow loading a full pickled model (runs code from the file!)")
+    a("--cam", default=None, metavar="DIR", help="write Grad-CAM heatmaps here: <stem>_cam.png (blend) and "
+      "<stem>_cam.npy (float32 map, the image's height x width, 0..1) per image")
+    a("--cam-class", default=None, metavar="NAME", help="class the CAM is for (default: each image's top-1)")
     return p
 
 
@@ -39,6 +43,7 @@ def _predict(args) -> int:
     from core.config import ARCHS
     from core.device import configure_threads
     from core.errors import UserError
+    from core.cam import CamSettings, class_index
     from core.predict import Predictor, choose_images
 
     configure_threads()
@@ -52,9 +57,11 @@ def _predict(args) -> int:
     if not args.checkpoint.strip():
         raise UserError("--checkpoint is empty; give a .pt file (e.g. checkpoints/RUN/best_acc.pt)")
     csv_path = check_csv_path(args.csv) if args.csv else None
+    cam = CamSettings(args.cam, args.cam_class).validate()
     classes = [c.strip() for c in args.classes.split(",")] if args.classes else None
     images = choose_images(args.image, bool(args.random), args.n, bool(args.all), args.seed)
     pred = Predictor.load(args.checkpoint, args.device, bool(args.trust_pickle), args.arch, classes)
+    class_index(pred.class_names, cam.class_name)  # a wrong --cam-class fails before any work
     for note in prediction_notes(args, pred, classes, len(images)):
         print(f"NOTE: {note}", file=sys.stderr)
     print(f"CHECKPOINT: {args.checkpoint}")
@@ -85,12 +92,29 @@ def _predict(args) -> int:
         except OSError as e:
             raise UserError(f"could not write --csv {args.csv}: {e.strerror or e}") from None
         print(f"CSV: {args.csv} ({len(rows)} rows)")
+    if cam.out_dir is not None:
+        write_cams(pred, results, cam, args.batch_size)
     if len(images) > 1:
         for line in folder_check_lines(results, pred.class_names):
             print(line)
     if failed and len(images) > 1:
         print(f"{failed} of {len(images)} image(s) could not be read", file=sys.stderr)
     return 2 if failed == len(images) else 0
+
+
+def write_cams(pred, results, cam, batch_size) -> None:
+    """<stem>_cam.png and <stem>_cam.npy per predicted image, one CAM line each."""
+    from core.cam import image_cams, unique_stems, write_cam_files
+    stems = dict(zip((r.path for r in results), unique_stems([r.path for r in results])))
+    n = 0
+    for c in image_cams(pred, results, cam.class_name, batch_size):
+        if c.error:
+            print(f"CAM: {c.path}: not written ({c.error})", file=sys.stderr)
+            continue
+        png, npy = write_cam_files(cam.out_dir, stems[c.path], c.image, c.cam)
+        n += 1
+        print(f"CAM: {c.path} -> {png} ({c.class_name}; map {npy.name})")
+    print(f"CAMS: {n} written to {cam.out_dir}")
 
 
 def folder_check_lines(results, classes, shown: int = 20) -> list[str]:
