@@ -123,13 +123,14 @@ def thumbnail(path: str, size: int = 256) -> Image.Image | None:
     return img
 
 
-def gallery_items(preds: list[Prediction], names: list[str], labels: list[str | None],
-                  wrong: list[int]) -> list[tuple[Image.Image, str]]:
+def gallery_entries(preds: list[Prediction], names: list[str], labels: list[str | None],
+                    wrong: list[int]) -> tuple[list[tuple[Image.Image, str]], list[str]]:
     """(thumbnail, caption) for readable images; thumbnails, so any folder works.
-    The `wrong` ones (core.metrics.folder_check) come first, marked ✗."""
+    The `wrong` ones (core.metrics.folder_check) come first, marked ✗. Also the
+    images' paths in the gallery's order (a click on the gallery names an index)."""
     first = set(wrong)
     order = list(wrong) + [i for i in range(len(preds)) if i not in first]
-    out = []
+    out, paths = [], []
     for i in order:
         p, name = preds[i], names[i]
         if p.error or len(out) >= GALLERY_LIMIT:
@@ -138,4 +139,5 @@ def gallery_items(preds: list[Prediction], names: list[str], labels: list[str | 
         if thumb is not None:
             mark = f"✗ (folder: {labels[i]}) " if i in first else ""
             out.append((thumb, f"{mark}{p.label} {p.p:.0%} · {name}"))
-    return out
+            paths.append(p.path)
+    return out, paths

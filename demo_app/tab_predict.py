@@ -17,6 +17,7 @@ from core.metrics import folder_check, folder_labels
 from core.predict import Predictor, cached_predictor
 
 from . import inference, runs
+from .cam_panel import CamPanel
 from .components import NotAnImage, SafeImage
 from .context import PRIVATE, AppContext
 from .datasets import example_images
@@ -38,6 +39,7 @@ PICKLE_OFF = ("this app does not load such files; only on their own machine can 
 class PredictTab:
     def __init__(self, ctx: AppContext):
         self.ctx = ctx
+        self.cam = CamPanel(self)  # Grad-CAM beside the label and under the gallery
 
     # ------------------------------------------------------------ layout
 
@@ -79,6 +81,7 @@ class PredictTab:
                         self.label = gr.Label(num_top_classes=10, label="Top-k", elem_id="predict-label")
                         self.pred_time = gr.Markdown("", elem_id="predict-time")
                         self.predict_btn = gr.Button("Predict", variant="primary", elem_id="predict-btn")
+                    self.cam.layout_single()
                 gr.Markdown("### Many images", elem_classes="section-title")
                 with gr.Row(equal_height=False):
                     self.files = gr.File(file_count="multiple", type="filepath", label="Upload images",
@@ -93,6 +96,7 @@ class PredictTab:
                                                 max_height=320, elem_id="batch-table", label="Predictions")
                 self.batch_gallery = gr.Gallery(label="Predictions", columns=6, height=280, object_fit="cover",
                                                 elem_id="batch-gallery")
+                self.cam.layout_batch()
                 self.batch_csv = gr.File(label="CSV", interactive=False, elem_id="batch-csv", height=60)
 
     @property
@@ -105,7 +109,11 @@ class PredictTab:
 
     @property
     def batch_outputs(self) -> list:
-        return [self.batch_table, self.batch_gallery, self.batch_csv, self.batch_summary]
+        return [self.batch_table, self.batch_gallery, self.batch_csv, self.batch_summary, self.cam.gallery_paths]
+
+    @property
+    def batch_page_outputs(self) -> list:
+        return [*self.batch_outputs, *self.cam.batch_view]
 
     def wire(self, demo: gr.Blocks) -> None:
         ckpt_changed = [self.ckpt.change, self.ckpt_file.change, self.trust.change]
@@ -119,14 +127,15 @@ class PredictTab:
         self.examples.select(self.example_selected, self.example_paths, self.image, **PRIVATE)
         batch_inputs = [self.files, self.folder, self.k, *self.checkpoint_inputs]
         gr.on([self.batch_btn.click, self.folder.submit], self.predict_batch_shown, batch_inputs,
-              self.batch_outputs, **PRIVATE)
-        gr.on(ckpt_changed, self.batch_stale, self.batch_summary, self.batch_outputs, show_progress="hidden",
+              self.batch_page_outputs, **PRIVATE)
+        gr.on(ckpt_changed, self.batch_stale, self.batch_summary, self.batch_page_outputs, show_progress="hidden",
               **PRIVATE)
         # The API endpoints raise errors (the page shows them inline instead); hidden buttons carry them.
         gr.Button(visible=False).click(self.predict, self.predict_inputs, [self.label, self.pred_time],
                                        api_name="predict")
         gr.Button(visible=False).click(self.predict_batch, batch_inputs, self.batch_outputs, api_name="predict_batch")
         demo.load(self.refresh_checkpoints, self.ckpt, self.ckpt, **PRIVATE)
+        self.cam.wire()
 
     # ------------------------------------------------------------ checkpoint
 
@@ -246,18 +255,20 @@ class PredictTab:
         summary += f" · by {md_code(used.name if uploaded else used.parent.name + '/' + used.name)}"
         table = pd.DataFrame(inference.table_rows(preds, names, labels), columns=PRED_COLUMNS).style.format(
             {"p": "{:.4f}"}, na_rep="")  # fixed decimals: 0.777 beside 0.8609 read as less precise
-        return {self.batch_table: table, self.batch_gallery: inference.gallery_items(preds, names, labels, check[2]),
+        gallery, shown = inference.gallery_entries(preds, names, labels, check[2])
+        return {self.batch_table: table, self.batch_gallery: gallery, self.cam.gallery_paths: shown,
                 self.batch_csv: inference.write_csv(preds, names, labels), self.batch_summary: summary}
 
     def predict_batch_shown(self, files, folder, k, selected, uploaded, trust) -> dict:
         """predict_batch() for the page: a problem replaces the old results."""
         try:
-            return self.predict_batch(files, folder, k, selected, uploaded, trust)
+            return {**self.predict_batch(files, folder, k, selected, uploaded, trust), **self.cam.view_cleared()}
         except gr.Error as e:
             return {**self._cleared(), self.batch_summary: shown_error(e)}
 
     def _cleared(self) -> dict:
-        return {self.batch_table: None, self.batch_gallery: None, self.batch_csv: None}
+        return {self.batch_table: None, self.batch_gallery: None, self.batch_csv: None, self.cam.gallery_paths: [],
+                **self.cam.view_cleared()}
 
     def batch_stale(self, summary) -> dict:
         """The checkpoint changed: results on screen are the old model's. Cleared,
