@@ -677,7 +677,9 @@ def test_the_page_shows_predict_problems_in_place_of_the_old_answer(trained, app
     # another checkpoint chosen: results of the old one are cleared, and the page says how to redo them
     shown = p.predict_batch_shown(None, str(DATA / "val"), 2, ckpt, None, False)
     assert len(shown[p.batch_table].data) == 32  # a Styler over the table
-    assert p.batch_stale(shown[p.batch_summary]) == {**cleared, p.batch_summary: BATCH_STALE}
+    stale = p.batch_stale(shown[p.batch_summary])
+    assert stale.items() >= {**cleared, p.batch_summary: BATCH_STALE}.items()
+    assert stale[p.cam.gallery_paths] == [] and stale[p.cam.batch_image] is None  # the gallery's CAM goes too
     assert p.batch_stale(BATCH_STALE) == gr.skip()  # nothing more to clear
     assert p.batch_stale("⚠ **No images:** add some") == gr.skip()
 
