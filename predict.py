@@ -43,7 +43,7 @@ def _predict(args) -> int:
     from core.config import ARCHS
     from core.device import configure_threads
     from core.errors import UserError
-    from core.cam import CamSettings, class_index
+    from core.cam import CamSettings
     from core.predict import Predictor, choose_images
 
     configure_threads()
@@ -61,7 +61,7 @@ def _predict(args) -> int:
     classes = [c.strip() for c in args.classes.split(",")] if args.classes else None
     images = choose_images(args.image, bool(args.random), args.n, bool(args.all), args.seed)
     pred = Predictor.load(args.checkpoint, args.device, bool(args.trust_pickle), args.arch, classes)
-    class_index(pred.class_names, cam.class_name)  # a wrong --cam-class fails before any work
+    cam.check_model(pred)  # a wrong --cam-class, or a model without a CAM layer, fails before any work
     for note in prediction_notes(args, pred, classes, len(images)):
         print(f"NOTE: {note}", file=sys.stderr)
     print(f"CHECKPOINT: {args.checkpoint}")

@@ -170,6 +170,14 @@ class CamSettings:
             prepare_out_dir(self.out_dir)
         return self
 
+    def check_model(self, predictor) -> None:
+        """Before any image is read: the class is one of the model's, and the
+        model is one Grad-CAM knows the layer of (a pickled model may be neither)."""
+        if self.out_dir is None:
+            return
+        class_index(predictor.class_names, self.class_name)
+        predictor.info.get("arch") or model_arch(predictor.model)
+
 
 def prepare_out_dir(folder) -> Path:
     """The CAM folder, created if missing; refused before any work if it cannot be."""

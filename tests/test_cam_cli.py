@@ -196,3 +196,16 @@ def test_without_cam_prediction_does_no_cam_work(trained):
             "print('RESULT', rc, 'captum' in sys.modules, calls)\n")
     p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert "RESULT 0 False []" in p.stdout, p.stdout + p.stderr
+
+
+def test_a_model_without_a_cam_layer_is_refused_before_any_work(tmp_path, predict):
+    """A full pickled model of another shape predicts, but --cam names the reason at once."""
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+                                torch.nn.Linear(4, 2)).eval()
+    torch.save(model, tmp_path / "other.pt")
+    img = DATA / "val/cat/cat_003.jpg"
+    args = ["--checkpoint", tmp_path / "other.pt", "--trust-pickle", "1", "--image", img]
+    assert predict(*args)[0] == 0
+    rc, out, err = predict(*args, "--cam", tmp_path / "cams")
+    assert rc == 2 and "Grad-CAM needs a ResNet-18 or MobileNetV2 model; this Sequential has neither" in err, err
+    assert "IMAGE:" not in out and not list((tmp_path / "cams").iterdir())
