@@ -82,7 +82,8 @@ class CamPanel:
         pred = self.tab.load(selected, uploaded, trust)
         rgb = load_rgb(image)  # EXIF orientation applied, as the prediction does
         t0 = time.perf_counter()
-        chosen = None if class_choice in (None, "", TOP1) else class_index(pred.class_names, class_choice)
+        # a class the (newly chosen) checkpoint lacks falls back to the top-1, as the dropdown then shows
+        chosen = class_index(pred.class_names, class_choice) if class_choice in pred.class_names else None
         probs = dict(pred.predict_image(rgb, len(pred.class_names)))
         idx = pred.class_names.index(max(probs, key=probs.get)) if chosen is None else chosen
         m = pred.cam(pred.preprocess(rgb)[None], [idx])[0]
@@ -101,10 +102,7 @@ class CamPanel:
         try:
             shown, cam, caption, names = self.compute(image, class_choice, selected, uploaded, trust)
         except UserError as e:
-            out = {self.image: None, self.caption: "⚠ " + md_text(say(e)), self.kept: None}
-            if e.field == "cam_class":  # the checkpoint changed and lacks that class: back to top-1
-                out[self.cls] = gr.update(value=TOP1)
-            return out
+            return {self.image: None, self.caption: "⚠ " + md_text(say(e)), self.kept: None}
         keep = class_choice if class_choice in names else TOP1
         return {self.image: blend_cam(shown, cam, opacity), self.caption: caption, self.kept: (shown, cam),
                 self.cls: gr.update(choices=[TOP1, *names], value=keep)}
