@@ -32,7 +32,9 @@ def build_parser(defaults: bool = True) -> argparse.ArgumentParser:
     a("--policy", choices=["head", "last", "full"], type=str.lower, default=None,
       help="freeze policy; overrides the three 0/1 flags (head = fc only, last = layer4 + fc, full = all)")
     a("--seed", type=seed_value, default=1337, help=f"random seed, 0..{MAX_SEED}")
-    a("--num-workers", type=int, default=0, help="image-decoding threads (0 = one per CPU core)")
+    a("--num-workers", type=int, default=None,
+      help="DataLoader worker processes that decode images (default: min(4, CPU cores - 1); "
+           "0 = decode in this process, one thread per core)")
     a("--amp", type=bool01, default=0, help="1: mixed precision: float16 on CUDA, bfloat16 on CPUs with native bf16 (else float32, with a note)")
     a("--dropout", type=float, default=0.0, help="dropout before the new fc layer (0 = plain Linear)")
     a("--run-name", default=None, help="run folder prefix (default: the --arch name)")
@@ -70,7 +72,8 @@ def config_from_args(args: argparse.Namespace, given: set[str] = frozenset()) ->
     cfg = TrainConfig(
         data_dir=args.data_dir, arch=args.arch, weights=args.weights, policy=policy, epochs=args.epochs,
         batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay, dropout=args.dropout,
-        augment=args.augment, seed=args.seed, device=args.device, num_workers=args.num_workers, amp=bool(args.amp),
+        augment=args.augment, seed=args.seed, device=args.device, num_workers=default_num_workers() if args.num_workers is None else args.num_workers,
+        amp=bool(args.amp),
         val_split=args.val_split, output_dir=args.output_dir, run_name=args.run_name or args.arch.lower(), resume=args.resume,
         export_state_dict=bool(args.export_state_dict), export_full_model=bool(args.export_full_model),
         cache=args.cache, cache_budget_mb=args.cache_budget_mb,
@@ -86,12 +89,23 @@ def main(argv=None) -> int:
     return run_cli(lambda: _train(args, given_flags(argv)))
 
 
+def default_num_workers() -> int:
+    from core.loader import default_num_workers as default
+    return default()
+
+
 def _train(args, given) -> int:
     from cli.train_output import print_training  # torch imports only after flags parsed (fast --help)
+    from core import distributed
     from core.device import configure_threads
     configure_threads()
     cfg, notes, ckpt = config_from_args(args, given)
-    return print_training(cfg, print_model=bool(args.print_model), notes=notes, resume_checkpoint=ckpt)
+    # Under torchrun: join the process group (README "Scaling"); one process otherwise.
+    group = distributed.init_from_env(cfg.device)
+    try:
+        return print_training(cfg, print_model=bool(args.print_model), notes=notes, resume_checkpoint=ckpt)
+    finally:
+        distributed.shutdown()
 
 
 if __name__ == "__main__":

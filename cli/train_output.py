@@ -8,6 +8,7 @@ import threading
 from tqdm import tqdm
 
 from cli.common import say
+from core import distributed
 from core.config import TrainConfig
 from core.engine import train
 from core.events import BatchProgress, LogLine, RunEnded, RunStarted, log_lines, notice_lines
@@ -16,10 +17,21 @@ from core.events import BatchProgress, LogLine, RunEnded, RunStarted, log_lines,
 def print_training(cfg: TrainConfig, print_model: bool = False, notes=(), resume_checkpoint: dict | None = None) -> int:
     stop = threading.Event()
     # First Ctrl-C: finish cleanly between batches (completed epochs stay saved); second: abort.
-    previous = signal.signal(signal.SIGINT, lambda *_: _request_stop(stop))
+    # Under torchrun, Ctrl-C or SIGTERM (torchrun forwards both, and the terminal's
+    # Ctrl-C reaches every rank too) stops every rank between the same batches;
+    # repeats are not escalated (torchrun kills what is left after 30 s). Only rank 0 prints.
+    group = distributed.current()
+    handler = (lambda *_: _request_stop(stop, quiet=not group.main, escalate=False)) if group else \
+        (lambda *_: _request_stop(stop))
+    previous = signal.signal(signal.SIGINT, handler)
+    previous_term = signal.signal(signal.SIGTERM, handler) if group else None
     bar = None
     try:
         for ev in train(cfg, stop, resume_checkpoint):
+            if group and not group.main:
+                if isinstance(ev, RunEnded):
+                    return {"completed": 0, "stopped": 130, "diverged": 3}[ev.status]
+                continue
             if isinstance(ev, BatchProgress):
                 bar = update_bar(bar, ev)
                 continue
@@ -35,6 +47,8 @@ def print_training(cfg: TrainConfig, print_model: bool = False, notes=(), resume
     finally:
         close_bar(bar)
         signal.signal(signal.SIGINT, previous)
+        if previous_term is not None:
+            signal.signal(signal.SIGTERM, previous_term)
     return 0
 
 
@@ -45,10 +59,13 @@ def print_lines(lines: list[LogLine]) -> None:
     sys.stderr.flush()
 
 
-def _request_stop(stop: threading.Event) -> None:
+def _request_stop(stop: threading.Event, quiet: bool = False, escalate: bool = True) -> None:
     if stop.is_set():
-        raise KeyboardInterrupt
-    print("\nstopping after the current batch (Ctrl-C again to abort)...", file=sys.stderr, flush=True)
+        if escalate:
+            raise KeyboardInterrupt
+        return
+    if not quiet:
+        print("\nstopping after the current batch (Ctrl-C again to abort)...", file=sys.stderr, flush=True)
     stop.set()
 
 

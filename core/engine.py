@@ -22,14 +22,16 @@ import torch
 from torch import nn
 
 from . import checkpoint as ck
+from . import distributed
 from .best import best_from_checkpoint, empty_best
 from .config import TrainConfig
-from .data import estimate_decoded_bytes, scan_dataset, skipped_warning
-from .device import (amp_note, autocast, in_format, inference_batch_size, memory_formats, resolve_device,
-                     to_device, usable_cpus)
+from .data import scan_dataset, skipped_warning
+from .device import amp_note, autocast, in_format, inference_batch_size, memory_formats, resolve_device
 from .errors import CheckpointError, ConfigError, DatasetError
 from .events import BatchProgress, Diverged, EpochEnded, Notice, RunEnded, RunStarted, Stopped
-from .features import FEATURES, InputSource, compute_features, decoded_images, feature_key, plan_feature_cache
+from .features import (FEATURES, InputSource, compute_features, decoded_images, feature_key, keep_decoded,
+                       plan_feature_cache)
+from .loader import raise_unreadable, sample_seed
 from .metrics import clean_confusion, confusion_pairs
 from .models import apply_policy, build_model, fold_batchnorm, param_counts, set_train_mode, split_model
 from .resume import read_resume, restore_optimizer, resume_run_dir
@@ -53,6 +55,8 @@ class Trainer:
     scaler: torch.amp.GradScaler | None
     stop: threading.Event
     frozen: nn.Sequential | None = None  # prefix with BatchNorm folded in; None when features are cached
+    trained: nn.Module | None = None  # what the training forward calls: suffix, or suffix under DDP (torchrun)
+    group: distributed.Group | None = None  # the torchrun process group (None: one process)
 
 
 def train(cfg: TrainConfig, stop: threading.Event | None = None, resume_checkpoint: dict | None = None) -> Iterator:
@@ -61,12 +65,12 @@ def train(cfg: TrainConfig, stop: threading.Event | None = None, resume_checkpoi
     failed write); stop and divergence end with a RunEnded. resume_checkpoint:
     cfg.resume as read_checkpoint gave it, when the caller has read it already."""
     t, state, started, new_folder = start_run(cfg, stop or threading.Event(), resume_checkpoint)
-    status, message = "completed", ""
+    status, message, sources = "completed", "", []
     try:
-        train_src, val_src = yield from prepare_inputs(t, started)
+        sources = yield from prepare_inputs(t, started)
         for epoch in range(started.start_epoch, cfg.epochs + 1):
-            yield from run_epoch(t, state, train_src, val_src, epoch)
-            if t.stop.is_set() and epoch < cfg.epochs:  # a stop after the last epoch changes nothing
+            yield from run_epoch(t, state, *sources, epoch)
+            if agreed_stop(t, epoch) and epoch < cfg.epochs:  # a stop after the last epoch changes nothing
                 raise Stopped("stopped by request after epoch %d" % epoch)
     except Stopped as e:
         status, message = "stopped", str(e)
@@ -74,9 +78,18 @@ def train(cfg: TrainConfig, stop: threading.Event | None = None, resume_checkpoi
         status, message = "diverged", str(e)
     finally:
         t.stop.clear()
-        if state.epochs_done == 0 and new_folder:
+        for src in sources:
+            src.close()  # DataLoader worker processes end with the run
+        if state.epochs_done == 0 and new_folder and distributed.is_main():
             remove_empty_run(state.run_dir)
     yield end_run(cfg, state, status, message)
+
+
+def agreed_stop(t: Trainer, epoch: int) -> bool:
+    """The stop flag, the same on every rank (a rank that got SIGTERM stops them all)."""
+    if t.group is None:
+        return t.stop.is_set()
+    return distributed.any_rank([t.stop.is_set()], f"the end of epoch {epoch}")[0]
 
 
 def start_run(cfg: TrainConfig, stop: threading.Event, resume_checkpoint: dict | None):
@@ -107,21 +120,39 @@ def start_run(cfg: TrainConfig, stop: threading.Event, resume_checkpoint: dict |
     if resume and resume.get("optimizer_state"):
         restore_optimizer(optimizer, resume["optimizer_state"], cfg)
     scaler = make_grad_scaler(cfg, device, resume.get("scaler_state") if resume else None)
-    t = Trainer(cfg, device, model, prefix, suffix, optimizer, scaler, stop)
+    group = distributed.current()
+    t = Trainer(cfg, device, model, prefix, suffix, optimizer, scaler, stop,
+                trained=distributed.wrap(suffix, device) if group else suffix, group=group)
 
     if resume:
-        run_dir, new_folder, note = resume_run_dir(cfg, resume)
+        run_dir, new_folder, note = choose_on_main(lambda: resume_run_dir(cfg, resume), group)
         notes += [note] if note else []
         state = RunState(run_dir, list(info.classes), list(resume["history"]), best_from_checkpoint(resume),
                          clean_confusion(resume.get("best_val_confusion"), len(info.classes)), int(resume["epoch"]))
     else:
-        run_dir, new_folder = new_run_dir(cfg.output_dir, cfg.run_name), True
+        run_dir, new_folder = choose_on_main(lambda: (new_run_dir(cfg.output_dir, cfg.run_name), True), group)
         state = RunState(run_dir, list(info.classes), [], empty_best())
-    if new_folder:
+    if new_folder and distributed.is_main():
         ck.atomic_write_json(run_dir / "args.json", cfg.to_dict())
     trainable, total = param_counts(model)
     started = RunStarted(str(run_dir), info, cfg, str(device), trainable, total, state.epochs_done + 1, notes)
     return t, state, started, new_folder
+
+
+def choose_on_main(choose, group):
+    """The run folder: chosen (and made) by rank 0 only, the same on every rank."""
+    if group is None:
+        return choose()
+    result, error = None, None
+    if group.main:
+        try:
+            result = choose()
+        except Exception as e:  # every rank reports it, instead of the others waiting
+            error = e
+    result, error = distributed.broadcast_from_main((result, error), "the choice of the run folder")
+    if error is not None:
+        raise error
+    return result
 
 
 def prepare_inputs(t: Trainer, started: RunStarted) -> Iterator:
@@ -133,12 +164,27 @@ def prepare_inputs(t: Trainer, started: RunStarted) -> Iterator:
     cache_ok, cache_note = plan_feature_cache(cfg, info, t.prefix, t.device, views)
     started.notes.append(cache_note)
     yield started
-    keep_decoded = estimate_decoded_bytes(info.train, cfg.resize_size) + \
-        estimate_decoded_bytes(info.val, cfg.resize_size) <= cfg.cache_budget_mb * 2**20
-    threads = cfg.num_workers or usable_cpus()  # decoding threads (num_workers)
+    keep = keep_decoded(cfg, info, cache_ok)
     known = set(info.skipped)  # skipped by name at scan time, already printed
-    train_imgs = yield from decoded_images(info.train, cfg.resize_size, keep_decoded, threads, t.stop)
-    val_imgs = yield from decoded_images(info.val, cfg.resize_size, keep_decoded, threads, t.stop)
+    key = feature_key(t.prefix, cfg, info, views, t.device) + (keep,) if cache_ok else None
+    hit = FEATURES.get(key) if cache_ok else None
+    images = [None, None]
+    if keep or not cache_ok:  # epochs read images, or they are kept for the next run: check them all now
+        # (with the feature cache and nothing kept, the feature pass is the check: each image is decoded once)
+        images[0] = yield from decoded_images(info.train, cfg, keep, t.device, t.stop)
+        images[1] = yield from decoded_images(info.val, cfg, keep, t.device, t.stop)
+    sources = [InputSource(info.train, images[0], cfg, t.device), InputSource(info.val, images[1], cfg, t.device)]
+    # What the frozen layers compute, BatchNorm folded in: every frozen forward
+    # runs it. Not built (None) when the features come from the in-process cache.
+    t.frozen = fold_batchnorm(t.prefix) if hit is None else None
+    if cache_ok:
+        if hit is None:
+            hit = yield from compute_features(t.frozen, [(sources[0], views), (sources[1], 1)], cfg, t.device, t.stop)
+            FEATURES.put(key, hit)
+        feats, unreadable = hit
+        for src, f, bad in zip(sources, feats, unreadable):
+            src.features = list(f)
+            src.drop(bad)
     unreadable = [s for s in info.skipped if s not in known]
     if unreadable:  # the DATASET counts were taken before decoding: say what trains now
         info.warnings.append(skipped_warning(unreadable) + "\n" + "\n".join(
@@ -148,18 +194,7 @@ def prepare_inputs(t: Trainer, started: RunStarted) -> Iterator:
         if not split.samples or len({y for _, y in split.samples}) < len(info.classes):
             raise DatasetError(f"after skipping unreadable files, {split.name} no longer has images for every class "
                                f"(see the warning above)")
-    train_src, val_src = InputSource(info.train, train_imgs, cfg), InputSource(info.val, val_imgs, cfg)
-    key = feature_key(t.prefix, cfg, info, views, t.device) if cache_ok else None
-    feats = FEATURES.get(key) if cache_ok else None
-    # What the frozen layers compute, BatchNorm folded in: every frozen forward
-    # runs it. Not built (None) when the features come from the in-process cache.
-    t.frozen = fold_batchnorm(t.prefix) if feats is None else None
-    if cache_ok and feats is None:
-        feats = yield from compute_features(t.frozen, [(train_src, views), (val_src, 1)], cfg, t.device, t.stop)
-        FEATURES.put(key, feats)
-    if feats is not None:
-        train_src.features, val_src.features = feats
-    return train_src, val_src
+    return sources
 
 
 def run_epoch(t: Trainer, state: RunState, train_src: InputSource, val_src: InputSource, epoch: int) -> Iterator:
@@ -172,7 +207,10 @@ def run_epoch(t: Trainer, state: RunState, train_src: InputSource, val_src: Inpu
                        t.optimizer.param_groups[0]["lr"], time.perf_counter() - t0, improved_acc, improved_loss,
                        str(state.run_dir / "latest.pt"), confusion)
     state.history.append(ended.as_row())
-    save_epoch(state, epoch, t.model, t.optimizer, t.scaler, t.cfg)
+    if distributed.is_main():  # one writer; every rank holds the same (all-reduced) results
+        save_epoch(state, epoch, t.model, t.optimizer, t.scaler, t.cfg)
+    else:
+        state.epochs_done = epoch
     yield ended
 
 
@@ -183,7 +221,7 @@ def end_run(cfg: TrainConfig, state: RunState, status: str, message: str) -> Run
         message += ("; checkpoints of completed epochs are kept" if state.epochs_done else
                     "; nothing was saved" + ("" if run_dir.exists() else f" and the run folder {run_dir} was removed"))
     try:
-        exports = export_best(run_dir, cfg, state.classes)
+        exports = export_best(run_dir, cfg, state.classes) if distributed.is_main() else []
     except OSError as e:  # the run itself is saved; say so instead of losing the summary
         exports, message = [], f"{message}; export failed: {e.strerror or e}".lstrip("; ")
     if status == "completed":
@@ -236,32 +274,51 @@ def forward(frozen, suffix, x, cached: bool, formats: tuple[torch.memory_format,
     return suffix(in_format(feats, suffix_fmt))
 
 
-def train_one_epoch(t: Trainer, src: InputSource, epoch: int) -> Iterator:
-    """One pass over the training set; returns (mean loss, accuracy)."""
-    cfg, device, aug = t.cfg, t.device, t.cfg.effective_augment
-    # Seeded per epoch so a resumed run draws the same batches and flips as an uninterrupted one.
+def epoch_plan(t: Trainer, n: int, epoch: int):
+    """(this process's sample order, flips by index, crop seeds) for one epoch.
+    Seeded per epoch so a resumed run draws the same batches and flips as an
+    uninterrupted one; each random crop's seed comes from (seed, epoch, index),
+    so no DataLoader worker count or rank split changes what an image becomes.
+    Under torchrun: DistributedSampler's share of the same permutation."""
+    cfg, aug = t.cfg, t.cfg.effective_augment
     gen = torch.Generator().manual_seed(cfg.seed * 100003 + epoch)
+    perm = torch.randperm(n, generator=gen)
+    flips = torch.rand(n, generator=gen) < 0.5 if aug in ("light", "standard") else None
+    if t.group is not None:
+        perm = torch.tensor(distributed.epoch_order(n, t.group, cfg.seed * 100003, epoch))
+    seeds = (lambda i: sample_seed(cfg.seed, epoch, i)) if aug == "standard" else None
+    return perm, flips, seeds
+
+
+def train_one_epoch(t: Trainer, src: InputSource, epoch: int) -> Iterator:
+    """One pass over the training set (this rank's share under torchrun); returns
+    (mean loss, accuracy), over all ranks."""
+    cfg, device = t.cfg, t.device
+    perm, flips, seeds = epoch_plan(t, len(src), epoch)
     torch.manual_seed(cfg.seed + epoch)  # dropout
-    perm = torch.randperm(len(src), generator=gen)
-    flips = torch.rand(len(src), generator=gen) < 0.5 if aug in ("light", "standard") else None
     set_train_mode(t.model, t.prefix)
     cached = src.features is not None
     formats = memory_formats(cfg, device)
-    batches = perm.split(cfg.batch_size)
+    batches = [b.tolist() for b in perm.split(cfg.batch_size)]
     loss_sum, correct, seen = 0.0, 0, 0
-    for step, idx in enumerate(batches, 1):
-        if t.stop.is_set():
-            raise Stopped(f"stopped by request during epoch {epoch}")
-        x = to_device(src.batch(idx, flips, aug, gen), device)
-        y = src.labels[idx].to(device)
+    for step, (idx, x, unreadable) in enumerate(src.inputs(batches, flips, seeds), 1):
+        raise_unreadable(unreadable)
+        y = src.labels[idx].to(device, non_blocking=True)
         with autocast(cfg, device):
-            logits = forward(t.frozen, t.suffix, x, cached, formats)
+            logits = forward(t.frozen, t.trained, x, cached, formats)
             loss = nn.functional.cross_entropy(logits.float(), y)
-        if not torch.isfinite(loss) or loss.item() > EXPLODED_LOSS * max(1.0, math.log(logits.shape[1])):
-            what = f"became {loss.item()}" if not torch.isfinite(loss) else f"exploded to {loss.item():.3g}"
+        value = loss.item()
+        bad = not math.isfinite(value) or value > EXPLODED_LOSS * max(1.0, math.log(logits.shape[1]))
+        stop = t.stop.is_set()
+        if t.group is not None:  # every rank takes the same branch, or DDP's next all-reduce would hang
+            stop, bad = distributed.any_rank([stop, bad], f"epoch {epoch}, batch {step}")
+        if bad:
+            what = f"became {value}" if not math.isfinite(value) else f"exploded to {value:.3g}"
             lower = min(cfg.lr / 10, 1e-3)  # a tenth, and no more than the default
             raise Diverged(f"training diverged: loss {what} at epoch {epoch}, batch {step} "
                            f"(lr={cfg.lr:g} is probably too high; try {lower:g})")
+        if stop:
+            raise Stopped(f"stopped by request during epoch {epoch}")
         t.optimizer.zero_grad(set_to_none=True)
         if t.scaler:
             t.scaler.scale(loss).backward()
@@ -270,31 +327,44 @@ def train_one_epoch(t: Trainer, src: InputSource, epoch: int) -> Iterator:
         else:
             loss.backward()
             t.optimizer.step()
-        loss_sum += loss.item() * len(idx)
+        loss_sum += value * len(idx)
         correct += (logits.argmax(1) == y).sum().item()
         seen += len(idx)
         yield BatchProgress("train", epoch, step, len(batches))
+    if t.group is not None:
+        loss_sum, correct, seen = distributed.all_sum([loss_sum, correct, seen], f"the metrics of epoch {epoch}")
     return loss_sum / seen, correct / seen
 
 
 def evaluate(t: Trainer, src: InputSource, epoch: int) -> Iterator:
-    """Validation; returns (mean loss, accuracy, confusion pairs)."""
+    """Validation (each rank its share under torchrun, gathered); returns (mean
+    loss, accuracy, confusion pairs) over the whole val split."""
     cfg, device = t.cfg, t.device
     t.model.eval()
     cached = src.features is not None
     formats = memory_formats(cfg, device)
-    batches = torch.arange(len(src)).split(inference_batch_size(device, cfg.batch_size, cached))
+    mine = torch.arange(len(src))
+    if t.group is not None:  # no padding: each image counted once
+        mine = mine[t.group.rank::t.group.world]
+    batches = [b.tolist() for b in mine.split(inference_batch_size(device, cfg.batch_size, cached))]
     loss_sum, predicted = 0.0, []
-    for step, idx in enumerate(batches, 1):
-        if t.stop.is_set():
+    for step, (idx, x, unreadable) in enumerate(src.inputs(batches), 1):
+        # (under torchrun ranks have different batch counts: a stop is agreed at the epoch's end)
+        if t.stop.is_set() and t.group is None:
             raise Stopped(f"stopped by request during validation of epoch {epoch}")
-        x = to_device(src.batch(idx, None, "none", None), device)
-        y = src.labels[idx].to(device)
+        raise_unreadable(unreadable)
+        y = src.labels[idx].to(device, non_blocking=True)
         with torch.inference_mode(), autocast(cfg, device):
             logits = forward(t.frozen, t.suffix, x, cached, formats).float()
             loss_sum += nn.functional.cross_entropy(logits, y, reduction="sum").item()
         predicted.append(logits.argmax(1).cpu())
         yield BatchProgress("val", epoch, step, len(batches))
-    predicted = torch.cat(predicted)
+    predicted = torch.cat(predicted) if predicted else torch.zeros(0, dtype=torch.long)
+    if t.group is not None:
+        parts = distributed.gather_objects((mine.tolist(), predicted.tolist(), loss_sum), f"validation of epoch {epoch}")
+        full = torch.zeros(len(src), dtype=torch.long)
+        for where, pred, _ in parts:
+            full[where] = torch.tensor(pred, dtype=torch.long)
+        predicted, loss_sum = full, sum(part[2] for part in parts)
     n = len(src)
     return loss_sum / n, (predicted == src.labels).sum().item() / n, confusion_pairs(src.labels, predicted)

@@ -12,10 +12,17 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from . import distributed
 from .config import TrainConfig
-from .data import DatasetInfo, Split, center_crop, decode_resized, decode_split, normalize, random_resized_crop
-from .device import amp_dtype, autocast, in_format, inference_batch_size, memory_formats, to_device
+from .data import DatasetInfo, Split, decode_split, estimate_decoded_bytes, normalize
+from .device import amp_dtype, autocast, in_format, inference_batch_size, memory_formats, to_device, usable_cpus
 from .events import BatchProgress, Stopped
+from .loader import Stream, crop_of
+
+# With the feature cache in use, epochs never read images: decoded images are
+# kept only while small, for the next run on the same files (the app: another
+# policy or lr re-decodes nothing). Past this they would only grow memory.
+KEEP_FOR_REUSE_MB = 256
 
 
 class BoundedCache:
@@ -47,9 +54,25 @@ def split_key(split: Split, resize: int):
     return (split.name, resize, stats)
 
 
-def decoded_images(split: Split, resize: int, keep: bool, threads: int, stop: threading.Event) -> Iterator:
+def keep_decoded(cfg: TrainConfig, info: DatasetInfo, cache_ok: bool) -> bool:
+    """Whether decoded images stay in memory: when epochs read them (no feature
+    cache) and they fit the budget; with the feature cache only when small (see
+    KEEP_FOR_REUSE_MB). Never under torchrun: every rank would hold a full copy."""
+    if distributed.current():
+        return False
+    need = estimate_decoded_bytes(info.train, cfg.resize_size) + estimate_decoded_bytes(info.val, cfg.resize_size)
+    budget = cfg.cache_budget_mb * 2**20
+    return need <= (min(budget, KEEP_FOR_REUSE_MB * 2**20) if cache_ok else budget)
+
+
+def decoded_images(split: Split, cfg: TrainConfig, keep: bool, device: torch.device,
+                   stop: threading.Event) -> Iterator:
     """Decode (and verify) every image once, yielding progress; reuse across runs
-    while the files are unchanged. Returns the decoded tensors, or None when not kept."""
+    while the files are unchanged. Returns the decoded tensors, or None when not
+    kept. In-process with threads (num_workers 0), else through the DataLoader's
+    workers; under torchrun each rank checks its own shard and all ranks drop
+    what any found unreadable."""
+    resize = cfg.resize_size
     key = split_key(split, resize)
     hit = DECODED.get(key)
     if hit is not None:
@@ -57,7 +80,11 @@ def decoded_images(split: Split, resize: int, keep: bool, threads: int, stop: th
         split.skipped.extend(s for s in hit[1] if s not in split.skipped)
         return hit[2]
     before = len(split.skipped)
-    steps = decode_split(split, resize, keep, threads)
+    group = distributed.current()
+    if cfg.num_workers == 0 and group is None:
+        steps = decode_split(split, resize, keep, usable_cpus())
+    else:
+        steps = decode_via_loader(split, cfg, keep, device, group)
     total = len(split.samples)
     while True:
         try:
@@ -72,6 +99,34 @@ def decoded_images(split: Split, resize: int, keep: bool, threads: int, stop: th
     if keep:
         DECODED.put(key, (split.samples[:], split.skipped[before:], images))
     return images
+
+
+def decode_via_loader(split: Split, cfg: TrainConfig, keep: bool, device: torch.device, group, chunk: int = 64):
+    """decode_split's contract (yields the count done; unreadable files move to
+    split.skipped; returns the images when keep) with DataLoader workers."""
+    n = len(split.samples)
+    mine = distributed.shard(n, group) if group else list(range(n))
+    stream = Stream([p for p, _ in split.samples], cfg.resize_size, cfg.image_size, "decode" if keep else "check",
+                    cfg.num_workers, torch.device("cpu"))
+    images, bad = [None] * n if keep else None, {}
+    try:
+        done = 0
+        for idx, tensors, errors in stream.run([mine[i:i + chunk] for i in range(0, len(mine), chunk)]):
+            if keep:
+                for i, t in zip(idx, tensors):
+                    images[i] = t
+            bad.update(errors)
+            done += len(idx)
+            yield min(n, done * (group.world if group else 1))
+    finally:
+        stream.close()
+    if group:  # every rank drops the same files
+        for part in distributed.gather_objects(bad, "the image check"):
+            bad.update(part)
+    for i, (path, reason) in sorted(bad.items()):
+        split.skipped.append((path, reason))
+    split.samples = [s for i, s in enumerate(split.samples) if i not in bad]
+    return [im for i, im in enumerate(images) if i not in bad] if keep else None
 
 
 def feature_key(prefix: nn.Module, cfg: TrainConfig, info: DatasetInfo, views: int, device: torch.device):
@@ -107,60 +162,95 @@ def plan_feature_cache(cfg, info, prefix, device, views) -> tuple[bool, str]:
 
 
 class InputSource:
-    """Yields model inputs for a list of sample indices: cached activations,
-    or images (decoded cache or disk) with the configured transform."""
+    """Yields model inputs (on the device, normalised) for batches of sample
+    indices: cached activations, decoded images kept in memory, or images read
+    from disk through the DataLoader (`Stream`, made on first use)."""
 
-    def __init__(self, split: Split, images, cfg: TrainConfig):
-        self.split, self.images, self.cfg = split, images, cfg
+    def __init__(self, split: Split, images, cfg: TrainConfig, device: torch.device = torch.device("cpu")):
+        self.split, self.images, self.cfg, self.device = split, images, cfg, device
         self.labels = torch.tensor([y for _, y in split.samples], dtype=torch.long)
         self.features = None  # list per view of tensors (N, ...)
+        self.stream: Stream | None = None
 
     def __len__(self):
         return len(self.split.samples)
 
-    def image(self, i: int) -> torch.Tensor:
-        if self.images is not None:
-            return self.images[i]
-        return decode_resized(self.split.samples[i][0], self.cfg.resize_size)
-
-    def batch(self, idx: torch.Tensor, flips: torch.Tensor | None, aug: str, gen: torch.Generator | None):
+    def inputs(self, batches: list[list[int]], flips: torch.Tensor | None = None, seeds=None) -> Iterator:
+        """(indices, x, unreadable) per batch. flips: per-sample booleans (by
+        index); seeds: index -> random-crop seed (None: center crops).
+        unreadable: [(index, (path, reason))] (a zero image stands in)."""
         if self.features is not None:
-            if flips is None:
-                return self.features[0][idx]
-            return torch.where(flips[idx].view(-1, *[1] * (self.features[0].dim() - 1)),
-                               self.features[1][idx], self.features[0][idx])
-        size = self.cfg.image_size
-        crops = []
-        for i in idx.tolist():
-            img = self.image(i)
-            crop = random_resized_crop(img, size, gen) if aug == "standard" else center_crop(img, size)
-            if flips is not None and bool(flips[i]):
-                crop = crop.flip(-1)
-            crops.append(crop)
-        return normalize(torch.stack(crops))
+            for idx in batches:
+                yield idx, to_device(self.cached(torch.tensor(idx), flips), self.device), []
+            return
+        keys = [[(i, bool(flips[i]) if flips is not None else False, seeds(i) if seeds else None) for i in b]
+                for b in batches]
+        if self.images is not None:  # decoded in memory: crop here (as the workers would)
+            size = self.cfg.image_size
+            for b, kb in zip(batches, keys):
+                x = torch.stack([crop_of(self.images[i], size, f, s) for i, f, s in kb])
+                yield b, normalize(to_device(x, self.device)), []
+            return
+        if self.stream is None:
+            self.stream = Stream([p for p, _ in self.split.samples], self.cfg.resize_size, self.cfg.image_size, "crop",
+                                 self.cfg.num_workers, self.device)
+        for idx, x, errors in self.stream.run(keys):  # uint8 (pinned on CUDA) -> device, normalised there
+            yield idx, normalize(to_device(x, self.device)), errors
+
+    def cached(self, idx: torch.Tensor, flips: torch.Tensor | None) -> torch.Tensor:
+        if flips is None:
+            return self.features[0][idx]
+        return torch.where(flips[idx].view(-1, *[1] * (self.features[0].dim() - 1)),
+                           self.features[1][idx], self.features[0][idx])
+
+    def drop(self, bad: list) -> None:
+        """Remove samples found unreadable (index, (path, reason)): from the split, labels and features."""
+        if not bad:
+            return
+        gone = {i for i, _ in bad}
+        self.split.skipped.extend(e for _, e in bad)
+        keep = [i for i in range(len(self)) if i not in gone]
+        self.split.samples = [self.split.samples[i] for i in keep]
+        self.labels = self.labels[keep]
+        if self.features is not None:
+            self.features = [v[keep] for v in self.features]
+        self.close()
+
+    def close(self) -> None:
+        if self.stream is not None:
+            self.stream.close()
+            self.stream = None
 
 
 def compute_features(frozen, sources, cfg, device, stop) -> Iterator:
-    """Run the frozen prefix once per image and view. Returns [train views, val views]."""
-    out = []
+    """Run the frozen prefix once per image and view (the flipped view from the
+    same decode). Returns ([train views, val views], [unreadable per source]).
+    Under torchrun each rank computes its shard and the rows are gathered."""
+    out, unreadable = [], []
     dtype = amp_dtype(device, cfg.amp) or torch.float32  # kept as computed: half the memory under amp
     image_fmt, suffix_fmt = memory_formats(cfg, device)
+    group = distributed.current()
+    mine = [distributed.shard(len(src), group) if group else list(range(len(src))) for src, _ in sources]
     total = sum(len(src) * views for src, views in sources)
     done = 0
-    for src, views in sources:
-        per_view = []
-        for view in range(views):
-            chunks = []
-            for idx in torch.arange(len(src)).split(inference_batch_size(device, cfg.batch_size)):
-                if stop.is_set():
-                    raise Stopped("stopped by request before the first epoch")
-                flips = torch.full((len(src),), bool(view))
-                x = src.batch(idx, flips if view else None, "none", None)
-                with torch.inference_mode(), autocast(cfg, device):
-                    feats = frozen(in_format(to_device(x, device), image_fmt))
-                    chunks.append(in_format(feats.to(dtype).cpu(), suffix_fmt))
-                done += len(idx)
-                yield BatchProgress("cache", 0, done, total)
-            per_view.append(torch.cat(chunks))
+    for (src, views), indices in zip(sources, mine):
+        per_view, bad = [[] for _ in range(views)], []
+        step = inference_batch_size(device, cfg.batch_size)
+        for idx, x, errors in src.inputs([indices[i:i + step] for i in range(0, len(indices), step)]):
+            if stop.is_set():
+                raise Stopped("stopped by request before the first epoch")
+            bad += errors
+            with torch.inference_mode(), autocast(cfg, device):
+                for view in range(views):
+                    feats = frozen(in_format(x.flip(-1) if view else x, image_fmt))
+                    per_view[view].append(in_format(feats.to(dtype).cpu(), suffix_fmt))
+            done += len(idx) * views * (group.world if group else 1)
+            yield BatchProgress("cache", 0, min(done, total), total)
+        src.close()
+        per_view = [torch.cat(chunks) for chunks in per_view]
+        if group:
+            per_view = [distributed.gather_rows(v, len(src), group, "the feature pass") for v in per_view]
+            bad = sorted({i: e for part in distributed.gather_objects(bad, "the feature pass") for i, e in part}.items())
         out.append(per_view)
-    return out
+        unreadable.append(sorted(bad))
+    return out, unreadable

@@ -1,0 +1,142 @@
+"""Images that are not served from the in-memory caches, fed through
+torch.utils.data.DataLoader: worker processes decode JPEGs while the main
+process runs the model (a GPU would otherwise wait on one Python thread).
+
+Every sample is a pure function of its key (index, flip, crop seed): the main
+process decides the order, the flips and each random crop's seed from the run
+seed, the epoch and the sample's index, the workers only execute. So results do
+not depend on how many workers there are, or on which worker got which batch.
+Batches come back as uint8 (4x less to copy between processes and to the GPU,
+pinned on CUDA); normalising happens on the device."""
+from __future__ import annotations
+
+import os
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from .data import center_crop, decode_resized, random_resized_crop
+from .errors import ImageLoadError
+
+# Modes: what an item is. "check": decode (the full verification), return
+# nothing; "decode": the resized image (to keep in memory); "crop": the model's
+# input (center crop, or a seeded random-resized crop), maybe flipped.
+MODES = ("check", "decode", "crop")
+
+
+def default_num_workers(cpus: int | None = None) -> int:
+    """Worker processes for the CLI: one core stays with the main process (it
+    runs the model), at most 4 (Pillow-SIMD-free JPEG decoding of 256-px images
+    keeps a GPU busy with ~4 workers; more only costs memory)."""
+    from .device import usable_cpus
+    cpus = usable_cpus() if cpus is None else cpus
+    return max(0, min(4, cpus - 1))
+
+
+def sample_seed(run_seed: int, epoch: int, index: int) -> int:
+    """The seed of one sample's random crop in one epoch (a 63-bit mix)."""
+    x = (run_seed * 0x9E3779B97F4A7C15 + epoch * 0xBF58476D1CE4E5B9 + index * 0x94D049BB133111EB) % 2**64
+    x ^= x >> 31
+    return x % 2**63
+
+
+def crop_of(img: torch.Tensor, size: int, flip: bool, seed: int | None) -> torch.Tensor:
+    """The model's input for one decoded image: a seeded RandomResizedCrop
+    (seed given) or the center crop, then the flip. The in-memory path and the
+    workers both call this, so kept and streamed images train identically."""
+    crop = random_resized_crop(img, size, torch.Generator().manual_seed(seed)) if seed is not None \
+        else center_crop(img, size)
+    return crop.flip(-1) if flip else crop
+
+
+class ImageFiles(Dataset):
+    """key -> (key's index, tensor or None, (path, reason) or None). A file that
+    cannot be read comes back as its reason, not as an exception: the caller
+    decides (skip it before training, or stop with the file's name)."""
+
+    def __init__(self, paths: list[str], resize_size: int, image_size: int, mode: str):
+        assert mode in MODES
+        self.paths, self.resize_size, self.image_size, self.mode = paths, resize_size, image_size, mode
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, key):
+        i, flip, seed = key if isinstance(key, tuple) else (key, False, None)
+        try:
+            img = decode_resized(self.paths[i], self.resize_size)
+        except ImageLoadError as e:
+            return i, None, (e.path, e.reason)
+        if self.mode == "check":
+            return i, None, None
+        if self.mode == "decode":
+            return i, img, None
+        return i, crop_of(img, self.image_size, flip, seed).contiguous(), None
+
+
+class Collate:
+    """(indices, batch, errors): crops stacked into one uint8 batch (a zero image
+    where a file failed); decoded images (sizes differ) as a list."""
+
+    def __init__(self, mode: str, image_size: int):
+        self.mode, self.image_size = mode, image_size
+
+    def __call__(self, items):
+        idx = [i for i, _, _ in items]
+        errors = [(i, e) for i, _, e in items if e is not None]
+        if self.mode != "crop":
+            return idx, [t for _, t, _ in items], errors
+        blank = torch.zeros(3, self.image_size, self.image_size, dtype=torch.uint8)
+        return idx, torch.stack([t if t is not None else blank for _, t, _ in items]), errors
+
+
+class KeyBatches:
+    """The batch sampler: whatever list of key batches the main process set last.
+    Persistent workers re-read it on every new pass over the loader."""
+
+    def __init__(self):
+        self.batches: list[list] = []
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self):
+        return len(self.batches)
+
+
+class Stream:
+    """One DataLoader over a list of files, reused for every pass (workers
+    started once: persistent_workers). `run(batches)` yields collated batches."""
+
+    def __init__(self, paths: list[str], resize_size: int, image_size: int, mode: str, workers: int,
+                 device: torch.device, prefetch: int = 4):
+        self.sampler = KeyBatches()
+        self.workers = workers
+        self.loader = DataLoader(
+            ImageFiles(paths, resize_size, image_size, mode), batch_sampler=self.sampler, num_workers=workers,
+            collate_fn=Collate(mode, image_size), pin_memory=device.type == "cuda", persistent_workers=workers > 0,
+            prefetch_factor=prefetch if workers > 0 else None, worker_init_fn=_worker_init if workers > 0 else None)
+
+    def run(self, batches: list[list]):
+        self.sampler.batches = batches
+        yield from self.loader
+
+    def close(self) -> None:
+        """Stop the worker processes now (not when the garbage collector gets to it)."""
+        it = getattr(self.loader, "_iterator", None)
+        if it is not None and hasattr(it, "_shutdown_workers"):
+            it._shutdown_workers()
+        self.loader._iterator = None
+
+
+def _worker_init(_worker_id: int) -> None:
+    # A worker decodes; the main process owns the cores' math threads. (DataLoader
+    # already sets torch's threads to 1 in workers; OpenCV-style libraries would not.)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+def raise_unreadable(errors) -> None:
+    """A file that was readable before training and is not now (changed or removed mid-run)."""
+    if errors:
+        path, reason = errors[0][1]
+        raise ImageLoadError(path, reason + " (it was readable when training started; was it changed or removed?)")
