@@ -1,6 +1,7 @@
 """Print a training run in the reference's format while the engine runs."""
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import threading
@@ -11,7 +12,7 @@ from cli.common import say
 from core import distributed
 from core.config import TrainConfig
 from core.engine import train
-from core.events import BatchProgress, LogLine, RunEnded, RunStarted, log_lines, notice_lines
+from core.events import BatchProgress, EpochEnded, LogLine, RunEnded, RunStarted, log_lines, notice_lines
 
 
 def print_training(cfg: TrainConfig, print_model: bool = False, notes=(), resume_checkpoint: dict | None = None) -> int:
@@ -28,7 +29,11 @@ def print_training(cfg: TrainConfig, print_model: bool = False, notes=(), resume
     bar = None
     try:
         for ev in train(cfg, stop, resume_checkpoint):
-            if group and not group.main:
+            if group and not group.main:  # silent; TL_DEBUG=1: its own (all-reduced) EPOCH lines on stderr, marked
+                if isinstance(ev, EpochEnded) and os.environ.get("TL_DEBUG"):
+                    for line in log_lines(ev):
+                        if line.text.startswith("EPOCH"):
+                            print(f"[rank {group.rank}] {say(line.text)}", file=sys.stderr, flush=True)
                 if isinstance(ev, RunEnded):
                     return {"completed": 0, "stopped": 130, "diverged": 3}[ev.status]
                 continue
