@@ -91,7 +91,7 @@ def _collective(fn, what: str):
     """Run a collective; a lost peer or a timeout becomes one clear error."""
     try:
         return fn()
-    except (RuntimeError, dist.DistBackendError if hasattr(dist, "DistBackendError") else RuntimeError) as e:
+    except (RuntimeError, OSError) as e:  # (DistBackendError is a RuntimeError; gloo: ConnectionResetError)
         g = _GROUP
         raise RankLost(f"rank {g.rank if g else '?'}: another training process stopped answering during {what} "
                        f"(it crashed, was killed, or its machine is unreachable; see that rank's error above). "

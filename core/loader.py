@@ -10,7 +10,7 @@ Batches come back as uint8 (4x less to copy between processes and to the GPU,
 pinned on CUDA); normalising happens on the device."""
 from __future__ import annotations
 
-import os
+import signal
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -130,9 +130,13 @@ class Stream:
 
 
 def _worker_init(_worker_id: int) -> None:
-    # A worker decodes; the main process owns the cores' math threads. (DataLoader
-    # already sets torch's threads to 1 in workers; OpenCV-style libraries would not.)
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    """Ctrl-C (the terminal signals the whole process group) and torchrun's SIGTERM
+    (sent to each rank's process group) are the main process's to handle: it stops
+    between batches and then ends its workers. A worker killed by them would make
+    the clean stop fail with 'DataLoader worker exited unexpectedly'. (A worker
+    still exits when its main process dies: DataLoader's watchdog.)"""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def raise_unreadable(errors) -> None:

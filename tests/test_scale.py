@@ -138,7 +138,8 @@ def test_torchrun_sigterm_mid_epoch_leaves_loadable_files_then_resumes(tmp_path)
             proc.kill()
     text = "".join(out) + rest
     assert "EPOCH 1/4" in text, text + err
-    assert "Traceback" not in err, err
+    # no rank failed (torchrun itself logs the signal it got, with its own traceback)
+    assert "internal error" not in err and not re.search(r"^error:", err, re.M), err
     d = Path(re.search(r"^RUN_DIR: (.+)$", text, re.M).group(1))
     done = torch.load(d / "latest.pt", weights_only=True)["epoch"]
     assert 1 <= done < 4
