@@ -79,8 +79,9 @@ def shutdown() -> None:
 
 
 def current() -> Group | None:
-    """The process group when more than one process trains, else None (single process)."""
-    return _GROUP if _GROUP is not None and _GROUP.world > 1 else None
+    """The process group under torchrun (even of one process: `--nproc_per_node=1` runs,
+    and so checks, the DDP path), else None."""
+    return _GROUP
 
 
 def is_main() -> bool:

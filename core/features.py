@@ -69,9 +69,10 @@ def decoded_images(split: Split, cfg: TrainConfig, keep: bool, device: torch.dev
                    stop: threading.Event) -> Iterator:
     """Decode (and verify) every image once, yielding progress; reuse across runs
     while the files are unchanged. Returns the decoded tensors, or None when not
-    kept. In-process with threads (num_workers 0), else through the DataLoader's
-    workers; under torchrun each rank checks its own shard and all ranks drop
-    what any found unreadable."""
+    kept. Kept images (and any with num_workers 0) are decoded by threads in this
+    process; a check-only pass goes through the DataLoader's workers; under
+    torchrun each rank checks its own shard and all ranks drop what any found
+    unreadable."""
     resize = cfg.resize_size
     key = split_key(split, resize)
     hit = DECODED.get(key)
@@ -81,10 +82,12 @@ def decoded_images(split: Split, cfg: TrainConfig, keep: bool, device: torch.dev
         return hit[2]
     before = len(split.skipped)
     group = distributed.current()
-    if cfg.num_workers == 0 and group is None:
+    if group is None and (keep or cfg.num_workers == 0):
+        # Filling this process's cache (or no workers): decoding threads here, nothing to copy between
+        # processes, and the main thread has nothing else to do meanwhile.
         steps = decode_split(split, resize, keep, usable_cpus())
     else:
-        steps = decode_via_loader(split, cfg, keep, device, group)
+        steps = check_via_loader(split, cfg, device, group)
     total = len(split.samples)
     while True:
         try:
@@ -101,32 +104,29 @@ def decoded_images(split: Split, cfg: TrainConfig, keep: bool, device: torch.dev
     return images
 
 
-def decode_via_loader(split: Split, cfg: TrainConfig, keep: bool, device: torch.device, group, chunk: int = 64):
-    """decode_split's contract (yields the count done; unreadable files move to
-    split.skipped; returns the images when keep) with DataLoader workers."""
+def check_via_loader(split: Split, cfg: TrainConfig, device: torch.device, group, chunk: int = 64):
+    """decode_split's contract without keeping (yields the count done; unreadable
+    files move to split.skipped; returns None), decoded by DataLoader workers:
+    under torchrun each rank checks its shard and every rank drops what any found."""
     n = len(split.samples)
     mine = distributed.shard(n, group) if group else list(range(n))
-    stream = Stream([p for p, _ in split.samples], cfg.resize_size, cfg.image_size, "decode" if keep else "check",
-                    cfg.num_workers, torch.device("cpu"))
-    images, bad = [None] * n if keep else None, {}
+    stream = Stream([p for p, _ in split.samples], cfg.resize_size, cfg.image_size, "check", cfg.num_workers,
+                    torch.device("cpu"))
+    bad = {}
     try:
         done = 0
-        for idx, tensors, errors in stream.run([mine[i:i + chunk] for i in range(0, len(mine), chunk)]):
-            if keep:
-                for i, t in zip(idx, tensors):
-                    images[i] = t
+        for idx, _, errors in stream.run([mine[i:i + chunk] for i in range(0, len(mine), chunk)]):
             bad.update(errors)
             done += len(idx)
             yield min(n, done * (group.world if group else 1))
     finally:
         stream.close()
-    if group:  # every rank drops the same files
+    if group:
         for part in distributed.gather_objects(bad, "the image check"):
             bad.update(part)
-    for i, (path, reason) in sorted(bad.items()):
-        split.skipped.append((path, reason))
+    split.skipped.extend(reason for _, reason in sorted(bad.items()))
     split.samples = [s for i, s in enumerate(split.samples) if i not in bad]
-    return [im for i, im in enumerate(images) if i not in bad] if keep else None
+    return None
 
 
 def feature_key(prefix: nn.Module, cfg: TrainConfig, info: DatasetInfo, views: int, device: torch.device):

@@ -19,9 +19,9 @@ from .data import center_crop, decode_resized, random_resized_crop
 from .errors import ImageLoadError
 
 # Modes: what an item is. "check": decode (the full verification), return
-# nothing; "decode": the resized image (to keep in memory); "crop": the model's
-# input (center crop, or a seeded random-resized crop), maybe flipped.
-MODES = ("check", "decode", "crop")
+# nothing; "crop": the model's input (center crop, or a seeded random-resized
+# crop), maybe flipped.
+MODES = ("check", "crop")
 
 
 def default_num_workers(cpus: int | None = None) -> int:
@@ -69,14 +69,12 @@ class ImageFiles(Dataset):
             return i, None, (e.path, e.reason)
         if self.mode == "check":
             return i, None, None
-        if self.mode == "decode":
-            return i, img, None
         return i, crop_of(img, self.image_size, flip, seed).contiguous(), None
 
 
 class Collate:
     """(indices, batch, errors): crops stacked into one uint8 batch (a zero image
-    where a file failed); decoded images (sizes differ) as a list."""
+    where a file failed); None for a check."""
 
     def __init__(self, mode: str, image_size: int):
         self.mode, self.image_size = mode, image_size
@@ -85,7 +83,7 @@ class Collate:
         idx = [i for i, _, _ in items]
         errors = [(i, e) for i, _, e in items if e is not None]
         if self.mode != "crop":
-            return idx, [t for _, t, _ in items], errors
+            return idx, None, errors
         blank = torch.zeros(3, self.image_size, self.image_size, dtype=torch.uint8)
         return idx, torch.stack([t if t is not None else blank for _, t, _ in items]), errors
 
