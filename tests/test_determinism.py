@@ -20,7 +20,7 @@ from conftest import ROOT, make_image_dataset
 def train_process(data: Path, out: Path, hash_seed: str) -> Path:
     """train.py in a process of its own: random crops and dropout draw random numbers
     every step, the validation images are drawn from train/ by --val-split, and
-    images are decoded by several threads (--num-workers 2)."""
+    images are decoded by two DataLoader worker processes (--num-workers 2)."""
     args = ["--data-dir", str(data), "--device", "cpu", "--weights", "none", "--epochs", "2", "--batch-size", "4",
             "--policy", "last", "--augment", "standard", "--dropout", "0.3", "--val-split", "0.25", "--seed", "4242",
             "--num-workers", "2", "--output-dir", str(out)]
