@@ -26,8 +26,8 @@ MODES = ("check", "crop")
 
 def default_num_workers(cpus: int | None = None) -> int:
     """Worker processes for the CLI: one core stays with the main process (it
-    runs the model), at most 4 (Pillow-SIMD-free JPEG decoding of 256-px images
-    keeps a GPU busy with ~4 workers; more only costs memory)."""
+    runs the model); at most 4 by default, since each worker holds its own
+    prefetched batches and memory (a GPU machine may want more: the flag)."""
     from .device import usable_cpus
     cpus = usable_cpus() if cpus is None else cpus
     return max(0, min(4, cpus - 1))
