@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -79,10 +80,13 @@ def child(data: str, out: str, workers: int) -> int:
     # Real photos decoded at 256 px take ~260 KB each: at these sizes (2,500 photos = 650 MB) the engine keeps
     # no decoded images. These 37-px images would fit, so the bench turns keeping off to measure that path.
     features.KEEP_FOR_REUSE_MB = 0
+    t0 = time.perf_counter()
     cfg = TrainConfig(data_dir=data, arch="mobilenet_v2", weights="none", policy="head", epochs=1, batch_size=64,
                       device="cpu", num_workers=workers, output_dir=out, run_name="scale", image_size=32,
                       resize_size=37).validate()
-    return print_training(cfg)
+    code = print_training(cfg)
+    print(f"RUN_SECONDS {time.perf_counter() - t0:.3f}")  # the run itself, after the imports
+    return code
 
 
 def measure(data: Path, out: Path, workers: int) -> dict:
@@ -99,7 +103,8 @@ def measure(data: Path, out: Path, workers: int) -> dict:
     if p.returncode != 0:
         raise SystemExit(f"training failed ({p.returncode}):\n{output[-3000:]}")
     epoch = next((line for line in output.splitlines() if line.startswith("EPOCH")), "")
-    return {"wall_s": wall, "peak_rss_mb": usage.ru_maxrss / 1024, "epoch_line": epoch}
+    run_s = float(re.search(r"^RUN_SECONDS (\S+)", output, re.M).group(1))
+    return {"wall_s": wall, "run_s": run_s, "peak_rss_mb": usage.ru_maxrss / 1024, "epoch_line": epoch}
 
 
 def main(argv=None) -> int:
@@ -135,17 +140,20 @@ def main(argv=None) -> int:
                 print(f"skipped {n}: projected total {projected:.1f} min > --max-minutes {args.max_minutes}", flush=True)
                 continue
         r = measure(subset(root, pool, n), root / "runs", workers)
-        r.update(train_images=n, images=images, ms_per_image=1000 * r["wall_s"] / images)
+        r.update(train_images=n, images=images, ms_per_image=1000 * r["wall_s"] / images,
+                 run_ms_per_image=1000 * r["run_s"] / images)
         results.append(r)
         r["load_avg_1min"] = os.getloadavg()[0]  # other processes on a shared machine slow every size
         print(f"{n:>6} train + {images - n:>5} val: {r['wall_s']:7.1f} s  {r['ms_per_image']:6.2f} ms/image  "
+              f"(run without imports {r['run_ms_per_image']:6.2f})  "
               f"peak RSS {r['peak_rss_mb']:7.0f} MB  load {r['load_avg_1min']:.1f}  {r['epoch_line']}", flush=True)
     base = results[0]
-    print("\n| train images | wall s | ms per image (train+val) | vs first | peak RSS MB | vs first | load avg |")
-    print("|---:|---:|---:|---:|---:|---:|---:|")
+    print("\n| train images | wall s | ms per image (train+val) | run only, ms per image | vs first | peak RSS MB "
+          "| vs first | load avg |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in results:
-        print(f"| {r['train_images']:,} | {r['wall_s']:.1f} | {r['ms_per_image']:.2f} | "
-              f"{r['ms_per_image'] / base['ms_per_image']:.2f}x | {r['peak_rss_mb']:.0f} | "
+        print(f"| {r['train_images']:,} | {r['wall_s']:.1f} | {r['ms_per_image']:.2f} | {r['run_ms_per_image']:.2f} | "
+              f"{r['run_ms_per_image'] / base['run_ms_per_image']:.2f}x | {r['peak_rss_mb']:.0f} | "
               f"{r['peak_rss_mb'] - base['peak_rss_mb']:+.0f} | {r['load_avg_1min']:.1f} |")
     if skipped:
         print(f"\nnot run (time budget): {', '.join(map(str, skipped))}")
