@@ -13,7 +13,8 @@ image x its images) would pass --max-minutes is not started, and the report
 says so. Model: MobileNetV2 with --weights none (no download needed; the cost of
 a forward pass does not depend on the weights' values) on 32-px crops of 37-px
 images, so a 2-core machine finishes in minutes: the point is how memory and
-time scale with the number of images, not the absolute speed."""
+time scale with the number of images, not the absolute speed. (Head-only uses
+the feature cache, so no decoded image is kept, whatever their size.)"""
 from __future__ import annotations
 
 import argparse
@@ -74,12 +75,8 @@ def child(data: str, out: str, workers: int) -> int:
     sys.path.insert(0, str(ROOT))
     from cli.train_output import print_training
     from core.config import TrainConfig
-    from core import features
     from core.device import configure_threads
     configure_threads()
-    # Real photos decoded at 256 px take ~260 KB each: at these sizes (2,500 photos = 650 MB) the engine keeps
-    # no decoded images. These 37-px images would fit, so the bench turns keeping off to measure that path.
-    features.KEEP_FOR_REUSE_MB = 0
     t0 = time.perf_counter()
     cfg = TrainConfig(data_dir=data, arch="mobilenet_v2", weights="none", policy="head", epochs=1, batch_size=64,
                       device="cpu", num_workers=workers, output_dir=out, run_name="scale", image_size=32,

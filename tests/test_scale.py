@@ -70,15 +70,15 @@ def test_random_crops_do_not_depend_on_workers_or_on_keeping_images(tmp_path):
     assert_same_run(streamed0, kept)
 
 
-def test_feature_pass_through_workers_skips_an_unreadable_image_like_the_kept_path(tmp_path):
-    """Head-only: with nothing kept the feature pass is the image check (each image
-    decoded once, by 2 workers); a broken JPEG is skipped and named, and the run is
-    the same as with the images decoded and kept in this process."""
+def test_feature_pass_is_the_image_check_with_or_without_workers(tmp_path):
+    """Head-only: the feature pass is the image check (each image decoded once, by 2
+    workers or in this process); a broken JPEG is skipped and named, and both runs
+    are the same."""
     from core.events import Notice
     data = make_image_dataset(tmp_path / "ds", n_train=6, n_val=2)
     (data / "train" / "cat" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     runs = []
-    for out, kw in (("a", dict(num_workers=2, cache_budget_mb=1)), ("b", dict(num_workers=0))):
+    for out, kw in (("a", dict(num_workers=2)), ("b", dict(num_workers=0))):
         events, _, ended = train_run(train_config(data, tmp_path / out, arch="mobilenet_v2", policy="head", seed=3, **kw))
         warning = "\n".join(e.text for e in events if isinstance(e, Notice))
         assert "broken.jpg" in warning and "train now: 12 images" in warning, warning
