@@ -10,6 +10,7 @@ Batches come back as uint8 (4x less to copy between processes and to the GPU,
 pinned on CUDA); normalising happens on the device."""
 from __future__ import annotations
 
+import os
 import signal
 
 import torch
@@ -27,9 +28,11 @@ MODES = ("check", "crop")
 def default_num_workers(cpus: int | None = None) -> int:
     """Worker processes for the CLI: one core stays with the main process (it
     runs the model); at most 4 by default, since each worker holds its own
-    prefetched batches and memory (a GPU machine may want more: the flag)."""
+    prefetched batches and memory (a GPU machine may want more: the flag).
+    Under torchrun the machine's cores are shared by its LOCAL_WORLD_SIZE ranks."""
     from .device import usable_cpus
     cpus = usable_cpus() if cpus is None else cpus
+    cpus //= max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
     return max(0, min(4, cpus - 1))
 
 

@@ -153,3 +153,11 @@ def test_torchrun_sigterm_mid_epoch_leaves_loadable_files_then_resumes(tmp_path)
     assert run_dir(p) == d
     assert f"RESUME: continuing at epoch {done + 1}/{done + 1}" in p.stdout
     assert [r["epoch"] for r in metrics(d)] == [str(e) for e in range(1, done + 2)]
+
+
+def test_default_workers_leave_a_core_to_the_model_and_share_cores_between_ranks(monkeypatch):
+    from core.loader import default_num_workers
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert [default_num_workers(c) for c in (1, 2, 3, 16)] == [0, 1, 2, 4]
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")  # torchrun, 8 processes on this machine
+    assert [default_num_workers(c) for c in (8, 16, 64)] == [0, 1, 4]
