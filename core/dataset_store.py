@@ -20,6 +20,7 @@ Rules, each a UserError with its field:
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import re
 import shutil
@@ -40,6 +41,9 @@ MAX_NAME_CHARS = 64
 # One image as large as the app accepts any upload (demo_app/ui.py MAX_FILE_SIZE, 200 MB).
 MAX_IMAGE_BYTES = 200 * 2**20
 LOCK_NAME = ".dataset.lock"
+# Without val/ images a built dataset is split at Start: 20% of each class, at least one image
+# (core.data.stratified_split), so 5 images per class train on 4 and check on 1.
+DEFAULT_VAL_SPLIT = 0.2
 LOCK_TIMEOUT_S = 30
 # The saved file's extension comes from the decoded format, never from the upload's name.
 FORMAT_EXT = {"JPEG": ".jpg", "PNG": ".png", "GIF": ".gif", "BMP": ".bmp", "TIFF": ".tif", "WEBP": ".webp",
@@ -124,6 +128,11 @@ def count_split(split_dir: Path) -> dict[str, int]:
     except UserError:
         return {}
     return {c: sum(1 for p in walk_class_folder(split_dir / c)[0] if is_image_name(p)) for c in folder.classes}
+
+
+def val_split_for(path) -> float | None:
+    """The validation fraction a dataset needs at Start: none when it has val/ images, else DEFAULT_VAL_SPLIT."""
+    return None if any(dataset_counts(Path(path)).get("val", {}).values()) else DEFAULT_VAL_SPLIT
 
 
 def dataset_counts(path: Path) -> dict[str, dict[str, int]]:
@@ -302,6 +311,7 @@ class DatasetStore:
                     self._inside(folder, ds, f"class folder {split}/{name}")
                     removed += sum(1 for p in walk_class_folder(folder)[0] if is_image_name(p))
                     shutil.rmtree(folder)
+            self._prune_empty_val(ds)
         return removed
 
     def _existing_class(self, ds: Path, cls) -> str:
@@ -321,7 +331,8 @@ class DatasetStore:
         return sorted(p for p in walk_class_folder(folder)[0] if is_image_name(p))
 
     def add_images(self, dataset, cls, files, split="train") -> AddResult:
-        """`files`: paths, or (shown name, path) pairs (an upload's temp file and the name the user knows).
+        """`files`: paths, or (shown name, path or bytes) pairs (an upload's temp file and the name the user
+        knows; a webcam frame's bytes).
         Each is checked (size, decodes as an image of a trainable format) before anything is written."""
         ds = self.dataset_path(dataset)
         result = AddResult()
@@ -363,6 +374,23 @@ class DatasetStore:
                 raise UserError(f"there is no image {filename!r} in {split}/{name}", field="image", value=filename)
             self._inside(path, ds, f"image {filename}")
             path.unlink()
+            self._prune_empty_val(ds)
+
+    @staticmethod
+    def _prune_empty_val(ds: Path) -> None:
+        """A val/ left without images goes (empty folders only): with it, Start would refuse the
+        dataset instead of holding out part of train/."""
+        val = ds / "val"
+        if val.is_dir() and not val.is_symlink() and not any(dataset_counts(ds).get("val", {}).values()):
+            for d in sorted(val.iterdir(), reverse=True):
+                try:
+                    d.rmdir()
+                except OSError:
+                    return  # something that is no image is still there: left as is
+            try:
+                val.rmdir()
+            except OSError:
+                pass
 
     def _hashes(self, ds: Path) -> dict[str, str]:
         """SHA-256 of every image in the dataset -> 'split/class' (cached by file identity)."""
@@ -393,18 +421,29 @@ def file_digest(path: Path) -> str | None:
         return None
 
 
-def read_image_bytes(path, shown: str) -> tuple[bytes, str]:
-    """(the file's bytes, the extension of its real format); ImageLoadError naming `shown` otherwise."""
-    try:
-        size = os.stat(path).st_size
-    except OSError:
-        raise ImageLoadError(shown, "file not found or unreadable") from None
+def read_image_bytes(source, shown: str) -> tuple[bytes, str]:
+    """(the image's bytes, the extension of its real format) from a path or bytes (a webcam frame);
+    ImageLoadError naming `shown` otherwise."""
+    if isinstance(source, (bytes, bytearray)):
+        size = len(source)
+    else:
+        try:
+            size = os.stat(source).st_size
+        except OSError:
+            raise ImageLoadError(shown, "file not found or unreadable") from None
     if size > MAX_IMAGE_BYTES:
         raise ImageLoadError(shown, f"is {size / 2**20:,.1f} MB; one image may be at most "
                                     f"{MAX_IMAGE_BYTES // 2**20} MB")
+    if isinstance(source, (bytes, bytearray)):
+        data = bytes(source)
+        if not data:
+            raise ImageLoadError(shown, "empty file (0 bytes)")
+        opened = lambda: io.BytesIO(data)  # noqa: E731
+    else:
+        data, opened = None, lambda: str(source)  # noqa: E731
     try:
-        load_rgb(str(path), min_side=256)  # the decode checks training applies (regular file, pixels, damage)
-        with Image.open(path) as im:  # the format as decoded, not as named
+        load_rgb(opened(), min_side=256)  # the decode checks training applies (regular file, pixels, damage)
+        with Image.open(opened()) as im:  # the format as decoded, not as named
             fmt = im.format or ""
     except ImageLoadError as e:
         raise ImageLoadError(shown, e.reason) from None
@@ -414,8 +453,9 @@ def read_image_bytes(path, shown: str) -> tuple[bytes, str]:
     if ext is None or not ext.endswith(IMAGE_EXTENSIONS):
         raise ImageLoadError(shown, f"{fmt or 'these'} images cannot be used for training "
                                     f"(use JPEG, PNG, GIF, BMP, TIFF or WebP)")
-    with open(path, "rb") as f:
-        data = f.read(MAX_IMAGE_BYTES + 1)
+    if data is None:
+        with open(source, "rb") as f:
+            data = f.read(MAX_IMAGE_BYTES + 1)
     if len(data) > MAX_IMAGE_BYTES:
         raise ImageLoadError(shown, f"is over {MAX_IMAGE_BYTES // 2**20} MB")
     return data, ext

@@ -22,12 +22,14 @@ class AppContext:
     checkpoints_dir: Path
     data_dir: Path  # the demo set, the Dataset folder box's first value
     uploads_dir: Path
+    datasets_dir: Path | None = None  # where the page makes datasets (data/<name>/); default: data_dir
     service: TrainingService = field(default_factory=TrainingService)
     policy: AccessPolicy = field(default_factory=AccessPolicy)  # loopback: any folder; pickles never
 
     def __post_init__(self):
         self.checkpoints_dir, self.data_dir, self.uploads_dir = map(
             Path, (self.checkpoints_dir, self.data_dir, self.uploads_dir))
+        self.datasets_dir = Path(self.datasets_dir or self.data_dir)
 
     def folders_note(self) -> str | None:
         """For the folder boxes' info line: when others can reach the app, which folders it reads."""

@@ -21,8 +21,10 @@ from core.zipimport import reuse_or_extract
 from .context import PRIVATE, AppContext
 from .datasets import summary_markdown
 from .messages import error_markdown, number, os_error_text, say, shown_error, user_error, whole_number
+from .live_preview import LivePreview
 from .modelview import policy_choices, policy_markdown
 from .tab_model import ModelTab
+from .tab_dataset import DatasetBuilder
 from .tab_predict import PredictTab
 from .tab_train_run import RunPanel
 from .text import md_code
@@ -65,13 +67,14 @@ class TrainTab:
     def __init__(self, ctx: AppContext, predict: PredictTab, model: ModelTab):
         self.ctx, self.predict, self.model = ctx, predict, model
         self.run = RunPanel(ctx, predict, self.make_config)
+        self.builder, self.live = DatasetBuilder(ctx), LivePreview(ctx, predict)
 
     # ------------------------------------------------------------ layout
 
     def layout(self) -> None:
         first = TrainForm(data_dir=str(self.ctx.data_dir))
         note = self.ctx.folders_note()
-        with gr.Tab("Train", id="train", elem_id="tab-train"), gr.Row(equal_height=False):
+        with gr.Tab("Train", id="train", elem_id="tab-train") as self.tab, gr.Row(equal_height=False):
             with gr.Column(scale=4, min_width=340, elem_id="train-settings"):
                 self.n_classes = gr.State(2)  # (inside a tab: a State beside the tabs would count as one)
                 gr.Markdown("### 1 · Dataset", elem_classes="section-title")
@@ -83,6 +86,7 @@ class TrainTab:
                     self.zip_file = gr.UploadButton("Upload a dataset .zip", file_types=[".zip"], type="filepath",
                                                     size="md", elem_id="zip-upload")
                 self.ds_summary = gr.Markdown("", elem_id="dataset-summary")
+                self.builder.layout()
 
                 gr.Markdown("### 2 · Model & freeze policy", elem_classes="section-title")
                 with gr.Group():
@@ -132,6 +136,8 @@ class TrainTab:
                                            info="bfloat16 on CPUs with native bf16 (AVX512-BF16 or AMX), float16 on "
                                                 "CUDA: faster layer4/full training, less memory; elsewhere float32")
             self.run.layout()
+        with self.tab:
+            self.live.layout()
         # the components of TrainForm's fields, by name
         self.form = {f.name: getattr(self, f.name) for f in fields(TrainForm)}
 
@@ -157,6 +163,9 @@ class TrainTab:
         self.policy.change(lambda p: p, self.policy, model.policy, **PRIVATE)
         self.n_classes.change(lambda n: n, self.n_classes, model.classes, **PRIVATE)
         self.run.wire(demo, self.form)
+        self.builder.wire(demo, self.data_dir, self.val_split, {"fn": self.check_dataset_shown, "inputs": [
+            self.data_dir, self.val_split, self.seed], "outputs": checked, **PRIVATE})
+        self.live.wire(demo, [self.run.status.change])
         # A page opened during a run shows that run's settings, then checks its dataset.
         demo.load(self.followed_settings, None, list(self.form.values()), **PRIVATE).then(
             self.check_dataset_shown, [self.data_dir, self.val_split, self.seed], checked, **PRIVATE).then(**examples)

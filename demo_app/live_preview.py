@@ -1,0 +1,120 @@
+"""The Train tab's live preview: the webcam streams to a chosen checkpoint and
+top-k bars follow what it sees. core.predict.Predictor does the work (the same
+preprocessing as every other prediction).
+
+No backlog by construction: Gradio's webcam takes a frame every `stream_every`
+seconds only while no earlier frame of that page is still being answered
+(frames in between are never sent), and concurrency_limit=1 keeps pages from
+running the model side by side; a slow model is simply asked less often."""
+from __future__ import annotations
+
+import base64
+import binascii
+import threading
+import time
+from collections import deque
+from io import BytesIO
+from pathlib import Path
+
+import gradio as gr
+
+from core.errors import UserError
+
+from . import runs
+from .context import PRIVATE, AppContext
+from .messages import say
+from .tab_predict import PredictTab
+from .text import md_text
+
+STREAM_EVERY_S = 0.05  # at most 20 frames a second are asked for; fewer when answers take longer
+RATE_WINDOW_S = 5.0
+TOP_K = 5
+
+
+class WebcamStream(gr.Image):
+    """A streaming webcam whose frames reach the handler as the bytes the browser
+    sent (a JPEG): nothing is re-encoded, and no frame is written to Gradio's
+    cache (at a few frames a second that would fill the disk)."""
+
+    is_template = True  # same frontend as gr.Image
+    # (no __init__ of its own: Gradio sends the page the parameters of gr.Image's; give
+    # sources=["webcam"], streaming=True)
+
+    def preprocess(self, payload) -> bytes | None:
+        if payload is None:
+            return None
+        url = getattr(payload, "url", None) or ""
+        if url.startswith("data:") and "," in url:
+            try:
+                return base64.b64decode(url.split(",", 1)[1], validate=False)
+            except (binascii.Error, ValueError):
+                return None
+        path = getattr(payload, "path", None)
+        try:
+            return Path(path).read_bytes() if path else None
+        except OSError:
+            return None
+
+
+class LivePreview:
+    def __init__(self, ctx: AppContext, predict: PredictTab):
+        self.ctx, self.predict = ctx, predict
+        self._answers: dict[str, deque] = {}  # page -> times of its recent answers
+        self.answered = 0  # frames answered since start (all pages)
+        self._lock = threading.Lock()
+
+    def layout(self) -> None:
+        with gr.Accordion("Try it live: the webcam through a trained model", open=True, elem_id="live-preview"):
+            with gr.Row(equal_height=True):
+                self.ckpt = gr.Dropdown([], label="Checkpoint (the newest run's best is chosen when a run ends)",
+                                        scale=6, elem_id="live-ckpt")
+                self.refresh_btn = gr.Button("↻", scale=0, min_width=48, elem_id="live-refresh")
+            with gr.Row(equal_height=False):
+                self.cam = WebcamStream(sources=["webcam"], streaming=True, label="Webcam: press ● to start the live preview", height=260,
+                                        elem_id="live-cam")
+                with gr.Column():
+                    self.label = gr.Label(num_top_classes=TOP_K, label="What the model sees", elem_id="live-label")
+                    self.rate = gr.Markdown("", elem_id="live-rate")
+
+    def wire(self, demo: gr.Blocks, run_ended: list) -> None:
+        """`run_ended`: events after which the newest checkpoint is chosen (a run's end)."""
+        self.refresh_btn.click(self.refresh, self.ckpt, self.ckpt, show_progress="hidden", **PRIVATE)
+        demo.load(self.refresh, self.ckpt, self.ckpt, show_progress="hidden", **PRIVATE)
+        gr.on(run_ended, self.newest, None, self.ckpt, show_progress="hidden", **PRIVATE)
+        self.cam.stream(self.frame, [self.cam, self.ckpt], [self.label, self.rate], stream_every=STREAM_EVERY_S,
+                        concurrency_limit=1, concurrency_id="live-preview", show_progress="hidden", **PRIVATE)
+
+    def refresh(self, current=None):
+        choices = runs.checkpoint_choices(self.ctx.checkpoints_dir)
+        values = [v for _, v in choices]
+        return gr.update(choices=choices, value=current if current in values else (values[0] if values else None))
+
+    def newest(self):
+        """The best checkpoint of the run written last (the one just trained): the list's first."""
+        choices = runs.checkpoint_choices(self.ctx.checkpoints_dir)
+        return gr.update(choices=choices, value=choices[0][1] if choices else None)
+
+    def frame(self, image: bytes | None, ckpt, request: gr.Request = None):
+        """One webcam frame -> {top-k bars, answers per second}."""
+        if not image:
+            return gr.skip()
+        try:
+            pred = self.predict.load(ckpt, None, False)
+            topk = pred.predict_image(BytesIO(image), TOP_K)
+        except UserError as e:
+            return {self.label: None, self.rate: f"⚠ {md_text(say(e))}"}
+        rate = self._rate(getattr(request, "session_hash", None) or "-")
+        self.answered += 1
+        return {self.label: {name: float(p) for name, p in topk},
+                self.rate: f"{rate:.1f} frames answered per second" if rate else "answering…"}
+
+    def _rate(self, page: str) -> float:
+        now = time.monotonic()
+        with self._lock:
+            while len(self._answers) > 1000:
+                self._answers.pop(next(iter(self._answers)))
+            times = self._answers.setdefault(page, deque())
+            times.append(now)
+            while times and now - times[0] > RATE_WINDOW_S:
+                times.popleft()
+            return (len(times) - 1) / (times[-1] - times[0]) if len(times) >= 2 and times[-1] > times[0] else 0.0
