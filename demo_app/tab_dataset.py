@@ -212,10 +212,14 @@ class DatasetBuilder:
         if not image or page["burst"] <= 0:
             return gr.skip()
         page["burst"] -= 1
-        out = self._add([("webcam", image)], choice, cls, split)
-        if page["burst"] > 0:
-            out[self.status] = f"Burst: {page['burst']} frame(s) to go · " + out[self.status]
-        return out
+        if page["burst"] > 0:  # mid-burst: saved and said; the thumbnails are redone once, after the last frame
+            try:
+                result = self.store.add_images(self._editable(choice), cls, [("webcam", image)], split or "train")
+            except UserError as e:
+                page["burst"] = 0
+                return {self.status: self._said(e, "Not added")}
+            return {self.status: f"Burst: {page['burst']} frame(s) to go · {md_text(result.summary())}"}
+        return self._add([("webcam", image)], choice, cls, split)
 
     def capture(self, choice, cls, split, request: gr.Request = None) -> dict:
         frame = self._page(request)["frame"]
