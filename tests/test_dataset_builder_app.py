@@ -86,6 +86,16 @@ def test_use_fills_the_form_with_the_folder_and_a_val_split_when_there_is_no_val
     b.add_files([str(_png(tmp_path / "w.png", (0, 0, 250)))], pets, "mug", "val")
     out = b.use(pets)
     assert out[b.form_val_split] == 0 and "own val/" in out[b.status]
+    # a pasted image, then removed again by its thumbnail's caption (its file name); a class renamed
+    out = b.add_pasted(str(_png(tmp_path / "p.png", (9, 9, 9))), pets, "cat", "train")
+    assert "added 1 image" in plain(out[b.status]) and out[b.paste] is None
+    name = next(caption for _, caption in out[b.gallery] if caption.startswith("pasted_"))
+    assert "Click an image" in b.remove(None, pets, "cat", "train")[b.status]
+    assert "Removed" in b.remove(name, pets, "cat", "train")[b.status]
+    assert not (Path(pets) / "train" / "cat" / name).exists()
+    assert "Not renamed" in b.rename(pets, "cat", "mug")[b.status]
+    assert "Renamed" in b.rename(pets, "cat", "Katze")[b.status]
+    assert sorted(p.name for p in (Path(pets) / "val").iterdir()) == ["Katze", "mug"]
     # deleting a class asks first: the confirmation names it and its images
     ask = b.ask_delete(pets, "mug")
     assert "Delete class **mug** and its **1** image(s)?" in ask[b.confirm_text]
