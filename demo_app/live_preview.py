@@ -18,7 +18,9 @@ from pathlib import Path
 
 import gradio as gr
 
+from core.cam import blend_cam, cam_for_image
 from core.errors import UserError
+from core.images import load_rgb
 
 from . import runs
 from .context import PRIVATE, AppContext
@@ -75,13 +77,21 @@ class LivePreview:
                 with gr.Column():
                     self.label = gr.Label(num_top_classes=TOP_K, label="What the model sees", elem_id="live-label")
                     self.rate = gr.Markdown("", elem_id="live-rate")
+                    self.with_cam = gr.Checkbox(False, label="Grad-CAM overlay (where it looks; several times slower)",
+                                                elem_id="live-cam-toggle")
+                self.overlay = gr.Image(type="pil", label="Grad-CAM of the frame (top-1 class)", interactive=False,
+                                        height=260, format="jpeg", visible=False, buttons=["download"],
+                                        elem_id="live-cam-overlay")
 
     def wire(self, demo: gr.Blocks, run_ended: list) -> None:
         """`run_ended`: events after which the newest checkpoint is chosen (a run's end)."""
         self.refresh_btn.click(self.refresh, self.ckpt, self.ckpt, show_progress="hidden", **PRIVATE)
         demo.load(self.refresh, self.ckpt, self.ckpt, show_progress="hidden", **PRIVATE)
         gr.on(run_ended, self.newest, None, self.ckpt, show_progress="hidden", **PRIVATE)
-        self.cam.stream(self.frame, [self.cam, self.ckpt], [self.label, self.rate], stream_every=STREAM_EVERY_S,
+        self.with_cam.change(lambda on: gr.update(visible=on, value=None), self.with_cam, self.overlay,
+                             show_progress="hidden", **PRIVATE)
+        self.cam.stream(self.frame, [self.cam, self.ckpt, self.with_cam], [self.label, self.rate, self.overlay],
+                        stream_every=STREAM_EVERY_S,
                         concurrency_limit=1, concurrency_id="live-preview", show_progress="hidden", **PRIVATE)
 
     def refresh(self, current=None):
@@ -94,19 +104,28 @@ class LivePreview:
         choices = runs.checkpoint_choices(self.ctx.checkpoints_dir)
         return gr.update(choices=choices, value=choices[0][1] if choices else None)
 
-    def frame(self, image: bytes | None, ckpt, request: gr.Request = None):
-        """One webcam frame -> {top-k bars, answers per second}."""
+    def frame(self, image: bytes | None, ckpt, with_cam=False, request: gr.Request = None):
+        """One webcam frame -> {top-k bars, answers per second, and with_cam its Grad-CAM overlay}."""
         if not image:
             return gr.skip()
         try:
             pred = self.predict.load(ckpt, None, False)
-            topk = pred.predict_image(BytesIO(image), TOP_K)
+            rgb = load_rgb(BytesIO(image), min_side=pred.resize)  # decoded once, for the CAM's blend too
+            topk = pred.predict_image(rgb, TOP_K)
+            overlay = self._overlay(pred, rgb, topk[0][0]) if with_cam else None
         except UserError as e:
             return {self.label: None, self.rate: f"⚠ {md_text(say(e))}"}
         rate = self._rate(getattr(request, "session_hash", None) or "-")
         self.answered += 1
-        return {self.label: {name: float(p) for name, p in topk},
-                self.rate: f"{rate:.1f} frames answered per second" if rate else "answering…"}
+        out = {self.label: {name: float(p) for name, p in topk},
+               self.rate: f"{rate:.1f} frames answered per second" if rate else "answering…"}
+        return {**out, self.overlay: overlay} if with_cam else out
+
+    @staticmethod
+    def _overlay(pred, rgb, top1: str):
+        """core.cam's map of the top-1 class placed on the frame and blended, as the Predict tab shows it."""
+        maps = pred.cam(pred.preprocess(rgb)[None], [pred.class_names.index(top1)])
+        return blend_cam(rgb, cam_for_image(maps[0], rgb, pred.resize, pred.crop), 0.5)
 
     def _rate(self, page: str) -> float:
         now = time.monotonic()

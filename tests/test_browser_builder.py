@@ -100,7 +100,7 @@ def test_build_a_dataset_train_it_and_watch_it_live(page, app):
     page.locator("#ds-files input[type=file]").set_input_files([str(p) for p in photos] + [str(photos[0])])
     wait_text(page, "ds-status", r"added 6 image")
     assert "1 exact duplicate" in text_of(page, "ds-status")
-    assert count_in_overview(page, "cat") == 6
+    wait_until(lambda: count_in_overview(page, "cat") == 6, 30, "the overview to count 6 cats")
     stored = sorted((data / "Mugs & Cats" / "train" / "cat").iterdir())
     assert sorted(p.read_bytes() for p in stored) == sorted(p.read_bytes() for p in photos)  # bytes as they came
 
@@ -157,6 +157,9 @@ def test_build_a_dataset_train_it_and_watch_it_live(page, app):
     wait_until(lambda: live.answered >= n0 + 3, 60, "three more answered frames")
     rate = (live.answered - n0) / (time.monotonic() - t0)
     print(f"live preview in the browser: {rate:.1f} frames answered per second")
+    page.locator("#live-cam-toggle input").check()  # the optional Grad-CAM overlay of each frame
+    wait_js(page, "(() => { const i = document.querySelector('#live-cam-overlay img');"
+                  " return i && i.complete && i.naturalWidth > 0; })()", 120, "the Grad-CAM overlay")
     page.locator("#live-preview").screenshot(path=str(ASSETS / "live.png"))
     # stopping the webcam stops the answers at once: no queue of old frames is worked off
     page.locator("#live-cam button[aria-label='capture photo']").get_by_text("Stop").click()

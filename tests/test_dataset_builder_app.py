@@ -126,4 +126,7 @@ def test_live_preview_answers_a_streamed_frame_with_the_checkpoints_classes(app,
     out = [live.frame(data, ckpt) for _ in range(4)][-1]
     assert set(out[live.label]) == {"cat", "my mug"} and abs(sum(out[live.label].values()) - 1) < 1e-5
     assert "frames answered per second" in out[live.rate] and live.answered == 4
+    assert live.overlay not in out  # no CAM unless asked for
+    with_cam = live.frame(data, ckpt, True)
+    assert with_cam[live.overlay].size == (640, 480) and set(with_cam[live.label]) == {"cat", "my mug"}
     assert "⚠" in live.frame(data, str(tmp_path / "missing.pt"))[live.rate]
