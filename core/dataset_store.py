@@ -234,7 +234,7 @@ class DatasetStore:
         (path / "train").mkdir()
         return path
 
-    def list(self, uploads=None) -> list[DatasetEntry]:
+    def datasets(self, uploads=None) -> list[DatasetEntry]:
         """Datasets made here (editable), then earlier zip uploads (train with them; not changed here)."""
         root = self._real_root()
         out = [DatasetEntry(p.name, p, True, dataset_counts(p)) for p in self._entries(root)

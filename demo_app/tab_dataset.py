@@ -18,6 +18,7 @@ from .messages import error_markdown
 from .text import md_text
 
 BURST_FRAMES = 10
+THUMBNAILS = 60  # the newest images of a class shown (decoding hundreds on every change would be slow)
 BURST_EVERY_S = 0.3  # the webcam stream's pace: a burst adds one frame this often
 SPLITS = [("train: to learn from", "train"), ("val: to check the model with", "val")]
 VAL_NOTE = (f"Without val/ images, Start holds out {DEFAULT_VAL_SPLIT:.0%} of each class (at least 1 image, the "
@@ -65,7 +66,8 @@ class DatasetBuilder:
                     with gr.Row():
                         self.capture_btn = gr.Button("● Capture", size="sm", elem_id="ds-capture")
                         self.burst_btn = gr.Button(f"Burst ×{BURST_FRAMES}", size="sm", elem_id="ds-burst")
-            self.gallery = gr.Gallery(label="Images of this class (click one to select it)", columns=6, height=230,
+            self.gallery = gr.Gallery(label=f"Images of this class, newest first (up to {THUMBNAILS}; click one to "
+                                            f"select it)", columns=6, height=230,
                                       allow_preview=False, object_fit="cover", buttons=[], elem_id="ds-gallery")
             with gr.Row():
                 self.remove_btn = gr.Button("Remove selected image", size="sm", elem_id="ds-remove")
@@ -114,7 +116,7 @@ class DatasetBuilder:
     # ------------------------------------------------------------ the dataset list
 
     def entries(self):
-        return self.store.list(self.ctx.uploads_dir)
+        return self.store.datasets(self.ctx.uploads_dir)
 
     def refresh(self, current=None, select: str | None = None):
         entries = self.entries()
@@ -152,7 +154,7 @@ class DatasetBuilder:
             lines.append("\nAn upload: trained on as it is (create a new dataset to add images).")
         thumbs = []
         if cls and entry.editable:
-            for p in self.store.images(entry.name, cls, split or "train"):
+            for p in newest_first(self.store.images(entry.name, cls, split or "train"))[:THUMBNAILS]:
                 t = thumbnail(str(p), 160)
                 if t is not None:
                     thumbs.append((t, p.name))
@@ -280,3 +282,13 @@ class DatasetBuilder:
         split = val_split_for(choice)
         note = (f"Using it. {VAL_NOTE}" if split else "Using it, with its own val/ images to check the model.")
         return {self.status: note, self.form_data_dir: str(choice), self.form_val_split: split or 0}
+
+
+def newest_first(paths: list[Path]) -> list[Path]:
+    """The images last added first (a capture shows at once); unreadable ones last."""
+    def added(p: Path) -> float:
+        try:
+            return p.stat().st_mtime
+        except OSError:
+            return 0.0
+    return sorted(paths, key=added, reverse=True)

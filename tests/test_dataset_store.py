@@ -198,7 +198,7 @@ def test_list_counts_per_split_and_class_with_uploads(tmp_path, store):
     uploads = tmp_path / "uploads"
     (uploads / "zipped_20260101" / "inner" / "train" / "a").mkdir(parents=True)
     png(uploads / "zipped_20260101" / "inner" / "train" / "a" / "1.png")
-    entries = store.list(uploads)
+    entries = store.datasets(uploads)
     assert [(e.name, e.editable) for e in entries] == [("pets", True), ("upload: zipped_20260101", False)]
     assert entries[0].counts == {"train": {"cat": 3, "dog": 0}, "val": {"dog": 1}}
     assert entries[0].label() == "pets — 2 classes: cat 3, dog 0+1"
