@@ -1,7 +1,6 @@
 """core/dataset_store.py: every naming, file and confinement rule, on real files."""
 from __future__ import annotations
 
-import io
 import os
 import subprocess
 import sys
@@ -14,7 +13,7 @@ import pytest
 from PIL import Image
 
 from core.data import scan_dataset
-from core.dataset_store import (MAX_IMAGE_BYTES, DatasetStore, check_name, safe_stem)
+from core.dataset_store import MAX_IMAGE_BYTES, DatasetStore, check_name, safe_stem
 from core.errors import UserError
 
 from conftest import ROOT
