@@ -235,11 +235,14 @@ class DatasetStore:
         return path
 
     def datasets(self, uploads=None) -> list[DatasetEntry]:
-        """Datasets made here (editable), then earlier zip uploads (train with them; not changed here)."""
+        """Datasets made here (editable), then <root> itself if it is one, then earlier zip uploads (these
+        two are trained on as they are; nothing is written into them)."""
         root = self._real_root()
         out = [DatasetEntry(p.name, p, True, dataset_counts(p)) for p in self._entries(root)
                if p.is_dir() and not p.is_symlink() and not p.name.startswith(".")
                and name_key(p.name) not in _RESERVED_DATASETS and (p / "train").is_dir()]
+        if (root / "train").is_dir():  # <root> itself is a dataset (the shipped demo set in data/)
+            out.append(DatasetEntry(f"{root.name} (the folder itself)", root, False, dataset_counts(root)))
         for folder in self._entries(Path(uploads)) if uploads else []:
             if not folder.is_dir() or folder.is_symlink():
                 continue

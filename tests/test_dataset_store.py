@@ -193,15 +193,17 @@ def test_list_counts_per_split_and_class_with_uploads(tmp_path, store):
     store.add_class("pets", "dog")
     store.add_images("pets", "cat", [png(tmp_path / f"{i}.png", (i * 20, 0, 0)) for i in range(3)])
     store.add_images("pets", "dog", [png(tmp_path / "d.png", (0, 0, 9))], split="val")
-    (tmp_path / "data" / "train" / "x").mkdir(parents=True)  # <root> itself a dataset: not listed as one beside
+    (tmp_path / "data" / "train" / "x").mkdir(parents=True)  # <root> itself a dataset (not a 'train' one in it)
     uploads = tmp_path / "uploads"
     (uploads / "zipped_20260101" / "inner" / "train" / "a").mkdir(parents=True)
     png(uploads / "zipped_20260101" / "inner" / "train" / "a" / "1.png")
     entries = store.datasets(uploads)
-    assert [(e.name, e.editable) for e in entries] == [("pets", True), ("upload: zipped_20260101", False)]
+    assert [(e.name, e.editable) for e in entries] == [("pets", True), ("data (the folder itself)", False),
+                                                        ("upload: zipped_20260101", False)]
     assert entries[0].counts == {"train": {"cat": 3, "dog": 0}, "val": {"dog": 1}}
     assert entries[0].label() == "pets — 2 classes: cat 3, dog 0+1"
-    assert entries[1].counts == {"train": {"a": 1}}
+    assert entries[1].path == (tmp_path / "data").resolve() and entries[1].counts == {"train": {"x": 0}}
+    assert entries[2].counts == {"train": {"a": 1}}
 
 
 def _add_from_process(root, k):
