@@ -175,9 +175,10 @@ def _is_our_csv(p) -> bool:
 def prediction_notes(args, pred, classes, n_images: int) -> list[str]:
     fmt = pred.info.get("format")
     notes = []
-    if args.arch and fmt == "checkpoint dict" and pred.info.get("arch") != args.arch:
+    recorded = fmt in ("checkpoint dict", "safetensors export")  # arch and classes come from the file (its model.json)
+    if args.arch and recorded and pred.info.get("arch") != args.arch:
         notes.append(f"--arch {args.arch} ignored: the checkpoint is a {pred.info.get('arch')} model")
-    if classes and fmt == "checkpoint dict" and pred.class_names != classes:
+    if classes and recorded and pred.class_names != classes:
         notes.append(f"--classes ignored: the checkpoint names its classes {pred.class_names}")
     if not classes and fmt == "state_dict":
         notes.append("a bare state_dict has no class names; pass --classes, e.g. --classes cat,fish")

@@ -15,45 +15,31 @@ ImageNet mean/std after Resize(256) + CenterCrop(224); output `logits`: [N, C].
 Every file is written atomically (temp file + os.replace)."""
 from __future__ import annotations
 
-import io
-import json
 import math
-import random
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, NamedTuple
+from typing import Iterator
 
-import numpy as np
 import torch
 from torch import nn
 
 from . import checkpoint as ck
-from . import checkpoint_rules as rules
 from .config import ARCHS
-from .data import IMAGENET_MEAN, IMAGENET_STD, normalize
-from .errors import CheckpointError, ImageLoadError, UserError, first_line
+from .data import IMAGENET_MEAN, IMAGENET_STD
+from .errors import CheckpointError, UserError, first_line
+from .export_formats import (FILE_NAMES, FORMATS, INT8_NAME, INPUT_NAME, OUTPUT_NAME, SIDECAR_NAME, ExportError,
+                             LoadedExport, load_pt2, read_json_quietly, read_safetensors_export, safetensors_meta,
+                             write_pt2, write_safetensors)
+from .export_onnx import Int8Report, onnx_session, quantize_int8, write_onnx
+from .predict import Predictor
 from .zipimport import file_sha256
 
-FORMATS = ("onnx", "pt2", "safetensors")
-FILE_NAMES = {"onnx": "model.onnx", "pt2": "model.pt2", "safetensors": "model.safetensors"}
-SIDECAR_NAME = "model.json"
-INT8_NAME = "model.int8.onnx"
-INPUT_NAME, OUTPUT_NAME = "image", "logits"
+# The public names of the exports, for export.py, the app and tests (one import place).
+__all__ = ["FILE_NAMES", "FORMATS", "INT8_NAME", "SIDECAR_NAME", "ExportError", "ExportSource", "ExportedFile",
+           "Int8Report", "LoadedExport", "default_out_dir", "export_checkpoint", "export_formats", "load_pt2",
+           "load_source", "onnx_session", "parse_formats", "quantize_int8", "read_safetensors_export"]
 EXPORT_VERSION = 1
-# An export is refused when ONNX Runtime or the .pt2 program differs from the
-# PyTorch model by more than this on the check batch (float32 rounding is ~1e-6).
-SELF_CHECK_TOLERANCE = 1e-3
-# int8 is reported as not good enough when val accuracy drops by more than this.
-INT8_MAX_DROP = 0.01
-MAX_CALIBRATION_IMAGES = 200
-MAX_INT8_VAL_IMAGES = 2000  # int8 vs float32 is scored on at most this many val images (a seeded sample)
-MAX_SIDECAR_BYTES = 16 * 2**20  # 10,000 class names are ~0.2 MB of JSON
-
-
-class ExportError(UserError):
-    """An export could not be written or checked; the message says why."""
 
 
 @dataclass
@@ -62,7 +48,7 @@ class ExportSource:
     model: nn.Module
     class_names: list[str]
     meta: dict  # the model.json content, less the per-file entries
-    predictor: object  # the core.predict.Predictor it came from (its preprocessing)
+    predictor: Predictor  # what it was loaded by (its preprocessing)
     data_dir: str | None = None  # the training run's dataset folder, when the checkpoint names one
     split: tuple = (None, 0)  # its (val_split, seed): the same val images when val/ was carved out of train/
 
@@ -75,50 +61,6 @@ class ExportedFile:
     seconds: float
     max_abs_diff: float | None = None  # against the PyTorch model, on the self-check batch
     notes: list[str] = field(default_factory=list)
-
-
-class LoadedExport(NamedTuple):
-    """What core.predict.Predictor needs: Predictor(model, class_names, device, info, resize, crop)."""
-    model: nn.Module
-    class_names: list[str]
-    info: dict
-    resize: int
-    crop: int
-
-
-@dataclass
-class Int8Report:
-    path: Path
-    bytes: int
-    calibration_images: int
-    val_images: int
-    float_val_acc: float
-    int8_val_acc: float
-    agreement: float  # share of val images whose top-1 is the same in int8 and float32
-    seconds: float
-    val_total: int = 0  # val images in the dataset (val_images were scored: a sample when there are many)
-
-    @property
-    def acceptable(self) -> bool:
-        """At most one val image per 100 lost to quantization."""
-        return self.float_val_acc - self.int8_val_acc <= INT8_MAX_DROP + 1e-9
-
-    def lines(self) -> list[str]:
-        """What export.py prints (and the app can show); a WARNING line when int8
-        loses more than 1 val image in 100."""
-        lines = [f"INT8: {self.path} ({self.bytes / 1e6:.1f} MB, {self.seconds:.1f} s), calibrated on "
-                 f"{self.calibration_images} training image(s)",
-                 f"  val accuracy on {self.val_images} image(s){self._sampled()}: float32 {self.float_val_acc:.4f}, int8 "
-                 f"{self.int8_val_acc:.4f}; top-1 agreement {self.agreement:.4f}"]
-        if not self.acceptable:
-            lines.append(f"WARNING: int8 LOSES ACCURACY: {self.int8_val_acc:.4f} against float32's "
-                         f"{self.float_val_acc:.4f} on {self.val_images} val images (more than 1 image in 100). "
-                         f"{self.path.name} is written but is NOT a faithful copy: deploy model.onnx (float32) "
-                         f"unless the speed is worth the loss")
-        return lines
-
-    def _sampled(self) -> str:
-        return f" (a seeded sample of the {self.val_total:,})" if self.val_total > self.val_images else ""
 
 
 # ---------------------------------------------------------------- choosing what to export
@@ -147,18 +89,12 @@ def load_source(path, trust_pickle: bool = False, arch: str | None = None,
     """Any file predict.py accepts (checkpoint dict, state_dict with arch/classes,
     full model with trust_pickle) or an earlier model.safetensors export (its
     model.json's record of the original checkpoint is carried over)."""
-    from .predict import Predictor  # core.predict may import this module to load .safetensors
-
     p = Path(path).expanduser()
-    if p.suffix.lower() == ".safetensors":
-        loaded = read_safetensors_export(p)
-        pred = Predictor(loaded.model, loaded.class_names, "cpu", loaded.info, loaded.resize, loaded.crop)
-    else:
-        pred = Predictor.load(p, "cpu", trust_pickle, arch, classes)
+    pred = Predictor.load(p, "cpu", trust_pickle, arch, classes)  # a model.safetensors too (its model.json)
     model = pred.model.to(memory_format=torch.contiguous_format).float().eval()
     meta, data_dir, split = _source_meta(p, pred)
-    if p.suffix.lower() == ".safetensors":
-        earlier = _read_sidecar(sidecar_for(p))
+    if pred.info.get("format") == "safetensors export":
+        earlier, _ = safetensors_meta(p)
         meta["exported_from"] = meta["source"]
         meta.update({k: earlier[k] for k in CARRIED_OVER if k in earlier})
     return ExportSource(model, list(pred.class_names), meta, pred, data_dir, split)
@@ -245,11 +181,11 @@ def export_formats(source: ExportSource, out_dir, formats=FORMATS) -> Iterator[E
         if fmt in ("onnx", "pt2") and program is None:
             program = _exported_program(source.model, check)
         if fmt == "onnx":
-            diff = _write_onnx(source, program, path, check)
+            diff = write_onnx(source.model, program, path, check)
         elif fmt == "pt2":
-            diff = _write_pt2(source, program, path, check)
+            diff = write_pt2(source.model, program, path, check)
         else:
-            diff = _write_safetensors(source, path)
+            diff = write_safetensors(source.model, source.meta, path)
         written[path.name] = file_sha256(path)
         yield ExportedFile(fmt, path, path.stat().st_size, time.perf_counter() - t, diff)
     t = time.perf_counter()
@@ -290,11 +226,6 @@ def _check_batch(source: ExportSource) -> torch.Tensor:
     return torch.randn(2, 3, crop, crop, generator=gen)
 
 
-def _reference_logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    with torch.inference_mode():
-        return model(x).float()
-
-
 def _dynamic_batch():
     return ({0: torch.export.Dim("batch")},)
 
@@ -306,59 +237,6 @@ def _exported_program(model: nn.Module, x: torch.Tensor):
         raise ExportError(f"torch.export could not trace this model: {type(e).__name__}: {first_line(e)}") from None
 
 
-def _write_onnx(source: ExportSource, program, path: Path, x: torch.Tensor) -> float:
-    import onnx
-
-    try:
-        onnx_program = torch.onnx.export(program, (x,), dynamo=True, input_names=[INPUT_NAME],
-                                         output_names=[OUTPUT_NAME], verbose=False)
-    except Exception as e:
-        raise ExportError(f"the ONNX exporter failed on this model: {type(e).__name__}: {first_line(e)}") from None
-    batch_dim = onnx_program.model.graph.inputs[0].shape[0]
-    if not isinstance(batch_dim, int):  # the traced name (s77) -> "batch", as model.json says N
-        onnx_program.rename_axes({batch_dim: "batch"})
-    proto = onnx_program.model_proto
-    try:
-        onnx.checker.check_model(proto, full_check=True)
-    except Exception as e:
-        raise ExportError(f"the exported ONNX model fails onnx.checker: {first_line(e)}") from None
-    data = proto.SerializeToString()
-    got = onnx_session(data, path.name).run([OUTPUT_NAME], {INPUT_NAME: x.numpy()})[0]
-    diff = _compare(torch.from_numpy(got), _reference_logits(source.model, x), "ONNX Runtime")
-    ck.atomic_write_bytes(path, data)
-    return diff
-
-
-def _write_pt2(source: ExportSource, program, path: Path, x: torch.Tensor) -> float:
-    buf = io.BytesIO()  # torch.export.save wants a path or a plain buffer
-    torch.export.save(program, buf)
-    buf.seek(0)
-    with torch.inference_mode():  # checked as it will be used: loaded back from the saved bytes
-        got = torch.export.load(buf).module()(x).float()
-    diff = _compare(got, _reference_logits(source.model, x), "the torch.export program")
-    ck.atomic_write_bytes(path, buf.getvalue())
-    return diff
-
-
-def _write_safetensors(source: ExportSource, path: Path) -> float:
-    from safetensors.torch import save
-
-    state = {k: v.detach().cpu().contiguous() for k, v in source.model.state_dict().items()}
-    data = save(state, metadata={"format": "pt", "arch": str(source.meta.get("arch")), "model_json": SIDECAR_NAME})
-    ck.atomic_write_bytes(path, data)
-    return 0.0  # the very tensors; read_safetensors_export is tested against them
-
-
-def _compare(got: torch.Tensor, want: torch.Tensor, what: str) -> float:
-    if tuple(got.shape) != tuple(want.shape):
-        raise ExportError(f"{what} gives shape {tuple(got.shape)}, the PyTorch model {tuple(want.shape)}")
-    diff = float((got - want).abs().max())
-    if not diff <= SELF_CHECK_TOLERANCE or not torch.equal(got.argmax(1), want.argmax(1)):
-        raise ExportError(f"{what} differs from the PyTorch model (max |logit difference| {diff:.3g}, allowed "
-                          f"{SELF_CHECK_TOLERANCE:g}); the export was not written")
-    return diff
-
-
 def write_sidecar(source: ExportSource, out_dir: Path, written: dict[str, str]) -> tuple[Path, list[str]]:
     """model.json: source.meta plus `files` (name -> SHA-256). Files of an earlier
     export of the same checkpoint stay listed; a model.* file left by an export of
@@ -366,7 +244,7 @@ def write_sidecar(source: ExportSource, out_dir: Path, written: dict[str, str]) 
     path = out_dir / SIDECAR_NAME
     files = dict(written)
     notes = []
-    earlier = _read_json_quietly(path)
+    earlier = read_json_quietly(path)
     same_source = earlier.get("source", {}).get("sha256") == source.meta["source"]["sha256"]
     for name in [*FILE_NAMES.values(), INT8_NAME]:
         if name in files or not (out_dir / name).is_file():
@@ -379,226 +257,3 @@ def write_sidecar(source: ExportSource, out_dir: Path, written: dict[str, str]) 
                          f"{SIDECAR_NAME}); delete it or export that format again")
     ck.atomic_write_json(path, {**source.meta, "files": dict(sorted(files.items()))})
     return path, notes
-
-
-def _read_json_quietly(path: Path) -> dict:
-    try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
-        return obj if isinstance(obj, dict) else {}
-    except (OSError, ValueError):
-        return {}
-
-
-# ---------------------------------------------------------------- reading exports back
-
-def onnx_session(model, name=None, threads: int | None = None):
-    """An ONNX Runtime CPU session for a path or serialized bytes; a damaged file
-    is a CheckpointError naming it, not ONNX Runtime's traceback."""
-    import onnxruntime as ort
-
-    name = name or str(model)
-    if isinstance(model, (str, Path)):
-        p = Path(model)
-        if not p.is_file():
-            raise CheckpointError(f"ONNX model {p} does not exist" if not p.exists() else f"{p} is not a file")
-        model = str(p)
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3  # its warnings are about graph rewrites, not the user's problem
-    if threads:
-        opts.intra_op_num_threads = threads
-    try:
-        return ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
-    except Exception as e:
-        raise CheckpointError(f"{name} is not a loadable ONNX model (truncated or damaged?): {first_line(e)}") from None
-
-
-def load_pt2(path):
-    """torch.export.load with a clear error for a damaged or foreign file."""
-    p = Path(path)
-    if not p.is_file():
-        raise CheckpointError(f"{p} does not exist" if not p.exists() else f"{p} is not a file")
-    try:
-        return torch.export.load(str(p))
-    except Exception as e:
-        raise CheckpointError(f"{p} is not a loadable torch.export program (truncated or damaged?): "
-                              f"{first_line(e)}") from None
-
-
-def sidecar_for(path) -> Path:
-    """model.json for model.safetensors: <stem>.json beside it, else model.json there."""
-    p = Path(path)
-    own = p.with_suffix(".json")
-    return own if own.is_file() or not (p.parent / SIDECAR_NAME).is_file() else p.parent / SIDECAR_NAME
-
-
-def read_safetensors_export(path) -> LoadedExport:
-    """model.safetensors + its model.json -> a model ready for Predictor:
-    architecture, classes, preprocessing and temperature from the JSON. Raises
-    CheckpointError for a missing or damaged file, or a JSON that does not fit."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    from .safeload import MAX_FILE_BYTES
-
-    p = Path(path).expanduser()
-    if not p.is_file():
-        raise CheckpointError(f"{p} does not exist" if not p.exists() else f"{p} is not a regular file")
-    if p.stat().st_size > MAX_FILE_BYTES:
-        raise CheckpointError(f"{p} is {p.stat().st_size / 2**30:.1f} GiB; model files here are at most "
-                              f"{MAX_FILE_BYTES / 2**30:.0f} GiB")
-    side = sidecar_for(p)
-    if not side.is_file():
-        raise CheckpointError(f"{p} holds weights only; the architecture and class names come from {side}, which is "
-                              f"missing. Copy the model.json written with it by the export beside it")
-    meta = _read_sidecar(side)
-    listed = (meta.get("files") or {}).get(p.name) if isinstance(meta.get("files"), dict) else None
-    if listed and listed != file_sha256(p):
-        raise CheckpointError(f"{side} describes another {p.name} (its SHA-256 differs): the weights were replaced "
-                              f"or damaged after export; export again or use the model.json of these weights")
-    try:
-        state = load_file(str(p))
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise CheckpointError(f"{p} is not a readable safetensors file (truncated or damaged?): {first_line(e)}") from None
-    if not state:
-        raise CheckpointError(f"{p} holds no tensors")
-    n = ck.head_out_features(state)
-    if len(meta["class_names"]) != n:
-        raise CheckpointError(f"{side} names {len(meta['class_names'])} classes but {p} has {n} outputs: the JSON "
-                              f"belongs to another model")
-    model, names = ck.model_from_state_dict(state, meta["arch"], meta["class_names"], p)
-    info = {"format": "safetensors export", "path": str(p), "arch": meta["arch"], "sidecar": str(side)}
-    for key in ("epoch", "best_epoch", "best_val_acc", "temperature", "weights"):
-        if key in meta:
-            info[key] = meta[key]
-    return LoadedExport(model, names, info, meta["resize"], meta["crop"])
-
-
-def _read_sidecar(side: Path) -> dict:
-    """model.json, each field used checked as a checkpoint's are (core.checkpoint_rules)."""
-    try:
-        if side.stat().st_size > MAX_SIDECAR_BYTES:
-            raise CheckpointError(f"{side} is {side.stat().st_size:,} bytes; a model.json is a few KB "
-                                  f"(at most {MAX_SIDECAR_BYTES:,} bytes)")
-        meta = json.loads(side.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{side} is not readable JSON: {first_line(e)}") from None
-    if not isinstance(meta, dict):
-        raise CheckpointError(f"{side} is not a model.json object")
-    r = rules.Rules(side)
-    r.str_("arch", meta.get("arch"), ARCHS)
-    if rules.check_class_names(meta.get("class_names"), None, side) is None:
-        r.fail("class_names", meta.get("class_names"), "a list of class-name strings")
-    meta.setdefault("resize", 256)
-    meta.setdefault("crop", 224)
-    r.int_("resize", meta["resize"], rules.MIN_SIDE, rules.MAX_SIDE)
-    r.int_("crop", meta["crop"], rules.MIN_SIDE, meta["resize"], " (at most resize)")
-    if "temperature" in meta:
-        r.real("temperature", meta["temperature"], 1e-3, rules.MAX_TEMPERATURE,
-               f"a number above 0, at most {rules.MAX_TEMPERATURE:g}")
-    return meta
-
-
-# ---------------------------------------------------------------- int8
-
-def quantize_int8(source: ExportSource, onnx_path, out_path=None, data_dir=None,
-                  max_images: int = MAX_CALIBRATION_IMAGES, seed: int = 0) -> Int8Report:
-    """model.int8.onnx by ONNX Runtime's static quantization (QDQ, per-channel
-    int8 weights, uint8 activations), calibrated on up to `max_images` training
-    images; then both models score the val images. Needs the run's dataset
-    (data_dir, else the folder the checkpoint was trained on)."""
-    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
-                                          quant_pre_process, quantize_static)
-
-    from .data import scan_dataset
-
-    t0 = time.perf_counter()
-    onnx_path = Path(onnx_path)
-    out_path = Path(out_path) if out_path else onnx_path.with_name(INT8_NAME)
-    folder = data_dir or source.data_dir
-    if not folder:
-        raise UserError("int8 quantization calibrates on training images, and this checkpoint names no dataset "
-                        "folder; give it as {setting} (a folder with train/<class>/ and val/<class>/)",
-                        field="data_dir")
-    if not Path(folder).expanduser().is_dir():
-        raise UserError(f"int8 quantization: the dataset folder {folder} does not exist (moved?); give the "
-                        f"folder the model was trained on as {{setting}}", field="data_dir", value=str(folder))
-    ds = scan_dataset(folder, *(source.split if folder == source.data_dir else (None, 0)))
-    if ds.classes != source.class_names:
-        raise UserError(f"int8 quantization: the classes of {folder} {ds.classes} are not the model's "
-                        f"{source.class_names}; give the folder the model was trained on as {{setting}}",
-                        field="data_dir", value=str(folder))
-    rng = random.Random(seed)
-    calib = sorted(rng.sample(ds.train.samples, min(max_images, len(ds.train.samples))))
-    val = sorted(rng.sample(ds.val.samples, min(MAX_INT8_VAL_IMAGES, len(ds.val.samples))))
-    calibrated = [0]
-
-    class Batches(CalibrationDataReader):  # decoded a batch at a time: 200 inputs are 120 MB
-        def __init__(self):
-            self.batches = _input_batches(source, calib, 8)
-
-        def get_next(self):
-            x, _ = next(self.batches, (None, None))
-            if x is None:
-                return None
-            calibrated[0] += len(x)
-            return {INPUT_NAME: x}
-
-    with tempfile.TemporaryDirectory(prefix="tl-int8-") as tmp:
-        pre, q = Path(tmp) / "pre.onnx", Path(tmp) / "int8.onnx"
-        try:
-            quant_pre_process(str(onnx_path), str(pre))  # shape inference + BatchNorm folding before quantizing
-            quantize_static(str(pre), str(q), Batches(), quant_format=QuantFormat.QDQ, per_channel=True,
-                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                            calibrate_method=CalibrationMethod.MinMax,
-                            extra_options={"CalibMaxIntermediateOutputs": 4})
-        except Exception as e:
-            raise ExportError(f"int8 quantization failed: {type(e).__name__}: {first_line(e)}") from None
-        if not calibrated[0]:
-            raise UserError(f"int8 quantization: none of the training images under {folder} could be read",
-                            field="data_dir", value=str(folder))
-        data = q.read_bytes()
-    sessions = onnx_session(str(onnx_path)), onnx_session(data, out_path.name)
-    n = right_float = right_int8 = same = 0
-    for x, y in _input_batches(source, val, 32):
-        top_float, top_int8 = (s.run([OUTPUT_NAME], {INPUT_NAME: x})[0].argmax(1) for s in sessions)
-        n += len(y)
-        right_float += int((top_float == y).sum())
-        right_int8 += int((top_int8 == y).sum())
-        same += int((top_float == top_int8).sum())
-    ck.atomic_write_bytes(out_path, data)
-    nan = float("nan")
-    report = Int8Report(out_path, len(data), calibrated[0], n, right_float / n if n else nan,
-                        right_int8 / n if n else nan, same / n if n else nan, time.perf_counter() - t0,
-                        len(ds.val.samples))
-    _record_int8(source, report)
-    return report
-
-
-def _record_int8(source: ExportSource, report: Int8Report) -> None:
-    """List model.int8.onnx and its scores in the model.json beside it (when
-    that JSON describes the same checkpoint)."""
-    side = report.path.parent / SIDECAR_NAME
-    meta = _read_json_quietly(side)
-    if meta.get("source", {}).get("sha256") != source.meta["source"]["sha256"]:
-        return
-    meta.setdefault("files", {})[report.path.name] = file_sha256(report.path)
-    meta["int8"] = {"file": report.path.name, "calibration_images": report.calibration_images,
-                    "val_images": report.val_images, "val_acc_float32": report.float_val_acc,
-                    "val_acc_int8": report.int8_val_acc, "top1_agreement": report.agreement,
-                    "acceptable": report.acceptable}
-    ck.atomic_write_json(side, meta)
-
-
-def _input_batches(source: ExportSource, samples: list[tuple[str, int]], size: int):
-    """(float32 NCHW model inputs, int labels) per `size` samples, decoded as the
-    Predictor decodes; unreadable files are left out, as training leaves them out."""
-    for i in range(0, len(samples), size):
-        crops, labels = [], []
-        for path, label in samples[i:i + size]:
-            try:
-                crops.append(source.predictor.preprocess(path))
-            except ImageLoadError:
-                continue
-            labels.append(label)
-        if crops:
-            yield normalize(torch.stack(crops)).numpy(), np.asarray(labels)

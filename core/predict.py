@@ -18,6 +18,7 @@ from .data import center_crop, normalize, resize_short_side
 from .device import inference_batch_size, resolve_device
 from .checkpoint_rules import check_class_names, shown
 from .errors import CheckpointError, ImageLoadError, UserError, first_line
+from .export_formats import read_safetensors_export
 from .metrics import clean_confusion
 from .models import fold_batchnorm
 from .images import is_image_name, load_rgb
@@ -53,8 +54,13 @@ class Predictor:
     @classmethod
     def load(cls, path, device="cpu", trust_pickle=False, arch=None, classes=None) -> "Predictor":
         """Checkpoint dict (ours or the reference's), bare state_dict (with arch/classes),
-        or a full pickled model (only with trust_pickle). Every field is checked
-        (core.checkpoint_rules): a damaged or hostile file is a CheckpointError."""
+        or a full pickled model (only with trust_pickle), or an exported
+        model.safetensors (arch and classes from its model.json; arch/classes
+        are not used). Every field is checked (core.checkpoint_rules): a damaged
+        or hostile file is a CheckpointError."""
+        if str(path).lower().endswith(".safetensors"):  # weights only: never unpickled
+            e = read_safetensors_export(path)
+            return cls(e.model, e.class_names, device, e.info, e.resize, e.crop)
         obj = ck.load_file(path, trust_pickle=trust_pickle)
         if isinstance(obj, torch.nn.Module):
             n = _out_features(obj)

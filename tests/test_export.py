@@ -329,10 +329,18 @@ def test_corrupt_or_incomplete_exports_give_clear_errors(runs, exports, tmp_path
     alone = tmp_path / "alone"
     alone.mkdir()
     shutil.copy(src / "model.safetensors", alone / "model.safetensors")
-    with pytest.raises(CheckpointError, match="model.json, which is missing"):
-        read_safetensors_export(alone / "model.safetensors")
+    # ours carries a copy of its model.json (an upload to the app is one file); a foreign one does not
+    loaded = read_safetensors_export(alone / "model.safetensors")
+    assert loaded.class_names == ["cat", "fish"] and loaded.info["sidecar"].endswith("embedded model.json")
+    from safetensors.torch import load_file, save_file
+    save_file(load_file(alone / "model.safetensors"), alone / "foreign.safetensors")
+    with pytest.raises(CheckpointError, match="foreign.json, which is missing"):
+        read_safetensors_export(alone / "foreign.safetensors")
     (alone / "model.json").write_text(json.dumps({**meta, "class_names": ["cat", "fish", "bird"]}))
     with pytest.raises(CheckpointError, match="names 3 classes but .* has 2 outputs"):
+        read_safetensors_export(alone / "model.safetensors")
+    (alone / "model.json").write_text(json.dumps({**meta, "arch": "mobilenet_v2"}))
+    with pytest.raises(CheckpointError, match="mobilenet_v2"):
         read_safetensors_export(alone / "model.safetensors")
 
     # the command-line tools: one error line, exit 2, no traceback
@@ -402,3 +410,34 @@ def test_temperature_is_carried_into_model_json_and_applied(runs, exports, tmp_p
     top = int(p.argmax())
     assert f"{float(torch.softmax(logits, 1)[0][top]):.4f}" != f"{float(p[top]):.4f}"  # T makes a difference here
     assert f"  1) {pred.class_names[top]}  p={float(p[top]):.4f}" in r.stdout.splitlines(), r.stdout
+
+
+def test_predict_py_takes_an_exported_model_safetensors(runs, exports, tmp_path):
+    """predict.py --checkpoint model.safetensors: architecture, classes and
+    preprocessing from its model.json; the same lines as its checkpoint gives;
+    one clear error line (exit 2) when the JSON is missing or is another model's."""
+    ckpt, out = runs["resnet18-last"], exports["resnet18-last"]
+    folder = real_images()[0].parent.parent
+    flags = ["--image", folder, "--all", "1", "--topk", "2", "--device", "cpu"]
+    ours = main_of("predict.py", "--checkpoint", out / "model.safetensors", *flags, "--classes", "a,b")
+    theirs = main_of("predict.py", "--checkpoint", ckpt, *flags)
+    assert ours.returncode == 0 and theirs.returncode == 0, ours.stderr + theirs.stderr
+    assert "format: safetensors export" in ours.stdout and "class_names: ['cat', 'fish']" in ours.stdout
+    assert "--classes ignored" in ours.stderr
+
+    def lines(text):
+        return [s for s in text.splitlines() if s.startswith(("IMAGE:", "TOPK:", "  1)", "  2)"))]
+    assert lines(ours.stdout) == lines(theirs.stdout) and len(lines(ours.stdout)) > 8
+
+    from safetensors.torch import load_file, save_file
+    save_file(load_file(out / "model.safetensors"), tmp_path / "weights.safetensors")  # no model.json anywhere
+    r = main_of("predict.py", "--checkpoint", tmp_path / "weights.safetensors", *flags)
+    assert r.returncode == 2 and "weights.json, which is missing" in r.stderr and "Traceback" not in r.stderr
+    shutil.copy(out / "model.safetensors", tmp_path / "model.safetensors")
+    meta = json.loads((out / "model.json").read_text())
+    (tmp_path / "model.json").write_text(json.dumps({**meta, "class_names": ["cat", "fish", "bird"]}))
+    r = main_of("predict.py", "--checkpoint", tmp_path / "model.safetensors", *flags)
+    assert r.returncode == 2 and "names 3 classes but" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    (tmp_path / "model.json").write_text(json.dumps({**meta, "arch": "mobilenet_v2"}))
+    r = main_of("predict.py", "--checkpoint", tmp_path / "model.safetensors", *flags)
+    assert r.returncode == 2 and "says mobilenet_v2 but" in r.stderr and "resnet18 weights" in r.stderr, r.stderr
