@@ -176,8 +176,8 @@ def safetensors_meta(p: Path) -> tuple[dict, str]:
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"{p} is not a readable safetensors file (truncated or damaged?): {first_line(e)}") from None
     if embedded is None:
-        raise CheckpointError(f"{p} holds weights only; the architecture and class names come from {side}, "
-                              f"which is missing. Put the model.json written with it by the export beside it "
+        raise CheckpointError(f"{p} holds weights only; the architecture and class names come from {side.name} "
+                              f"beside it, which is missing. Put the model.json written with it by the export beside it "
                               f"(a model.safetensors exported by this tool carries a copy of it and loads alone)")
     return _checked_embedded(embedded, p), f"{p.name}'s embedded model.json"
 

@@ -97,6 +97,9 @@ def checkpoint_choices(checkpoints_dir) -> list[tuple[str, str]]:
                 row, metric = rows.get(fname), "val_loss" if fname == "best_loss.pt" else "val_acc"
                 what = f" · epoch {row['epoch']} · {metric} {row[metric]:.3f}" if row else ""
                 out.append((f"{run.name} / {fname}{what}", str(p)))
+        exported = run.path / "export" / "model.safetensors"  # export.py's or the Predict tab's export
+        if exported.is_file():
+            out.append((f"{run.name} / export/model.safetensors", str(exported)))
     return out
 
 

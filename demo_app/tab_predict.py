@@ -21,6 +21,7 @@ from .cam_panel import CamPanel
 from .components import NotAnImage, SafeImage
 from .context import PRIVATE, AppContext
 from .datasets import example_images
+from .tab_export import ExportPanel
 from .messages import os_error_text, say, shown_error, upload_named, user_error
 from .text import md_code, md_text
 
@@ -40,6 +41,7 @@ class PredictTab:
     def __init__(self, ctx: AppContext):
         self.ctx = ctx
         self.cam = CamPanel(self)  # Grad-CAM beside the label and under the gallery
+        self.export = ExportPanel(ctx, self)
 
     # ------------------------------------------------------------ layout
 
@@ -54,8 +56,9 @@ class PredictTab:
                         self.ckpt = gr.Dropdown([], label="Trained checkpoint (runs under checkpoints/)",
                                                 allow_custom_value=True, scale=6, elem_id="checkpoint")
                         self.ckpt_refresh = gr.Button("↻", scale=0, min_width=48, elem_id="checkpoint-refresh")
-                    self.ckpt_file = gr.File(label="…or upload a checkpoint (.pt / .pth); it overrides the list",
-                                             file_types=[".pt", ".pth"], type="filepath", height=140,
+                    self.ckpt_file = gr.File(label="…or upload a checkpoint (.pt / .pth / exported .safetensors); "
+                                             "it overrides the list", file_types=[".pt", ".pth", ".safetensors"],
+                                             type="filepath", height=140,
                                              elem_id="checkpoint-upload")
                     # Shown only when the owner started the app with --allow-pickle-uploads;
                     # hidden, it still takes a value over the API, which the handlers ignore.
@@ -65,6 +68,7 @@ class PredictTab:
                                 "for files you made yourself or fully trust.", elem_id="pickle-warning",
                                 padding=True, visible=pickles)
                 self.ckpt_info = gr.Markdown("", elem_id="checkpoint-info", padding=True)
+                self.export.layout()
                 self.k = gr.Slider(1, 10, value=3, step=1, label="Top-k", elem_id="top-k")
                 gr.Markdown("### Examples from the dataset (val/ when it has one; click one)",
                             elem_classes="section-title")
@@ -136,6 +140,7 @@ class PredictTab:
         gr.Button(visible=False).click(self.predict_batch, batch_inputs, self.batch_outputs, api_name="predict_batch")
         demo.load(self.refresh_checkpoints, self.ckpt, self.ckpt, **PRIVATE)
         self.cam.wire()
+        self.export.wire()
 
     # ------------------------------------------------------------ checkpoint
 

@@ -334,7 +334,7 @@ def test_corrupt_or_incomplete_exports_give_clear_errors(runs, exports, tmp_path
     assert loaded.class_names == ["cat", "fish"] and loaded.info["sidecar"].endswith("embedded model.json")
     from safetensors.torch import load_file, save_file
     save_file(load_file(alone / "model.safetensors"), alone / "foreign.safetensors")
-    with pytest.raises(CheckpointError, match="foreign.json, which is missing"):
+    with pytest.raises(CheckpointError, match="foreign.json beside it, which is missing"):
         read_safetensors_export(alone / "foreign.safetensors")
     (alone / "model.json").write_text(json.dumps({**meta, "class_names": ["cat", "fish", "bird"]}))
     with pytest.raises(CheckpointError, match="names 3 classes but .* has 2 outputs"):
@@ -432,7 +432,7 @@ def test_predict_py_takes_an_exported_model_safetensors(runs, exports, tmp_path)
     from safetensors.torch import load_file, save_file
     save_file(load_file(out / "model.safetensors"), tmp_path / "weights.safetensors")  # no model.json anywhere
     r = main_of("predict.py", "--checkpoint", tmp_path / "weights.safetensors", *flags)
-    assert r.returncode == 2 and "weights.json, which is missing" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode == 2 and "weights.json beside it, which is missing" in r.stderr and "Traceback" not in r.stderr
     shutil.copy(out / "model.safetensors", tmp_path / "model.safetensors")
     meta = json.loads((out / "model.json").read_text())
     (tmp_path / "model.json").write_text(json.dumps({**meta, "class_names": ["cat", "fish", "bird"]}))

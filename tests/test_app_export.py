@@ -1,0 +1,144 @@
+"""Export from the app's Predict tab, through its HTTP API (gradio_client, as a
+remote program or the page uses it): the files come back as downloads that load
+and compute what the checkpoint computes; an exported model.safetensors is a
+checkpoint the tab takes (picked from the list or uploaded alone)."""
+from __future__ import annotations
+
+import re
+import shutil
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import ROOT
+
+gradio_client = pytest.importorskip("gradio_client")
+from gradio_client import Client, handle_file  # noqa: E402
+from gradio_client.exceptions import AppError  # noqa: E402
+
+TOLERANCE = 1e-4
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory):
+    """The app on 127.0.0.1 with one real 1-epoch ResNet-18 run (random init, 6+4
+    shipped drawings per class) under its checkpoints folder."""
+    import contextlib
+    import io
+
+    import train
+    from demo_app.ui import build_app, launch_options
+    base = tmp_path_factory.mktemp("export_app")
+    ckpts, uploads, data = base / "checkpoints", base / "uploads", base / "data"
+    for split, n in (("train", 6), ("val", 4)):
+        for cls in ("cat", "fish"):
+            (data / split / cls).mkdir(parents=True)
+            for p in sorted((ROOT / "data" / split / cls).glob("*.jpg"))[:n]:
+                shutil.copy(p, data / split / cls / p.name)
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(io.StringIO()) as out:
+        mp.setenv("TORCH_HOME", str(base / "torch_home"))
+        code = train.main(["--data-dir", str(data), "--weights", "none", "--epochs", "1", "--device", "cpu",
+                           "--output-dir", str(ckpts), "--run-name", "exp"])
+    assert code == 0
+    ckpt = Path(re.search(r"^RUN_DIR: (.+)$", out.getvalue(), re.M).group(1)) / "best_acc.pt"
+    demo = build_app(ckpts, data, uploads)
+    _, url, _ = demo.queue().launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=free_port(),
+                                    quiet=True, **launch_options(ckpts, data, uploads))
+    client = Client(url, analytics_enabled=False, verbose=False, download_files=str(base / "downloads"))
+    try:
+        yield {"client": client, "ckpt": ckpt, "uploads": uploads, "data": data, "checkpoints": ckpts}
+    finally:
+        client.close()
+        demo.close()
+
+
+def logits_and_input(ckpt, image):
+    from core.data import normalize
+    from core.predict import Predictor
+    pred = Predictor.load(ckpt)
+    x = normalize(pred.preprocess(image)[None])
+    with torch.inference_mode():
+        return pred.model.eval()(x), x
+
+
+def test_export_downloads_load_and_match_the_checkpoint(app):
+    from core.export import load_pt2, onnx_session, read_safetensors_export
+    from demo_app.runs import checkpoint_choices
+
+    client, ckpt = app["client"], app["ckpt"]
+    params = client.view_api(return_format="dict", print_info=False)["named_endpoints"]["/export"]["parameters"]
+    assert [p["parameter_name"] for p in params] == ["selected", "uploaded", "trust", "formats"]  # no folder
+    files, status = client.predict(str(ckpt), None, False, ["onnx", "pt2", "safetensors"], api_name="/export")
+    got = {Path(f).name: Path(f) for f in files}
+    assert sorted(got) == ["model.json", "model.onnx", "model.pt2", "model.safetensors"], files
+    server = ckpt.parent / "export"  # written in the run's folder, as export.py does
+    for name, f in got.items():
+        assert f.read_bytes() == (server / name).read_bytes()
+        assert f"`{name}`" in status
+    assert "exp_" in status and "max logit difference vs PyTorch" in status
+
+    image = sorted((app["data"] / "val" / "fish").glob("*.jpg"))[0]
+    want, x = logits_and_input(ckpt, image)
+    from_onnx = torch.from_numpy(onnx_session(got["model.onnx"]).run(["logits"], {"image": x.numpy()})[0])
+    with torch.inference_mode():
+        from_pt2 = load_pt2(got["model.pt2"]).module()(x)
+    for out in (from_onnx, from_pt2):
+        assert float((out - want).abs().max()) <= TOLERANCE
+    loaded = read_safetensors_export(got["model.safetensors"])
+    assert loaded.class_names == ["cat", "fish"] and all(
+        torch.equal(v, torch.load(ckpt, weights_only=True)["model_state"][k])
+        for k, v in loaded.model.state_dict().items() if not k.endswith("num_batches_tracked"))
+
+    # the exported weights are a checkpoint of the list, and of the /predict endpoint
+    assert str(server / "model.safetensors") in [v for _, v in checkpoint_choices(app["checkpoints"])]
+    by_ckpt, _ = client.predict(handle_file(image), 2, str(ckpt), None, False, api_name="/predict")
+    by_export, _ = client.predict(handle_file(image), 2, str(server / "model.safetensors"), None, False,
+                                  api_name="/predict")
+    assert by_export == by_ckpt
+
+
+def test_an_uploaded_safetensors_predicts_and_exports_into_the_servers_folder(app, tmp_path):
+    client, ckpt = app["client"], app["ckpt"]
+    files, _ = client.predict(str(ckpt), None, False, ["safetensors"], api_name="/export")
+    alone = tmp_path / "model.safetensors"  # uploaded alone: its model.json rides in its metadata
+    shutil.copy(next(f for f in files if f.endswith(".safetensors")), alone)
+    image = sorted((app["data"] / "val" / "cat").glob("*.jpg"))[0]
+    by_ckpt, _ = client.predict(handle_file(image), 2, str(ckpt), None, False, api_name="/predict")
+    by_upload, _ = client.predict(handle_file(image), 2, None, handle_file(alone), False, api_name="/predict")
+    assert by_upload == by_ckpt
+
+    files, status = client.predict(None, handle_file(alone), False, ["onnx"], api_name="/export")
+    assert sorted(Path(f).name for f in files) == ["model.json", "model.onnx"]
+    written = list((app["uploads"] / "exports").glob("*/model.onnx"))  # the server's folder, by content
+    assert len(written) == 1 and next(f for f in files if f.endswith(".onnx")) != str(written[0])
+    assert Path(next(f for f in files if f.endswith(".onnx"))).read_bytes() == written[0].read_bytes()
+    want, x = logits_and_input(ckpt, image)
+    from core.export import onnx_session
+    got = onnx_session(written[0]).run(["logits"], {"image": x.numpy()})[0]
+    assert np.abs(got - want.numpy()).max() <= TOLERANCE
+
+
+def test_export_problems_are_said(app, tmp_path):
+    from safetensors.torch import save_file
+
+    client, ckpt = app["client"], app["ckpt"]
+    with pytest.raises(AppError, match="tick at least one format"):
+        client.predict(str(ckpt), None, False, [], api_name="/export")
+    with pytest.raises(AppError, match="No checkpoint selected"):
+        client.predict(None, None, False, ["onnx"], api_name="/export")
+    save_file({k: v.contiguous() for k, v in torch.load(ckpt, weights_only=True)["model_state"].items()},
+              tmp_path / "weights.safetensors")  # a foreign file: no model.json in it or beside it
+    image = handle_file(sorted((app["data"] / "val" / "cat").glob("*.jpg"))[0])
+    for api, args in (("/predict", (image, 2, None, handle_file(tmp_path / "weights.safetensors"), False)),
+                      ("/export", (None, handle_file(tmp_path / "weights.safetensors"), False, ["onnx"]))):
+        with pytest.raises(AppError, match=r"^weights.safetensors holds weights only.*from weights.json beside it, which is missing"):
+            client.predict(*args, api_name=api)
