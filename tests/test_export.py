@@ -25,7 +25,9 @@ RUNS = {
     "resnet18-head": ["--policy", "head"],
     "resnet18-last": ["--policy", "last"],
     "resnet18-full": ["--policy", "full"],
-    "mobilenet_v2-head": ["--arch", "mobilenet_v2", "--policy", "head"],
+    "mobilenet_v2-head": ["--arch", "mobilenet_v2", "--policy", "head"],  # real ImageNet features, catfish-mini
+    "mobilenet_v2-last": ["--arch", "mobilenet_v2", "--policy", "last"],
+    "mobilenet_v2-full": ["--arch", "mobilenet_v2", "--policy", "full"],
 }
 MOBILENET_WEIGHTS = SHARED / "weights" / "mobilenet_v2_imagenet_features.pth"
 CATFISH_MINI = SHARED / "data" / "catfish-mini"
@@ -56,10 +58,11 @@ def real_images() -> list[Path]:
 @pytest.fixture(scope="module")
 def made(tmp_path_factory) -> dict[str, tuple[Path, Path]]:
     """name -> (best_acc.pt of a real 1-epoch train.py run, its export folder with all
-    three formats), for each entry of RUNS. MobileNetV2 (on catfish-mini's photos
-    with real ImageNet features, when ../shared has them) is trained and exported
-    with `export.py --quantize int8` as separate processes, in the background while
-    the ResNet-18 runs train and export in this one (both cores busy)."""
+    three formats), for each entry of RUNS (each arch x each freeze policy).
+    MobileNetV2 head (on catfish-mini's photos with real ImageNet features, when
+    ../shared has them) is trained and exported with `export.py --quantize int8`
+    as separate processes, in the background while the other runs (random init,
+    the shipped drawings) train and export in this one (both cores busy)."""
     from core.export import export_formats, load_source
     root = tmp_path_factory.mktemp("export_runs")
     env = {"TORCH_HOME": str(root / "torch_home"), "TL_OFFLINE": "1"}
@@ -83,7 +86,7 @@ def made(tmp_path_factory) -> dict[str, tuple[Path, Path]]:
             for k, v in env.items():
                 mp.setenv(k, v)
             for name, flags in RUNS.items():
-                if name.startswith("mobilenet"):
+                if name == "mobilenet_v2-head":  # the background run
                     continue
                 extra = ["--export-state-dict", "1", "--export-full-model", "1"] if name == "resnet18-head" else []
                 r = main_of("train.py", "--data-dir", data, "--weights", "none", "--epochs", "1",
@@ -441,3 +444,24 @@ def test_predict_py_takes_an_exported_model_safetensors(runs, exports, tmp_path)
     (tmp_path / "model.json").write_text(json.dumps({**meta, "arch": "mobilenet_v2"}))
     r = main_of("predict.py", "--checkpoint", tmp_path / "model.safetensors", *flags)
     assert r.returncode == 2 and "says mobilenet_v2 but" in r.stderr and "resnet18 weights" in r.stderr, r.stderr
+
+
+def test_the_readme_snippet_runs_and_agrees_with_predict_onnx(runs, exports, tmp_path):
+    """The README's plain-Python snippet (model.onnx + model.json), run as written
+    from a folder holding export/ and photo.jpg: the class it names has, by
+    deploy/predict_onnx.py's exact preprocessing, the probability it prints (±0.02)."""
+    text = (ROOT / "README.md").read_text()
+    snippet = re.search(r"<!-- export-snippet -->\n```python\n(.*?)```", text, re.S).group(1)
+    assert len(snippet.strip().splitlines()) <= 10
+    name = "mobilenet_v2-head" if "mobilenet_v2-head" in runs else "resnet18-head"
+    (tmp_path / "export").mkdir()
+    for f in ("model.onnx", "model.json"):
+        shutil.copy(exports[name] / f, tmp_path / "export" / f)
+    photo = real_images()[-1]
+    shutil.copy(photo, tmp_path / "photo.jpg")
+    r = subprocess.run([sys.executable, "-c", snippet], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    label, p = r.stdout.split()
+    ref = cli("deploy/predict_onnx.py", "--model", tmp_path / "export" / "model.onnx", "--image", photo, "--topk", "2")
+    ref_p = dict(re.findall(r"^  \d\) (\S+)  p=(\S+)$", ref.stdout, re.M))
+    assert abs(float(p) - float(ref_p[label])) <= 0.02, (r.stdout, ref.stdout)
