@@ -21,8 +21,8 @@ from .cam_panel import CamPanel
 from .components import NotAnImage, SafeImage
 from .context import PRIVATE, AppContext
 from .datasets import example_images
-from .tab_export import ExportPanel
 from .messages import os_error_text, say, shown_error, upload_named, user_error
+from .tab_export import ExportPanel
 from .text import md_code, md_text
 
 log = logging.getLogger("demo_app")
