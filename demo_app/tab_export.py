@@ -83,7 +83,8 @@ class ExportPanel:
         lines = [f"✓ Exported to {md_code(str(shown) + '/')}:"]
         for f in files:
             check = f", max logit difference vs PyTorch {f.max_abs_diff:.1e}" if f.format in ("onnx", "pt2") else ""
-            lines.append(f"- {md_code(f.path.name)} ({f.bytes / 1e6:.1f} MB{check})")
+            size = f"{f.bytes / 1e6:.1f} MB" if f.bytes >= 100_000 else f"{f.bytes / 1e3:.1f} KB"
+            lines.append(f"- {md_code(f.path.name)} ({size}{check})")
             lines += [f"- ⚠ {md_text(say(n))}" for n in f.notes]
         return {self.files: [str(f.path) for f in files], self.status: "\n".join(lines)}
 
