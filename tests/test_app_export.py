@@ -55,7 +55,7 @@ def app(tmp_path_factory):
                                     quiet=True, **launch_options(ckpts, data, uploads))
     client = Client(url, analytics_enabled=False, verbose=False, download_files=str(base / "downloads"))
     try:
-        yield {"client": client, "ckpt": ckpt, "uploads": uploads, "data": data, "checkpoints": ckpts}
+        yield {"client": client, "ckpt": ckpt, "uploads": uploads, "data": data, "checkpoints": ckpts, "demo": demo}
     finally:
         client.close()
         demo.close()
@@ -135,6 +135,9 @@ def test_export_problems_are_said(app, tmp_path):
         client.predict(str(ckpt), None, False, [], api_name="/export")
     with pytest.raises(AppError, match="No checkpoint selected"):
         client.predict(None, None, False, ["onnx"], api_name="/export")
+    panel = app["demo"].handlers.predict.export  # the page's handler: the problem in place of the links
+    shown = panel.export_shown(None, None, False, ["onnx"])
+    assert shown[panel.files] is None and "No checkpoint selected" in shown[panel.status]
     save_file({k: v.contiguous() for k, v in torch.load(ckpt, weights_only=True)["model_state"].items()},
               tmp_path / "weights.safetensors")  # a foreign file: no model.json in it or beside it
     image = handle_file(sorted((app["data"] / "val" / "cat").glob("*.jpg"))[0])
