@@ -12,7 +12,9 @@ the same function as the PyTorch model:
 
 Input `image`: float32 [N, 3, crop, crop] (crop 224), RGB, normalised with the
 ImageNet mean/std after Resize(256) + CenterCrop(224); output `logits`: [N, C].
-Every file is written atomically (temp file + os.replace)."""
+Every file is written atomically (temp file + os.replace). This module chooses
+what to export, writes model.json and runs the rest: core/export_onnx.py (ONNX,
+int8), core/export_formats.py (.pt2, safetensors and their loaders)."""
 from __future__ import annotations
 
 import math
