@@ -86,7 +86,7 @@ def _predict(args) -> int:
         rows.append({"file": r.path, "label": r.label, "p": f"{r.p:.4f}",
                      "topk": ";".join(f"{lab}:{p:.4f}" for lab, p in r.topk)})
     if csv_path:
-        from core.checkpoint import atomic_write_csv
+        from core.fileio import atomic_write_csv
         try:
             atomic_write_csv(csv_path, rows)
         except OSError as e:

@@ -31,6 +31,7 @@ from .errors import CheckpointError, ConfigError, DatasetError
 from .events import BatchProgress, Diverged, EpochEnded, Notice, RunEnded, RunStarted, Stopped
 from .features import (FEATURES, InputSource, compute_features, decoded_images, feature_key, keep_decoded,
                        plan_feature_cache)
+from .fileio import atomic_write_json
 from .loader import raise_unreadable, sample_seed
 from .metrics import clean_confusion, confusion_pairs
 from .models import apply_policy, build_model, fold_batchnorm, param_counts, set_train_mode, split_model
@@ -133,7 +134,7 @@ def start_run(cfg: TrainConfig, stop: threading.Event, resume_checkpoint: dict |
         run_dir, new_folder = choose_on_main(lambda: (new_run_dir(cfg.output_dir, cfg.run_name), True), group)
         state = RunState(run_dir, list(info.classes), [], empty_best())
     if new_folder and distributed.is_main():
-        ck.atomic_write_json(run_dir / "args.json", cfg.to_dict())
+        atomic_write_json(run_dir / "args.json", cfg.to_dict())
     trainable, total = param_counts(model)
     started = RunStarted(str(run_dir), info, cfg, str(device), trainable, total, state.epochs_done + 1, notes)
     return t, state, started, new_folder

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from . import checkpoint as ck
+from . import fileio
 from .config import ARCHS
 from .data import IMAGENET_MEAN, IMAGENET_STD
 from .errors import CheckpointError, UserError, first_line
@@ -142,7 +143,7 @@ def _source_meta(path: Path, pred) -> tuple[dict, str | None, tuple]:
             meta[key] = info[key]
     data_dir, split = None, (None, 0)
     if info.get("format") == "checkpoint dict":
-        c = ck.normalise_checkpoint(ck.load_file(path), path)  # as Predictor.load reads it (no optimizer checks)
+        c = ck.normalise_checkpoint(fileio.load_file(path), path)  # as Predictor.load reads it (no optimizer checks)
         for key in ("epoch", "best_epoch", "best_val_acc", "best_val_loss", "best_loss_epoch", "policy", "weights",
                     "temperature"):
             value = c.get(key)
@@ -257,5 +258,5 @@ def write_sidecar(source: ExportSource, out_dir: Path, written: dict[str, str]) 
         else:
             notes.append(f"{out_dir / name} is left from an export of another checkpoint (not listed in "
                          f"{SIDECAR_NAME}); delete it or export that format again")
-    ck.atomic_write_json(path, {**source.meta, "files": dict(sorted(files.items()))})
+    fileio.atomic_write_json(path, {**source.meta, "files": dict(sorted(files.items()))})
     return path, notes

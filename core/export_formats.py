@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from . import checkpoint as ck
+from . import fileio
 from . import checkpoint_rules as rules
 from .config import ARCHS
 from .errors import CheckpointError, UserError, first_line
@@ -79,7 +80,7 @@ def write_pt2(model: nn.Module, program, path: Path, x: torch.Tensor) -> float:
     with torch.inference_mode():  # checked as it will be used: loaded back from the saved bytes
         got = torch.export.load(buf).module()(x).float()
     diff = compare(got, reference_logits(model, x), "the torch.export program")
-    ck.atomic_write_bytes(path, buf.getvalue())
+    fileio.atomic_write_bytes(path, buf.getvalue())
     return diff
 
 
@@ -103,7 +104,7 @@ def write_safetensors(model: nn.Module, meta: dict, path: Path) -> float:
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     data = save(state, metadata={"format": "pt", "arch": str(meta.get("arch")),
                                  EMBEDDED_SIDECAR_KEY: json.dumps(meta, ensure_ascii=False)})
-    ck.atomic_write_bytes(path, data)
+    fileio.atomic_write_bytes(path, data)
     return 0.0  # the very tensors; read_safetensors_export is tested against them
 
 

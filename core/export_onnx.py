@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from . import checkpoint as ck
+from . import fileio
 from .data import normalize
 from .errors import CheckpointError, ImageLoadError, UserError, first_line
 from .export_formats import (INPUT_NAME, INT8_NAME, OUTPUT_NAME, SIDECAR_NAME, ExportError, compare,
@@ -51,7 +51,7 @@ def write_onnx(model, program, path: Path, x: torch.Tensor) -> float:
     data = proto.SerializeToString()
     got = onnx_session(data, path.name).run([OUTPUT_NAME], {INPUT_NAME: x.numpy()})[0]
     diff = compare(torch.from_numpy(got), reference_logits(model, x), "ONNX Runtime")
-    ck.atomic_write_bytes(path, data)
+    fileio.atomic_write_bytes(path, data)
     return diff
 
 
@@ -178,7 +178,7 @@ def quantize_int8(source: ExportSource, onnx_path, out_path=None, data_dir=None,
         right_float += int((top_float == y).sum())
         right_int8 += int((top_int8 == y).sum())
         same += int((top_float == top_int8).sum())
-    ck.atomic_write_bytes(out_path, data)
+    fileio.atomic_write_bytes(out_path, data)
     nan = float("nan")
     report = Int8Report(out_path, len(data), calibrated[0], n, right_float / n if n else nan,
                         right_int8 / n if n else nan, same / n if n else nan, time.perf_counter() - t0,
@@ -199,7 +199,7 @@ def _record_int8(source: ExportSource, report: Int8Report) -> None:
                     "val_images": report.val_images, "val_acc_float32": report.float_val_acc,
                     "val_acc_int8": report.int8_val_acc, "top1_agreement": report.agreement,
                     "acceptable": report.acceptable}
-    ck.atomic_write_json(side, meta)
+    fileio.atomic_write_json(side, meta)
 
 
 def _input_batches(source: ExportSource, samples: list[tuple[str, int]], size: int):

@@ -16,7 +16,10 @@ from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
-from .errors import WeightsError
+from . import checkpoint_rules as rules
+from .errors import CheckpointError, WeightsError
+from .fileio import load_file
+from .safeload import check_torch_file
 
 HEAD_NAME = {"resnet18": "fc", "mobilenet_v2": "classifier"}
 # Keys of the head in a state_dict; never taken from a weights file (the head is always new).
@@ -79,8 +82,6 @@ def imagenet_state_dict(arch: str) -> dict:
                 f"  or train without pretrained weights: {{choice:weights=none}}, or a local file: {{choice:weights=PATH.pth}}",
                 field="weights", value="imagenet")
     if cached.is_file():  # torchvision would torch.load whatever lies there
-        from .errors import CheckpointError
-        from .safeload import check_torch_file
         try:
             with open(cached, "rb") as f:
                 check_torch_file(f, cached, os.fstat(f.fileno()).st_size)
@@ -135,8 +136,6 @@ def read_weights_file(path: str) -> dict:
     """A state_dict from a local file (or a checkpoint's model_state), its
     tensors finite and its BatchNorm variances >= 0: damaged weights would
     only show up as a diverged run."""
-    from . import checkpoint_rules as rules
-    from .checkpoint import load_file  # local import: checkpoint imports models
     obj = load_file(path, what="{setting:weights} file")
     if isinstance(obj, dict) and "model_state" in obj:
         obj = obj["model_state"]

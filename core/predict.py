@@ -19,6 +19,7 @@ from .device import inference_batch_size, resolve_device
 from .checkpoint_rules import check_class_names, shown
 from .errors import CheckpointError, ImageLoadError, UserError, first_line
 from .export_formats import read_safetensors_export
+from .fileio import load_file
 from .metrics import clean_confusion
 from .models import fold_batchnorm
 from .images import is_image_name, load_rgb
@@ -61,7 +62,7 @@ class Predictor:
         if str(path).lower().endswith(".safetensors"):  # weights only: never unpickled
             e = read_safetensors_export(path)
             return cls(e.model, e.class_names, device, e.info, e.resize, e.crop)
-        obj = ck.load_file(path, trust_pickle=trust_pickle)
+        obj = load_file(path, trust_pickle=trust_pickle)
         if isinstance(obj, torch.nn.Module):
             n = _out_features(obj)
             names = check_class_names(classes, n, path, "{setting:classes}")

@@ -15,7 +15,8 @@ import torch
 from . import checkpoint as ck
 from .config import AUTO_AUGMENT, TrainConfig, policy_from_flags
 from .errors import CheckpointError, ConfigError
-from .run_folder import new_run_dir
+from .fileio import atomic_link_or_copy, peek
+from .run_folder import new_run_dir, recover_run_folder
 
 
 # A resumed run continues the same run: these settings come from its checkpoint
@@ -147,7 +148,7 @@ def resume_run_dir(cfg: TrainConfig, resume: dict) -> tuple[Path, bool, str | No
     folder = source.parent
     verdict, detail = folder_verdict(folder, source, resume)
     if verdict == "same":
-        ck.recover_run_folder(folder, resume, source=source)
+        recover_run_folder(folder, resume, source=source)
         return folder, False, None
     new = new_run_dir(cfg.output_dir, cfg.run_name)
     carry_best_files(resume, source, new, from_folder=verdict == "later")
@@ -213,7 +214,7 @@ def folder_verdict(folder: Path, source: Path, ckpt: dict) -> tuple[str, str]:
         if not path.is_file() or _inode(path) in seen:  # (is_file: a pipe named so is never opened)
             continue
         seen.add(_inode(path))
-        saved = ck._peek(path)
+        saved = peek(path)
         if type(saved.get("epoch")) is not int:
             return "other", f"its {name} is not a checkpoint this tool can read"
         names = saved.get("class_names")
@@ -274,9 +275,9 @@ def carry_best_files(resume: dict, source: Path, run_dir: Path, from_folder: boo
     for name, key in (("best_acc.pt", "best_epoch"), ("best_loss.pt", "best_loss_epoch")):
         want = int(resume.get(key) or 0)
         if want and want == int(resume["epoch"]):  # the resumed file is itself that best epoch
-            ck.atomic_link_or_copy(source, run_dir / name)
+            atomic_link_or_copy(source, run_dir / name)
         elif from_folder and want and (source.parent / name).is_file() and ck.saved_epoch(source.parent / name) == want:
-            ck.atomic_link_or_copy(source.parent / name, run_dir / name)
+            atomic_link_or_copy(source.parent / name, run_dir / name)
 
 
 def fixed_run_settings(ckpt: dict) -> dict:

@@ -1,9 +1,11 @@
 """The run folder (checkpoints/<run>_<time>/): made fresh for a new run, one
 checkpoint save per epoch (latest.pt, best files as hard links, metrics.csv),
 the reference's extra export formats at the end, nothing left by a run that
-stopped before its first epoch."""
+stopped before its first epoch, and the repair of what a crash left when a
+run continues."""
 from __future__ import annotations
 
+import csv
 import os
 import shutil
 from dataclasses import dataclass
@@ -11,6 +13,7 @@ from datetime import datetime
 from pathlib import Path
 
 from . import checkpoint as ck
+from .fileio import atomic_link_or_copy, atomic_torch_save, atomic_write_csv, one_dir_sync, remove_stale_temps
 from .best import update_best
 from .config import TrainConfig
 from .errors import ConfigError, UserError
@@ -82,13 +85,13 @@ def save_epoch(state: RunState, epoch: int, model, optimizer, scaler, cfg: Train
                               resize_size=cfg.resize_size, image_size=cfg.image_size, scaler=scaler,
                               val_confusion=state.confusion, best_val_confusion=state.best_confusion)
     try:
-        with ck.one_dir_sync():
-            latest = ck.atomic_torch_save(ckpt, run_dir / "latest.pt")
+        with one_dir_sync():
+            latest = atomic_torch_save(ckpt, run_dir / "latest.pt")
             if state.improved_acc:
-                ck.atomic_link_or_copy(latest, run_dir / "best_acc.pt")
+                atomic_link_or_copy(latest, run_dir / "best_acc.pt")
             if state.improved_loss:
-                ck.atomic_link_or_copy(latest, run_dir / "best_loss.pt")
-            ck.atomic_write_csv(run_dir / "metrics.csv", state.history)
+                atomic_link_or_copy(latest, run_dir / "best_loss.pt")
+            atomic_write_csv(run_dir / "metrics.csv", state.history)
     except OSError as e:
         if not run_dir.is_dir():
             raise UserError(f"could not write checkpoints to {run_dir}: the run folder no longer exists (deleted or "
@@ -123,3 +126,53 @@ def export_best(run_dir: Path, cfg: TrainConfig, classes) -> list[str]:
     if cfg.export_full_model:
         out.append(str(ck.export_full_model(model, classes, run_dir / "full_model.pt")))
     return out
+
+
+RUN_FILES = ("args.json", "latest.pt", "best_acc.pt", "best_loss.pt", "metrics.csv")
+
+
+def recover_run_folder(run_dir, latest: dict, source=None) -> list[str]:
+    """Call when resuming a run, before training continues. Repairs what a
+    crash (SIGKILL, power loss) can leave in a run folder:
+    - save_epoch replaces latest.pt, then links best_acc.pt / best_loss.pt to
+      it; killed in between, a best file is older than the epoch latest.pt
+      calls best. When the resumed checkpoint is that best epoch, link again.
+    - metrics.csv is written after latest.pt; killed in between, it lacks the
+      last epoch. Two such kills in a row (resume, kill, resume, kill) would
+      leave it two rows behind, so rewrite it from the checkpoint's history.
+      A longer csv (resuming an older checkpoint) is kept until the next save.
+    - temp files of killed writers (`.<name>.<pid>.*.tmp`, up to 45 MB each).
+    Returns what was done, e.g. ['best_acc.pt', 'removed .latest.pt.123.x.tmp']."""
+    run_dir = Path(run_dir)
+    src = Path(source) if source is not None else run_dir / "latest.pt"
+    epoch, done = latest.get("epoch"), []
+    for name, key in (("best_acc.pt", "best_epoch"), ("best_loss.pt", "best_loss_epoch")):
+        dst = run_dir / name
+        if epoch is None or latest.get(key) != epoch or not src.is_file():
+            continue
+        try:
+            if dst.exists() and os.path.samefile(src, dst):
+                continue
+        except OSError:
+            pass
+        # The same epoch (a copy, on file systems without hard links) or a later
+        # one (from a run that went further) is not crash damage: keep it.
+        if dst.is_file() and (ck.saved_epoch(dst) or 0) >= epoch:
+            continue
+        atomic_link_or_copy(src, dst)
+        done.append(name)
+    history = latest.get("history") or []
+    if history and _csv_rows(run_dir / "metrics.csv") < len(history):
+        atomic_write_csv(run_dir / "metrics.csv", history)
+        done.append("metrics.csv")
+    for name in RUN_FILES:
+        done += [f"removed {p.name}" for p in remove_stale_temps(run_dir / name)]
+    return done
+
+
+def _csv_rows(path) -> int:
+    try:
+        with open(path, newline="") as f:
+            return max(sum(1 for _ in csv.reader(f)) - 1, 0)  # minus the header
+    except OSError:
+        return 0

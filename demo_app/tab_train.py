@@ -11,7 +11,7 @@ from pathlib import Path
 
 import gradio as gr
 
-from core.checkpoint import check_model_file
+from core.fileio import check_model_file
 from core.config import ARCHS, AUGMENTS, DEVICES, TrainConfig, check_val_split
 from core.data import scan_dataset
 from core.errors import UserError

@@ -776,7 +776,8 @@ def test_a_refused_pickle_is_worded_by_field_not_by_text(trained, tmp_path):
     the app ticks its box, or says it cannot when its owner did not allow pickles."""
     from cli.common import say as cli_say
     from core.access import AccessPolicy
-    from core.checkpoint import export_full_model, load_file, model_from_checkpoint, read_checkpoint
+    from core.checkpoint import export_full_model, model_from_checkpoint, read_checkpoint
+    from core.fileio import load_file
     from core.errors import CheckpointError
     ckpt = trained["final"][CHECKPOINT]["value"]
     full = export_full_model(model_from_checkpoint(read_checkpoint(ckpt)), ["cat", "fish"], tmp_path / "full.pt")

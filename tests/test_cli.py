@@ -466,12 +466,12 @@ def test_resume_reads_the_checkpoint_once(tiny_dataset, tmp_path, monkeypatch):
     """train.py --resume checks the typed flags against the checkpoint and hands that
     same dict to the engine: a 45-135 MB file is read once, not once per check."""
     import train
-    from core import checkpoint as ck
+    from core import checkpoint as ck, fileio
     assert train.main(["--data-dir", str(tiny_dataset), "--device", "cpu", "--weights", "none", "--epochs", "1",
                        "--batch-size", "4", "--output-dir", str(tmp_path)]) == 0
     latest = next(tmp_path.glob("*/latest.pt"))
-    reads, real = [], ck.load_file
-    monkeypatch.setattr(ck, "load_file", lambda path, *a, **kw: reads.append(Path(path)) or real(path, *a, **kw))
+    reads, real = [], fileio.check_model_file  # the first step of every load_file
+    monkeypatch.setattr(fileio, "check_model_file", lambda path, *a, **kw: reads.append(Path(path)) or real(path, *a, **kw))
     assert train.main(["--resume", str(latest), "--epochs", "2", "--device", "cpu", "--policy", "head"]) == 0
     assert reads == [latest]
     assert ck.read_checkpoint(latest)["epoch"] == 2

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import ROOT, train_config, train_run as run
-from core import checkpoint as ck
+from core import checkpoint as ck, fileio
 from core.predict import Predictor, list_images
 from test_cli import cli, run_dir_of
 
@@ -93,7 +93,7 @@ def test_amp_on_gpu_is_float16_with_a_loss_scale_that_resume_keeps(tiny_dataset,
     assert {v.dtype for v in saved["model_state"].values() if v.is_floating_point()} == {torch.float32}
     # a scale a fresh scaler could not guess (default 65536): the resumed run must start from it
     saved["scaler_state"]["scale"] = 1234.0
-    ck.atomic_torch_save(saved, tmp_path / "scaled.pt")
+    fileio.atomic_torch_save(saved, tmp_path / "scaled.pt")
     _, epochs, end2 = run(on_gpu(tiny_dataset, tmp_path / "r", policy=policy, amp=True, epochs=2,
                                  resume=str(tmp_path / "scaled.pt")))
     assert end2.status == "completed" and [e.epoch for e in epochs] == [2]
@@ -109,7 +109,7 @@ def test_gpu_checkpoints_load_and_resume_on_cpu_and_back(tiny_dataset, tmp_path,
     raw = torch.load(latest, weights_only=True)  # no map_location
     assert all(t.device.type == "cpu" for t in tensors(raw))
     assert all(g["fused"] is True for g in raw["optimizer_state"]["param_groups"])
-    ck.atomic_torch_save(raw, tmp_path / "copy.pt")  # a second copy to resume on the other device
+    fileio.atomic_torch_save(raw, tmp_path / "copy.pt")  # a second copy to resume on the other device
 
     whole = run(on_gpu(tiny_dataset, tmp_path / "w", policy="last", epochs=2))[2]
     on_cpu = run(train_config(tiny_dataset, tmp_path / "x", policy="last", epochs=2, device="cpu", resume=latest))

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from core import checkpoint as ck
+from core import checkpoint as ck, fileio
 from core.best import empty_best, is_better_acc, is_better_loss
 from core.engine import train
 from core.events import BatchProgress, EpochEnded, RunEnded, RunStarted
@@ -182,7 +182,7 @@ def test_resume_puts_optimizer_moments_in_the_weights_layout(tiny_dataset, tmp_p
     for st in moments:
         for k in ("exp_avg", "exp_avg_sq"):
             st[k] = st[k].contiguous(memory_format=torch.channels_last)
-    ck.atomic_torch_save(saved, tmp_path / "other_layout.pt")
+    fileio.atomic_torch_save(saved, tmp_path / "other_layout.pt")
     same = run(cfg_for(tiny_dataset, tmp_path / "x", policy="last", epochs=2, resume=f"{first.run_dir}/latest.pt"))[2]
     other = run(cfg_for(tiny_dataset, tmp_path / "y", policy="last", epochs=2, resume=str(tmp_path / "other_layout.pt")))[2]
     assert [h["train_loss"] for h in other.history] == pytest.approx([h["train_loss"] for h in same.history], abs=1e-6)
@@ -199,7 +199,7 @@ def test_resuming_an_older_checkpoint_continues_in_a_new_folder(tiny_dataset, tm
     folder = Path(first.run_dir)
     early = ck.read_checkpoint(folder / "latest.pt")
     early = {**early, "epoch": 1, "history": early["history"][:1], "best_epoch": 1, "best_loss_epoch": 1}
-    ck.atomic_torch_save(early, folder / "epoch1.pt")
+    fileio.atomic_torch_save(early, folder / "epoch1.pt")
     before = {name: (folder / name).read_bytes() for name in ("latest.pt", "best_acc.pt", "best_loss.pt", "metrics.csv")}
     events, epochs, end = run(cfg_for(tiny_dataset, tmp_path / "forks", epochs=2, lr=1e-9, export_state_dict=True,
                                       resume=str(folder / "epoch1.pt")))
@@ -237,7 +237,7 @@ def test_optimizer_is_fused_on_cpu_and_resume_from_an_unfused_checkpoint_switche
     assert all(g["fused"] is True for g in saved["optimizer_state"]["param_groups"])
     for g in saved["optimizer_state"]["param_groups"]:
         g.update(fused=None, foreach=None)
-    ck.atomic_torch_save(saved, tmp_path / "unfused.pt")
+    fileio.atomic_torch_save(saved, tmp_path / "unfused.pt")
     from_fused = run(cfg_for(tiny_dataset, tmp_path / "x", epochs=2, resume=f"{first.run_dir}/latest.pt"))[2]
     from_unfused = run(cfg_for(tiny_dataset, tmp_path / "y", epochs=2, resume=str(tmp_path / "unfused.pt")))[2]
     assert from_unfused.status == "completed" and from_unfused.epochs_done == 2
@@ -305,9 +305,9 @@ def test_checkpoint_contents_plain_and_complete(tiny_dataset, tmp_path):
 
 
 def test_best_file_keeps_its_epoch_when_latest_moves_on(tmp_path):
-    a = ck.atomic_torch_save({"epoch": 1}, tmp_path / "latest.pt")
-    ck.atomic_link_or_copy(a, tmp_path / "best_acc.pt")
-    ck.atomic_torch_save({"epoch": 2}, tmp_path / "latest.pt")
+    a = fileio.atomic_torch_save({"epoch": 1}, tmp_path / "latest.pt")
+    fileio.atomic_link_or_copy(a, tmp_path / "best_acc.pt")
+    fileio.atomic_torch_save({"epoch": 2}, tmp_path / "latest.pt")
     assert torch.load(tmp_path / "best_acc.pt", weights_only=True)["epoch"] == 1
     assert torch.load(tmp_path / "latest.pt", weights_only=True)["epoch"] == 2
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]

@@ -2,7 +2,7 @@
 --checkpoint, train --resume, train --weights, the library) refuses pickled
 code with a one-line message and the code never runs; damaged files give a
 clear error; --trust-pickle 1 is the only way to load a full-model pickle.
-Also the atomic-write guarantees of core.checkpoint."""
+Also the atomic-write guarantees of core.fileio."""
 from __future__ import annotations
 
 import csv
@@ -19,8 +19,9 @@ import pytest
 import torch
 
 from conftest import ROOT, make_image_dataset
-from core import checkpoint as ck
+from core import checkpoint as ck, fileio
 from core.errors import CheckpointError, UserError, WeightsError
+from core.run_folder import recover_run_folder
 
 PY = sys.executable
 
@@ -126,7 +127,7 @@ def test_every_library_load_path_refuses_pickled_code(kind, trained, tmp_path):
     from core.predict import Predictor
     marker = tmp_path / "PWNED"
     evil = make_evil(kind, tmp_path / "evil.pt", marker, trained["latest"])
-    for load in (ck.load_file, ck.read_checkpoint, read_weights_file, Predictor.load):
+    for load in (fileio.load_file, ck.read_checkpoint, read_weights_file, Predictor.load):
         with pytest.raises(UserError) as e:
             load(evil)
         msg = str(e.value)
@@ -200,7 +201,7 @@ def test_damaged_checkpoints_give_one_line_errors_on_every_path(trained, tmp_pat
     from core.predict import Predictor
     files = damaged_files(trained["latest"], tmp_path)
     for name, p in files.items():
-        for load in (ck.load_file, ck.read_checkpoint, read_weights_file, Predictor.load):
+        for load in (fileio.load_file, ck.read_checkpoint, read_weights_file, Predictor.load):
             with pytest.raises(UserError) as e:
                 load(p)
             assert "\n" not in str(e.value) and str(p.name) in str(e.value), (name, str(e.value))
@@ -283,13 +284,13 @@ def test_in_process_cli_damaged_inputs_never_traceback(trained, tmp_path, capsys
 
 def test_failed_write_keeps_the_old_file_and_leaves_no_temp(tmp_path, monkeypatch):
     target = tmp_path / "latest.pt"
-    ck.atomic_torch_save({"epoch": 1}, target)
+    fileio.atomic_torch_save({"epoch": 1}, target)
 
     def full_disk(fd):
         raise OSError(errno.ENOSPC, "No space left on device")
     monkeypatch.setattr(os, "fsync", full_disk)
     with pytest.raises(OSError):
-        ck.atomic_torch_save({"epoch": 2, "big": torch.zeros(1000)}, target)
+        fileio.atomic_torch_save({"epoch": 2, "big": torch.zeros(1000)}, target)
     monkeypatch.undo()
     assert torch.load(target, weights_only=True) == {"epoch": 1}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latest.pt"]
@@ -302,7 +303,7 @@ def test_checkpoints_skip_the_crc_but_load_exactly_and_leave_the_setting_alone(t
     import zipfile
     state = {"w": torch.randn(300, 200), "step": torch.tensor(7), "epoch": 3}
     before = torch.serialization.get_crc32_options()
-    ck.atomic_torch_save(state, tmp_path / "a.pt")
+    fileio.atomic_torch_save(state, tmp_path / "a.pt")
     assert torch.serialization.get_crc32_options() == before
     back = torch.load(tmp_path / "a.pt", weights_only=True)
     assert torch.equal(back["w"], state["w"]) and back["step"].item() == 7 and back["epoch"] == 3
@@ -315,7 +316,7 @@ def test_checkpoints_skip_the_crc_but_load_exactly_and_leave_the_setting_alone(t
         assert z.testzip() is None
 
     with pytest.raises(Exception):  # fails inside torch.save: a lambda cannot be pickled
-        ck.atomic_torch_save({"f": lambda: 0}, tmp_path / "b.pt")
+        fileio.atomic_torch_save({"f": lambda: 0}, tmp_path / "b.pt")
     assert torch.serialization.get_crc32_options() == before and not (tmp_path / "b.pt").exists()
 
 
@@ -328,8 +329,8 @@ def test_an_epoch_save_fsyncs_its_folder_once_after_all_renames(tmp_path, monkey
     from core.best import empty_best
     from core.run_folder import RunState, save_epoch
     calls = []
-    real_dir_sync = ck._fsync_dir
-    monkeypatch.setattr(ck, "_fsync_dir", lambda d: calls.append(("dir", str(d))) or real_dir_sync(d))
+    real_dir_sync = fileio._fsync_dir
+    monkeypatch.setattr(fileio, "_fsync_dir", lambda d: calls.append(("dir", str(d))) or real_dir_sync(d))
     model = torch.nn.Linear(3, 2)
     opt = torch.optim.AdamW(model.parameters())
     best = {**empty_best(), "acc": 1.0, "acc_epoch": 1, "loss": 0.1, "loss_epoch": 1}
@@ -342,13 +343,13 @@ def test_an_epoch_save_fsyncs_its_folder_once_after_all_renames(tmp_path, monkey
     assert (tmp_path / "metrics.csv").read_text().startswith("epoch,val_acc")
 
     calls.clear()
-    ck.atomic_write_text(tmp_path / "x.txt", "x")
+    fileio.atomic_write_text(tmp_path / "x.txt", "x")
     assert calls == [("dir", str(tmp_path))]
     calls.clear()
     with pytest.raises(RuntimeError):
-        with ck.one_dir_sync():
-            with ck.one_dir_sync():  # nested: only the outermost syncs
-                ck.atomic_write_text(tmp_path / "y.txt", "y")
+        with fileio.one_dir_sync():
+            with fileio.one_dir_sync():  # nested: only the outermost syncs
+                fileio.atomic_write_text(tmp_path / "y.txt", "y")
             assert calls == []
             raise RuntimeError("boom")
     assert calls == [("dir", str(tmp_path))] and (tmp_path / "y.txt").read_text() == "y"
@@ -358,7 +359,7 @@ def test_written_files_get_normal_permissions(tmp_path):
     """mkstemp makes 0600 files; checkpoints must get what open() gives (umask)."""
     umask = os.umask(0o022)
     os.umask(umask)
-    for write in (lambda p: ck.atomic_write_text(p, "x"), lambda p: ck.atomic_torch_save({"a": 1}, p)):
+    for write in (lambda p: fileio.atomic_write_text(p, "x"), lambda p: fileio.atomic_torch_save({"a": 1}, p)):
         p = tmp_path / "f"
         write(p)
         assert stat.S_IMODE(p.stat().st_mode) == 0o666 & ~umask
@@ -374,7 +375,7 @@ def test_temp_files_of_killed_writers_are_cleaned_by_the_next_write(tmp_path):
         other = tmp_path / f".best_acc.pt.{dead.pid}.x.tmp"
         for p in (stale, live, other):
             p.write_bytes(b"partial")
-        ck.atomic_torch_save({"epoch": 3}, tmp_path / "latest.pt")
+        fileio.atomic_torch_save({"epoch": 3}, tmp_path / "latest.pt")
         assert not stale.exists()          # its writer is gone
         assert live.exists()               # a running process may still be writing it
         assert other.exists()              # another file's temp is left to that file's writer
@@ -389,22 +390,22 @@ def test_recover_run_folder_repairs_a_kill_between_latest_and_best(tmp_path):
     best_acc.pt was linked: best_acc.pt still holds an older epoch, and the
     killed writer's temp files are still there."""
     run = tmp_path
-    ck.atomic_torch_save({"epoch": 1, "best_epoch": 1, "best_loss_epoch": 1}, run / "latest.pt")
-    ck.atomic_link_or_copy(run / "latest.pt", run / "best_acc.pt")
-    ck.atomic_link_or_copy(run / "latest.pt", run / "best_loss.pt")
-    ck.atomic_torch_save({"epoch": 2, "best_epoch": 2, "best_loss_epoch": 1}, run / "latest.pt")
+    fileio.atomic_torch_save({"epoch": 1, "best_epoch": 1, "best_loss_epoch": 1}, run / "latest.pt")
+    fileio.atomic_link_or_copy(run / "latest.pt", run / "best_acc.pt")
+    fileio.atomic_link_or_copy(run / "latest.pt", run / "best_loss.pt")
+    fileio.atomic_torch_save({"epoch": 2, "best_epoch": 2, "best_loss_epoch": 1}, run / "latest.pt")
     # <- SIGKILL here: best_acc.pt (epoch 1) is behind latest's best_epoch 2
     dead = subprocess.Popen([PY, "-c", "pass"])
     dead.wait()
     for name in (f".metrics.csv.{dead.pid}.k2j3.tmp", f".best_acc.pt.{dead.pid}.link.tmp"):
         (run / name).write_bytes(b"partial")
     latest = torch.load(run / "latest.pt", weights_only=True)
-    done = ck.recover_run_folder(run, latest)
+    done = recover_run_folder(run, latest)
     assert "best_acc.pt" in done and "best_loss.pt" not in done
     assert torch.load(run / "best_acc.pt", weights_only=True)["epoch"] == 2
     assert torch.load(run / "best_loss.pt", weights_only=True)["epoch"] == 1
     assert sorted(p.name for p in run.iterdir()) == ["best_acc.pt", "best_loss.pt", "latest.pt"]
-    assert ck.recover_run_folder(run, latest) == []
+    assert recover_run_folder(run, latest) == []
 
 
 def test_recover_run_folder_catches_metrics_csv_up_with_the_checkpoint(tmp_path):
@@ -416,18 +417,18 @@ def test_recover_run_folder_catches_metrics_csv_up_with_the_checkpoint(tmp_path)
         return [{"epoch": e, "train_loss": 1.0 / e, "val_acc": 0.5} for e in range(1, n + 1)]
 
     run = tmp_path
-    ck.atomic_write_csv(run / "metrics.csv", rows(3))
+    fileio.atomic_write_csv(run / "metrics.csv", rows(3))
     latest = {"epoch": 5, "best_epoch": 1, "best_loss_epoch": 1, "history": rows(5)}
-    ck.atomic_torch_save(latest, run / "latest.pt")
-    assert ck.recover_run_folder(run, latest) == ["metrics.csv"]
+    fileio.atomic_torch_save(latest, run / "latest.pt")
+    assert recover_run_folder(run, latest) == ["metrics.csv"]
     with (run / "metrics.csv").open() as f:
         got = list(csv.DictReader(f))
     assert [int(r["epoch"]) for r in got] == [1, 2, 3, 4, 5]
     assert float(got[4]["train_loss"]) == pytest.approx(0.2)
-    assert ck.recover_run_folder(run, latest) == []
+    assert recover_run_folder(run, latest) == []
 
     older = dict(latest, epoch=2, history=rows(2))
-    assert "metrics.csv" not in ck.recover_run_folder(run, older)
+    assert "metrics.csv" not in recover_run_folder(run, older)
     with (run / "metrics.csv").open() as f:
         assert len(list(csv.DictReader(f))) == 5
 

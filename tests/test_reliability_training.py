@@ -105,7 +105,7 @@ def test_unwritable_output_dir_is_one_clear_line(tiny_dataset, tmp_path, capsys,
 
 
 def test_full_disk_while_saving_is_a_clear_error_and_earlier_epochs_survive(tiny_dataset, tmp_path, monkeypatch):
-    from core import checkpoint as ck
+    from core import fileio
 
     def fsync(fd):
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -116,7 +116,7 @@ def test_full_disk_while_saving_is_a_clear_error_and_earlier_epochs_survive(tiny
         for ev in gen:
             if isinstance(ev, EpochEnded) and ev.epoch == 1:
                 run = Path(ev.latest_path).parent
-                monkeypatch.setattr(ck.os, "fsync", fsync)
+                monkeypatch.setattr(fileio.os, "fsync", fsync)
     monkeypatch.undo()
     msg = str(e.value)
     assert "disk full" in msg and "No space left" in msg and "\n" not in msg

@@ -25,7 +25,7 @@ import torch
 
 from cli.common import say
 from conftest import ROOT, make_image_dataset, train_config, train_run
-from core import checkpoint as ck
+from core import checkpoint as ck, fileio
 from core.errors import CheckpointError, UserError
 
 PY = sys.executable
@@ -52,7 +52,7 @@ def saved(tmp_path_factory):
 def load_paths():
     from core.models import read_weights_file
     from core.predict import Predictor
-    return {"load_file": ck.load_file, "read_checkpoint": ck.read_checkpoint, "read_weights_file": read_weights_file,
+    return {"load_file": fileio.load_file, "read_checkpoint": ck.read_checkpoint, "read_weights_file": read_weights_file,
             "Predictor.load": Predictor.load}
 
 
@@ -385,12 +385,12 @@ SIZE_LIMITED = textwrap.dedent("""
 def test_a_failed_checkpoint_write_is_an_oserror_naming_the_file(tmp_path):
     code = SIZE_LIMITED.format(root=str(ROOT)) + textwrap.dedent(f"""
         import errno, os, torch
-        from core import checkpoint as ck
+        from core import fileio
         target = {str(tmp_path / "latest.pt")!r}
-        ck.atomic_torch_save({{"epoch": 1}}, target)
+        fileio.atomic_torch_save({{"epoch": 1}}, target)
         for crc in (False, True):
             try:
-                ck.atomic_torch_save({{"epoch": 2, "w": torch.zeros(2**20)}}, target, crc=crc)
+                fileio.atomic_torch_save({{"epoch": 2, "w": torch.zeros(2**20)}}, target, crc=crc)
             except OSError as e:
                 print("OSError", errno.errorcode[e.errno], e.filename == target, e.strerror)
         print("KEPT", torch.load(target, weights_only=True)["epoch"], sorted(os.listdir({str(tmp_path)!r})))
@@ -416,11 +416,11 @@ def test_train_with_a_full_disk_says_so(tmp_path):
 
 def test_a_device_file_is_not_called_missing(tmp_path):
     with pytest.raises(CheckpointError, match="/dev/zero is not a regular file"):
-        ck.check_model_file("/dev/zero", "weights file")
+        fileio.check_model_file("/dev/zero", "weights file")
     with pytest.raises(CheckpointError, match="does not exist"):
-        ck.check_model_file(tmp_path / "nope.pth", "weights file")
+        fileio.check_model_file(tmp_path / "nope.pth", "weights file")
     with pytest.raises(CheckpointError, match="is a folder"):
-        ck.check_model_file(tmp_path, "weights file")
+        fileio.check_model_file(tmp_path, "weights file")
 
 
 def test_csv_under_a_file_says_the_file_is_not_a_folder(saved, tmp_path, capsys):
