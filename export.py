@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from cli.common import ArgumentParser, bool01, exit_fast, run_cli
+from cli.common import ArgumentParser, add_model_file_args, exit_fast, model_file_classes, run_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,9 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--quantize", default=None, type=str.lower, choices=["int8"],
       help="int8: also write model.int8.onnx, calibrated on up to 200 training images and scored on the val images")
     a("--data-dir", default=None, help="dataset for --quantize (default: the folder the checkpoint was trained on)")
-    a("--arch", default=None, type=str.lower, help="architecture of a bare state_dict (resnet18 | mobilenet_v2); guessed if omitted")
-    a("--classes", default=None, help="comma-separated class names for a bare state_dict or full model")
-    a("--trust-pickle", type=bool01, default=0, help="1: allow loading a full pickled model (runs code from the file!)")
+    add_model_file_args(p)
     return p
 
 
@@ -38,21 +36,16 @@ def main(argv=None) -> int:
 
 
 def _export(args) -> int:
-    from core.config import ARCHS
     from core.device import configure_threads
     from core.errors import UserError
     from core import export as ex
 
     configure_threads()
-    if not args.checkpoint.strip():
-        raise UserError("--checkpoint is empty; give a .pt file (e.g. checkpoints/RUN/best_acc.pt)")
-    if args.arch is not None and args.arch not in ARCHS:
-        raise UserError(f"--arch {args.arch!r} is not supported; choose {' or '.join(ARCHS)}")
+    classes = model_file_classes(args)
     formats = list(ex.parse_formats(args.format))
     if args.quantize and "onnx" not in formats:
         formats.insert(0, "onnx")
         print("NOTE: --quantize int8 quantizes model.onnx, so onnx is exported too", file=sys.stderr)
-    classes = [c.strip() for c in args.classes.split(",")] if args.classes else None
     out = ex.default_out_dir(args.checkpoint) if args.out is None else args.out
     if not str(out).strip():
         raise UserError("--out is empty; give a folder (default: export/ beside the checkpoint)")

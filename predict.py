@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from cli.common import ArgumentParser, bool01, exit_fast, run_cli
+from cli.common import ArgumentParser, add_model_file_args, bool01, exit_fast, model_file_classes, run_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,9 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--all", type=bool01, default=0, help="1: every image in the folder tree, in batches")
     a("--csv", default=None, help="write file,label,p,topk rows to this CSV")
     a("--batch-size", type=int, default=None, help="images per forward pass (default: 8 on CPU, 32 on GPU)")
-    a("--arch", default=None, type=str.lower, help="architecture of a bare state_dict (resnet18 | mobilenet_v2); guessed if omitted")
-    a("--classes", default=None, help="comma-separated class names for a bare state_dict or full model")
-    a("--trust-pickle", type=bool01, default=0, help="1: allow loading a full pickled model (runs code from the file!)")
+    add_model_file_args(p)
     a("--cam", default=None, metavar="DIR", help="write Grad-CAM heatmaps here: <stem>_cam.png (blend) and "
       "<stem>_cam.npy (float32 map, the image's height x width, 0..1) per image")
     a("--cam-class", default=None, metavar="NAME", help="class the CAM is for (default: each image's top-1)")
@@ -40,7 +38,6 @@ def main(argv=None) -> int:
 
 
 def _predict(args) -> int:
-    from core.config import ARCHS
     from core.device import configure_threads
     from core.errors import UserError
     from core.cam import CamSettings
@@ -50,15 +47,11 @@ def _predict(args) -> int:
     for flag, value in (("--topk", args.topk), ("--n", args.n), ("--batch-size", args.batch_size)):
         if value is not None and value < 1:
             raise UserError(f"{flag} must be >= 1 (got {value})")
-    if args.arch is not None and args.arch not in ARCHS:
-        raise UserError(f"--arch {args.arch!r} is not supported; choose {' or '.join(ARCHS)}")
+    classes = model_file_classes(args)
     if args.all and args.random:
         raise UserError("--all 1 and --random 1 exclude each other: every image, or --n random ones")
-    if not args.checkpoint.strip():
-        raise UserError("--checkpoint is empty; give a .pt file (e.g. checkpoints/RUN/best_acc.pt)")
     csv_path = check_csv_path(args.csv) if args.csv else None
     cam = CamSettings(args.cam, args.cam_class).validate()
-    classes = [c.strip() for c in args.classes.split(",")] if args.classes else None
     images = choose_images(args.image, bool(args.random), args.n, bool(args.all), args.seed)
     pred = Predictor.load(args.checkpoint, args.device, bool(args.trust_pickle), args.arch, classes)
     cam.check_model(pred)  # a wrong --cam-class, or a model without a CAM layer, fails before any work

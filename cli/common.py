@@ -7,7 +7,8 @@ import io
 import os
 import sys
 
-from core.errors import render
+from core.config import ARCHS
+from core.errors import UserError, render
 
 # Each setting's name on the command line ({setting} placeholders in core's texts).
 FLAG_NAMES = {name: "--" + name.replace("_", "-") for name in (
@@ -48,6 +49,24 @@ def exit_fast(code: int) -> None:
     sys.exit(code)
 
 
+def add_model_file_args(p: argparse.ArgumentParser) -> None:
+    """What reading a bare state_dict or a full model needs besides --checkpoint
+    (predict.py, export.py: core.predict.Predictor.load's arch, classes, trust_pickle)."""
+    a = p.add_argument
+    a("--arch", default=None, type=str.lower, help="architecture of a bare state_dict (resnet18 | mobilenet_v2); guessed if omitted")
+    a("--classes", default=None, help="comma-separated class names for a bare state_dict or full model")
+    a("--trust-pickle", type=bool01, default=0, help="1: allow loading a full pickled model (runs code from the file!)")
+
+
+def model_file_classes(args) -> list[str] | None:
+    """--checkpoint and --arch checked before any file is read; --classes as a list (None: not given)."""
+    if not args.checkpoint.strip():
+        raise UserError("--checkpoint is empty; give a .pt file (e.g. checkpoints/RUN/best_acc.pt)")
+    if args.arch is not None and args.arch not in ARCHS:
+        raise UserError(f"--arch {args.arch!r} is not supported; choose {' or '.join(ARCHS)}")
+    return [c.strip() for c in args.classes.split(",")] if args.classes else None
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse with a one-line error (argparse prints the whole usage block
     above it, which hides what was wrong); exit code 2 as before."""
@@ -60,7 +79,6 @@ def run_cli(fn) -> int:
     """Run `fn`; user errors become `error: ...` and exit code 2, never a traceback.
     Ctrl-C exits with 130. Environment problems (OSError) and internal errors
     print one line and exit 1; set TL_DEBUG=1 to see their traceback."""
-    from core.errors import UserError
     debug = bool(os.environ.get("TL_DEBUG"))
     try:
         return fn() or 0

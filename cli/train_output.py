@@ -37,17 +37,18 @@ def print_training(cfg: TrainConfig, print_model: bool = False, notes=(), resume
                 if isinstance(ev, RunEnded):
                     return {"completed": 0, "stopped": 130, "diverged": 3}[ev.status]
                 continue
-            if isinstance(ev, BatchProgress):
-                bar = update_bar(bar, ev)
-                continue
-            bar = close_bar(bar)
             match ev:
+                case BatchProgress():
+                    bar = update_bar(bar, ev)
                 case RunStarted():
+                    bar = close_bar(bar)
                     print_start(ev, print_model, notes)
                 case RunEnded():
+                    bar = close_bar(bar)
                     print_lines(log_lines(ev))
                     return {"completed": 0, "stopped": 130, "diverged": 3}[ev.status]
                 case _:
+                    bar = close_bar(bar)
                     print_lines(log_lines(ev))
     finally:
         close_bar(bar)

@@ -1,8 +1,11 @@
 """Which epoch is best: by validation accuracy (ties to the lower loss) and by
-validation loss. `best` is a plain dict kept in every checkpoint's fields."""
+validation loss. `best` is a plain dict kept in every checkpoint's fields;
+RunState is a run's record of its epochs and bests, saved with each epoch."""
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from pathlib import Path
 
 
 def is_better_acc(acc: float, loss: float, best: dict) -> bool:
@@ -34,6 +37,31 @@ def update_best(best: dict, epoch: int, val_loss: float, val_acc: float) -> tupl
     if improved_loss:
         best.update(loss=val_loss, loss_epoch=epoch)
     return improved_acc, improved_loss
+
+
+@dataclass
+class RunState:
+    """What a run has achieved so far; saved with every epoch."""
+    run_dir: Path
+    classes: list[str]
+    history: list[dict]
+    best: dict
+    best_confusion: list | None = None  # validation of the best-accuracy epoch
+    epochs_done: int = 0
+    confusion: list | None = None  # validation of the latest epoch
+    improved_acc: bool = False
+    improved_loss: bool = False
+
+    def record(self, epoch: int, val_loss: float, val_acc: float, confusion: list) -> tuple[bool, bool]:
+        """One epoch's validation: updates the best results; (new best accuracy, new best loss)."""
+        self.improved_acc, self.improved_loss = update_best(self.best, epoch, val_loss, val_acc)
+        self.confusion = confusion
+        if self.improved_acc:
+            self.best_confusion = confusion
+        return self.improved_acc, self.improved_loss
+
+    def file(self, name: str) -> str | None:
+        return str(self.run_dir / name) if (self.run_dir / name).exists() else None
 
 
 def best_from_checkpoint(ckpt: dict) -> dict:

@@ -11,8 +11,9 @@ import torch
 from torch import nn
 
 from . import checkpoint_rules as rules
+from .best import RunState
+from .config import ARCHS, MAX_CLASSES, POLICIES, TrainConfig
 from .errors import CheckpointError, first_line
-from .config import ARCHS, MAX_CLASSES, POLICIES
 from .fileio import atomic_torch_save, load_file, peek
 from .models import build_model, few_keys, trainable_names
 
@@ -29,34 +30,32 @@ def saved_epoch(path) -> int | None:
 
 # ---------------------------------------------------------------- checkpoint dicts
 
-def make_checkpoint(*, model: nn.Module, optimizer, epoch: int, best: dict, class_names: list[str],
-                    weights: str, args: dict, history: list[dict], arch: str, dropout: float, policy: str,
-                    resize_size: int, image_size: int, scaler=None, val_confusion=None,
-                    best_val_confusion=None) -> dict:
+def make_checkpoint(state: RunState, epoch: int, model: nn.Module, optimizer, scaler, cfg: TrainConfig) -> dict:
     """A plain-type dict: the reference's keys plus what is needed to rebuild the
     model, the loss scale of a float16 (CUDA --amp 1) run so a resume keeps it,
     and per-class validation counts ([[true, predicted, count], ...], core.metrics)
     of this epoch and of the best-accuracy epoch."""
+    best, class_names = state.best, state.classes
     return {
         "format_version": FORMAT_VERSION,
         "epoch": int(epoch),
         "model_state": on_cpu(model.state_dict()),
         "optimizer_state": on_cpu(optimizer.state_dict()) if optimizer is not None else None,
         "scaler_state": scaler.state_dict() if scaler is not None else None,
-        "val_confusion": val_confusion,
-        "best_val_confusion": best_val_confusion,
+        "val_confusion": state.confusion,
+        "best_val_confusion": state.best_confusion,
         "best_val_acc": float(best["acc"]),
         "best_val_loss": float(best["loss"]),
         "best_epoch": int(best["acc_epoch"]),
         "best_loss_epoch": int(best["loss_epoch"]),
         "class_names": list(class_names),
-        "weights": str(weights),
-        "args": args,
-        "history": [dict(h) for h in history],
-        "arch": arch,
-        "policy": policy,
-        "head": {"dropout": float(dropout), "num_classes": len(class_names)},
-        "preprocess": {"resize": int(resize_size), "crop": int(image_size),
+        "weights": str(cfg.weights),
+        "args": cfg.to_dict(),
+        "history": [dict(h) for h in state.history],
+        "arch": cfg.arch,
+        "policy": cfg.policy,
+        "head": {"dropout": float(cfg.dropout), "num_classes": len(class_names)},
+        "preprocess": {"resize": int(cfg.resize_size), "crop": int(cfg.image_size),
                        "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]},
     }
 

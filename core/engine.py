@@ -23,7 +23,7 @@ from torch import nn
 
 from . import checkpoint as ck
 from . import distributed
-from .best import best_from_checkpoint, empty_best
+from .best import RunState, best_from_checkpoint, empty_best
 from .config import TrainConfig
 from .data import scan_dataset, skipped_warning
 from .device import amp_note, autocast, in_format, inference_batch_size, memory_formats, resolve_device
@@ -36,7 +36,7 @@ from .loader import raise_unreadable, sample_seed
 from .metrics import clean_confusion, confusion_pairs
 from .models import apply_policy, build_model, fold_batchnorm, param_counts, set_train_mode, split_model
 from .resume import read_resume, restore_optimizer, resume_run_dir
-from .run_folder import RunState, export_best, new_run_dir, remove_empty_run, save_epoch
+from .run_folder import export_best, new_run_dir, remove_empty_run, save_epoch
 
 # A mean batch cross-entropy this many times chance level (ln C, at least 1) is
 # not training any more: lr 10 gives 1e2..1e4 after one step; healthy runs stay

@@ -138,10 +138,15 @@ class LogLine:
     stderr: bool = False  # the CLI's stream: warnings and abnormal ends go to stderr
 
 
+def prefixed(level: str, text: str, stderr: bool = True) -> LogLine:
+    """A WARNING: / NOTE: / INFO: line: the level in capitals, then the text."""
+    return LogLine(f"{level.upper()}: {text}", stderr)
+
+
 def notice_lines(ev: RunStarted, notes=()) -> list[LogLine]:
     """RunStarted's WARNING and NOTE lines (`notes`: the caller's own, printed first)."""
-    return ([LogLine(f"WARNING: {w}", True) for w in ev.dataset.warnings] +
-            [LogLine(f"NOTE: {n}") for n in [*notes, *ev.notes]])
+    return ([prefixed("warning", w) for w in ev.dataset.warnings] +
+            [prefixed("note", n, stderr=False) for n in [*notes, *ev.notes]])
 
 
 def log_lines(ev, notes=()) -> list[LogLine]:
@@ -150,7 +155,7 @@ def log_lines(ev, notes=()) -> list[LogLine]:
         case RunStarted():
             return [LogLine(t) for t in ev.header_lines()] + notice_lines(ev, notes)
         case Notice():
-            return [LogLine(f"{ev.level.upper()}: {ev.text}", True)]
+            return [prefixed(ev.level, ev.text)]
         case EpochEnded():
             return [LogLine(ev.line())]
         case RunEnded():

@@ -148,6 +148,19 @@ def _sync_dir_now_or_later(folder) -> None:
         dirs.add(str(folder))
 
 
+def new_folder(parent: Path, name: str) -> Path | None:
+    """Create parent/name, or name_2, name_3, ... where taken: mkdir is atomic, so
+    two callers at the same moment each get their own. None if 999 are taken."""
+    for i in range(1, 1000):
+        path = parent / (name + (f"_{i}" if i > 1 else ""))
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
+    return None
+
+
 def atomic_write_bytes(path, data: bytes) -> Path:
     return atomic_write(path, lambda f: f.write(data))
 

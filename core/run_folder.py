@@ -8,40 +8,15 @@ from __future__ import annotations
 import csv
 import os
 import shutil
-from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
 from . import checkpoint as ck
-from .fileio import atomic_link_or_copy, atomic_torch_save, atomic_write_csv, one_dir_sync, remove_stale_temps
-from .best import update_best
+from .best import RunState
 from .config import TrainConfig
 from .errors import ConfigError, UserError
-
-
-@dataclass
-class RunState:
-    """What a run has achieved so far; saved with every epoch."""
-    run_dir: Path
-    classes: list[str]
-    history: list[dict]
-    best: dict
-    best_confusion: list | None = None  # validation of the best-accuracy epoch
-    epochs_done: int = 0
-    confusion: list | None = None  # validation of the latest epoch
-    improved_acc: bool = False
-    improved_loss: bool = False
-
-    def record(self, epoch: int, val_loss: float, val_acc: float, confusion: list) -> tuple[bool, bool]:
-        """One epoch's validation: updates the best results; (new best accuracy, new best loss)."""
-        self.improved_acc, self.improved_loss = update_best(self.best, epoch, val_loss, val_acc)
-        self.confusion = confusion
-        if self.improved_acc:
-            self.best_confusion = confusion
-        return self.improved_acc, self.improved_loss
-
-    def file(self, name: str) -> str | None:
-        return str(self.run_dir / name) if (self.run_dir / name).exists() else None
+from .fileio import (atomic_link_or_copy, atomic_torch_save, atomic_write_csv, new_folder, one_dir_sync,
+                     remove_stale_temps)
 
 
 def new_run_dir(output_dir, run_name: str) -> Path:
@@ -55,15 +30,10 @@ def new_run_dir(output_dir, run_name: str) -> Path:
     if not os.access(root, os.W_OK):
         raise ConfigError(f"output folder {root} is not writable; pass a writable {{setting}}", field="output_dir",
                           value=str(root))
-    stamp = datetime.now().strftime("%Y%m%d_%H%M%S")
-    for i in range(1, 1000):
-        path = root / (f"{run_name}_{stamp}" + (f"_{i}" if i > 1 else ""))
-        try:
-            path.mkdir()
-            return path
-        except FileExistsError:
-            continue
-    raise ConfigError(f"could not create a new run folder under {root}")
+    path = new_folder(root, f"{run_name}_{datetime.now():%Y%m%d_%H%M%S}")
+    if path is None:
+        raise ConfigError(f"could not create a new run folder under {root}")
+    return path
 
 
 def remove_empty_run(run_dir: Path) -> None:
@@ -79,11 +49,7 @@ def save_epoch(state: RunState, epoch: int, model, optimizer, scaler, cfg: Train
     """latest.pt every epoch; best files are hard links to it (no second 45 MB write).
     state.epochs_done becomes `epoch` once everything is written."""
     run_dir = state.run_dir
-    ckpt = ck.make_checkpoint(model=model, optimizer=optimizer, epoch=epoch, best=state.best,
-                              class_names=state.classes, weights=cfg.weights, args=cfg.to_dict(),
-                              history=state.history, arch=cfg.arch, dropout=cfg.dropout, policy=cfg.policy,
-                              resize_size=cfg.resize_size, image_size=cfg.image_size, scaler=scaler,
-                              val_confusion=state.confusion, best_val_confusion=state.best_confusion)
+    ckpt = ck.make_checkpoint(state, epoch, model, optimizer, scaler, cfg)
     try:
         with one_dir_sync():
             latest = atomic_torch_save(ckpt, run_dir / "latest.pt")

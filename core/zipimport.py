@@ -13,6 +13,7 @@ from datetime import datetime
 from pathlib import Path, PurePosixPath
 
 from .errors import DatasetError, first_line
+from .fileio import new_folder
 
 MAX_TOTAL_BYTES = 2 * 2**30   # uncompressed size limit
 MAX_FILES = 50_000
@@ -172,15 +173,10 @@ def file_crc32(path: Path) -> int:
 def new_target_dir(base: Path, name: str) -> Path:
     base.mkdir(parents=True, exist_ok=True)
     stem = "".join(c if c.isalnum() or c in "-_" else "_" for c in name)[:40] or "dataset"
-    stamp = f"{datetime.now():%Y%m%d_%H%M%S_%f}"
-    for i in range(1, 1000):
-        target = base / (f"{stem}_{stamp}" + (f"_{i}" if i > 1 else ""))
-        try:
-            target.mkdir()
-            return target
-        except FileExistsError:
-            continue
-    raise DatasetError(f"could not create a new folder under {base}")
+    target = new_folder(base, f"{stem}_{datetime.now():%Y%m%d_%H%M%S_%f}")
+    if target is None:
+        raise DatasetError(f"could not create a new folder under {base}")
+    return target
 
 
 def extract_members(zf: zipfile.ZipFile, infos, target: Path) -> None:

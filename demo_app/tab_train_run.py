@@ -186,7 +186,7 @@ class RunPanel:
             log_lines = log_lines + session_log_lines(failed)
         if failed is not None:
             status = error_markdown("Could not train", failed.error)
-            if failed.kind == "WeightsError" and "do not fit" in failed.error.message:
+            if failed.kind == "WeightsError" and failed.error.field == "arch":  # the file's keys do not fit it
                 status += ("\n\n→ In this app: choose the **Architecture** the weights file was made for, or "
                            "another file.")
             yield self._frame(status, state, overlays, log_lines)

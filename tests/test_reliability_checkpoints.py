@@ -326,8 +326,8 @@ def test_an_epoch_save_fsyncs_its_folder_once_after_all_renames(tmp_path, monkey
     once at the end (not after every rename). A write outside one_dir_sync
     still fsyncs its folder itself, and an error inside still syncs what was done."""
     from core.config import TrainConfig
-    from core.best import empty_best
-    from core.run_folder import RunState, save_epoch
+    from core.best import RunState, empty_best
+    from core.run_folder import save_epoch
     calls = []
     real_dir_sync = fileio._fsync_dir
     monkeypatch.setattr(fileio, "_fsync_dir", lambda d: calls.append(("dir", str(d))) or real_dir_sync(d))
