@@ -147,8 +147,9 @@ def test_local_weights_file_backbone_only_and_mismatch(tmp_path, mobilenet_weigh
     m = build_model("mobilenet_v2", 2, 0.0, str(mobilenet_weights))
     ref = torch.load(mobilenet_weights, weights_only=True)
     assert torch.equal(m.state_dict()["features.0.0.weight"], ref["features.0.0.weight"])
-    with pytest.raises(WeightsError, match=r"do not fit resnet18: missing keys \[.*unexpected keys"):
+    with pytest.raises(WeightsError, match=r"do not fit resnet18: missing keys \[.*unexpected keys") as e:
         build_model("resnet18", 2, 0.0, str(mobilenet_weights))
+    assert e.value.field == "arch"  # the app's hint to choose another Architecture branches on it
 
 
 def test_partial_weights_file_is_refused_naming_keys(tmp_path):
