@@ -221,7 +221,7 @@ def write_cam_files(out_dir, stem: str, image: Image.Image, cam: np.ndarray, alp
     float32 map), each written atomically."""
     import io
 
-    from .checkpoint import atomic_write_bytes
+    from .fileio import atomic_write_bytes
     out = Path(out_dir)
     png, npy = out / f"{stem}_cam.png", out / f"{stem}_cam.npy"
     buf = io.BytesIO()
