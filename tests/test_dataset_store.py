@@ -13,7 +13,8 @@ import pytest
 from PIL import Image
 
 from core.data import scan_dataset
-from core.dataset_store import MAX_IMAGE_BYTES, DatasetStore, check_name, safe_stem
+from core.dataset_files import MAX_IMAGE_BYTES, check_name, safe_stem
+from core.dataset_store import DatasetStore
 from core.errors import UserError
 
 from conftest import ROOT
@@ -138,7 +139,7 @@ def test_non_images_empty_and_oversized_files_are_refused_by_name(tmp_path, stor
     ico = tmp_path / "icon.ico"
     Image.new("RGB", (16, 16)).save(ico)
     big = png(tmp_path / "big.png")
-    import core.dataset_store as ds
+    import core.dataset_files as ds
     monkeypatch.setattr(ds, "MAX_IMAGE_BYTES", big.stat().st_size - 1)
     r = store.add_images("pets", "cat", [text, empty, truncated, ico, big, tmp_path / "missing.png"])
     assert r.added == []
