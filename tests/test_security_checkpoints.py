@@ -401,11 +401,14 @@ def test_a_failed_checkpoint_write_is_an_oserror_naming_the_file(tmp_path):
 
 
 def test_train_with_a_full_disk_says_so(tmp_path):
+    # In-process decoding: the file-size limit that stands in for a full disk would
+    # also hit DataLoader workers' shared-memory files (/dev/shm), which a full
+    # checkpoint disk does not.
     data = make_image_dataset(tmp_path / "ds")
     code = SIZE_LIMITED.format(root=str(ROOT)) + textwrap.dedent(f"""
         import train
         sys.exit(train.main(["--data-dir", {str(data)!r}, "--weights", "none", "--epochs", "1", "--batch-size", "4",
-                             "--device", "cpu", "--output-dir", {str(tmp_path / "out")!r}]))
+                             "--device", "cpu", "--output-dir", {str(tmp_path / "out")!r}, "--num-workers", "0"]))
     """)
     r = subprocess.run([PY, "-c", code], capture_output=True, text=True, timeout=300,
                        env=dict(os.environ, TL_OFFLINE="1"))
