@@ -7,6 +7,8 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from .calibration import Calibration
+
 
 def is_better_acc(acc: float, loss: float, best: dict) -> bool:
     """Higher val_acc wins; equal acc with lower loss wins (accuracy saturates on
@@ -51,13 +53,16 @@ class RunState:
     confusion: list | None = None  # validation of the latest epoch
     improved_acc: bool = False
     improved_loss: bool = False
+    calibration: Calibration | None = None  # temperature fitted on the latest epoch's val logits
+    best_calibration: Calibration | None = None  # ... on the best-accuracy epoch's (None: before a resume)
 
-    def record(self, epoch: int, val_loss: float, val_acc: float, confusion: list) -> tuple[bool, bool]:
+    def record(self, epoch: int, val_loss: float, val_acc: float, confusion: list,
+               calibration: Calibration | None = None) -> tuple[bool, bool]:
         """One epoch's validation: updates the best results; (new best accuracy, new best loss)."""
         self.improved_acc, self.improved_loss = update_best(self.best, epoch, val_loss, val_acc)
-        self.confusion = confusion
+        self.confusion, self.calibration = confusion, calibration
         if self.improved_acc:
-            self.best_confusion = confusion
+            self.best_confusion, self.best_calibration = confusion, calibration
         return self.improved_acc, self.improved_loss
 
     def file(self, name: str) -> str | None:

@@ -33,10 +33,11 @@ def saved_epoch(path) -> int | None:
 def make_checkpoint(state: RunState, epoch: int, model: nn.Module, optimizer, scaler, cfg: TrainConfig) -> dict:
     """A plain-type dict: the reference's keys plus what is needed to rebuild the
     model, the loss scale of a float16 (CUDA --amp 1) run so a resume keeps it,
-    and per-class validation counts ([[true, predicted, count], ...], core.metrics)
-    of this epoch and of the best-accuracy epoch."""
+    per-class validation counts ([[true, predicted, count], ...], core.metrics)
+    of this epoch and of the best-accuracy epoch, and `temperature`: fitted on
+    this epoch's val logits (core.calibration; absent: 1)."""
     best, class_names = state.best, state.classes
-    return {
+    ckpt = {
         "format_version": FORMAT_VERSION,
         "epoch": int(epoch),
         "model_state": on_cpu(model.state_dict()),
@@ -58,6 +59,9 @@ def make_checkpoint(state: RunState, epoch: int, model: nn.Module, optimizer, sc
         "preprocess": {"resize": int(cfg.resize_size), "crop": int(cfg.image_size),
                        "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]},
     }
+    if state.calibration is not None:
+        ckpt["temperature"] = float(state.calibration.temperature)
+    return ckpt
 
 
 def on_cpu(obj):

@@ -24,6 +24,7 @@ from torch import nn
 from . import checkpoint as ck
 from . import distributed
 from .best import RunState, best_from_checkpoint, empty_best
+from .calibration import calibrate
 from .config import TrainConfig
 from .data import scan_dataset, skipped_warning
 from .device import amp_note, autocast, in_format, inference_batch_size, memory_formats, resolve_device
@@ -202,8 +203,10 @@ def run_epoch(t: Trainer, state: RunState, train_src: InputSource, val_src: Inpu
     """Train, validate, save; yields progress and then the EpochEnded."""
     t0 = time.perf_counter()
     train_loss, train_acc = yield from train_one_epoch(t, train_src, epoch)
-    val_loss, val_acc, confusion = yield from evaluate(t, val_src, epoch)
-    improved_acc, improved_loss = state.record(epoch, val_loss, val_acc, confusion)
+    val_loss, val_acc, confusion, logits = yield from evaluate(t, val_src, epoch)
+    # Temperature scaling on this epoch's val logits (ms): each checkpoint carries the T of its own weights,
+    # so best_acc.pt holds the one fitted on the best epoch, and a stopped run keeps it.
+    improved_acc, improved_loss = state.record(epoch, val_loss, val_acc, confusion, calibrate(logits, val_src.labels))
     ended = EpochEnded(epoch, t.cfg.epochs, train_loss, train_acc, val_loss, val_acc,
                        t.optimizer.param_groups[0]["lr"], time.perf_counter() - t0, improved_acc, improved_loss,
                        str(state.run_dir / "latest.pt"), confusion)
@@ -228,7 +231,8 @@ def end_run(cfg: TrainConfig, state: RunState, status: str, message: str) -> Run
     if status == "completed":
         message = f"finished {state.epochs_done} epoch(s)" + (f"; {message}" if message else "")
     return RunEnded(status, message, str(run_dir), state.epochs_done, dict(state.best), state.file("best_acc.pt"),
-                    state.file("best_loss.pt"), state.history, exports, state.best_confusion, list(state.classes))
+                    state.file("best_loss.pt"), state.history, exports, state.best_confusion, list(state.classes),
+                    state.best_calibration)
 
 
 def make_optimizer(params, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
@@ -339,7 +343,7 @@ def train_one_epoch(t: Trainer, src: InputSource, epoch: int) -> Iterator:
 
 def evaluate(t: Trainer, src: InputSource, epoch: int) -> Iterator:
     """Validation (each rank its share under torchrun, gathered); returns (mean
-    loss, accuracy, confusion pairs) over the whole val split."""
+    loss, accuracy, confusion pairs, logits on the CPU) over the whole val split."""
     cfg, device = t.cfg, t.device
     t.model.eval()
     cached = src.features is not None
@@ -348,7 +352,7 @@ def evaluate(t: Trainer, src: InputSource, epoch: int) -> Iterator:
     if t.group is not None:  # no padding: each image counted once
         mine = mine[t.group.rank::t.group.world]
     batches = [b.tolist() for b in mine.split(inference_batch_size(device, cfg.batch_size, cached))]
-    loss_sum, predicted = 0.0, []
+    loss_sum, predicted, all_logits = 0.0, [], []
     for step, (idx, x, unreadable) in enumerate(src.inputs(batches), 1):
         # (under torchrun ranks have different batch counts: a stop is agreed at the epoch's end)
         if t.stop.is_set() and t.group is None:
@@ -359,13 +363,19 @@ def evaluate(t: Trainer, src: InputSource, epoch: int) -> Iterator:
             logits = forward(t.frozen, t.suffix, x, cached, formats).float()
             loss_sum += nn.functional.cross_entropy(logits, y, reduction="sum").item()
         predicted.append(logits.argmax(1).cpu())
+        all_logits.append(logits.cpu())
         yield BatchProgress("val", epoch, step, len(batches))
     predicted = torch.cat(predicted) if predicted else torch.zeros(0, dtype=torch.long)
+    logits = torch.cat(all_logits) if all_logits else torch.zeros(0, len(src.split.classes))
     if t.group is not None:
-        parts = distributed.gather_objects((mine.tolist(), predicted.tolist(), loss_sum), f"validation of epoch {epoch}")
+        parts = distributed.gather_objects((mine.tolist(), predicted.tolist(), loss_sum, logits.tolist()),
+                                           f"validation of epoch {epoch}")
         full = torch.zeros(len(src), dtype=torch.long)
-        for where, pred, _ in parts:
+        full_logits = torch.zeros(len(src), len(src.split.classes))  # gathered too: every rank fits the same T
+        for where, pred, _, part_logits in parts:
             full[where] = torch.tensor(pred, dtype=torch.long)
-        predicted, loss_sum = full, sum(part[2] for part in parts)
+            if part_logits:
+                full_logits[where] = torch.tensor(part_logits, dtype=torch.float32)
+        predicted, loss_sum, logits = full, sum(part[2] for part in parts), full_logits
     n = len(src)
-    return loss_sum / n, (predicted == src.labels).sum().item() / n, confusion_pairs(src.labels, predicted)
+    return loss_sum / n, (predicted == src.labels).sum().item() / n, confusion_pairs(src.labels, predicted), logits

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from .data import DatasetInfo
 from .config import TrainConfig
+from .calibration import Calibration
 from .metrics import per_class, per_class_lines
 
 
@@ -106,11 +107,18 @@ class RunEnded:
     exports: list[str] = field(default_factory=list)
     best_confusion: list | None = None  # validation of the best-accuracy epoch, when known
     classes: list[str] = field(default_factory=list)
+    calibration: Calibration | None = None  # temperature scaling fitted on the best_acc epoch's val logits
 
     def end_lines(self) -> list[str]:
-        """Status (unless completed), the BEST block, per-class results and exported files."""
+        """Status (unless completed), the BEST block, calibration, per-class results and exported files."""
         lines = [] if self.status == "completed" else [f"{self.status.upper()}: {self.message}"]
-        return lines + self.best_lines() + self.per_class_lines() + [f"EXPORTED: {p}" for p in self.exports]
+        return (lines + self.best_lines() + self.calibration_lines() + self.per_class_lines() +
+                [f"EXPORTED: {p}" for p in self.exports])
+
+    def calibration_lines(self) -> list[str]:
+        if self.calibration is None or not self.best.get("acc_epoch"):
+            return []
+        return [self.calibration.line(f"the best_acc epoch's ({self.best['acc_epoch']}) val logits")]
 
     def per_class_rows(self) -> list[dict]:
         return per_class(self.best_confusion, self.classes)

@@ -30,6 +30,7 @@ class Prediction:
     path: str
     topk: list[tuple[str, float]]  # best first
     error: str | None = None
+    probs: torch.Tensor | None = None  # every class's probability, when asked for (predict_paths keep_probs)
 
     @property
     def label(self) -> str | None:
@@ -50,6 +51,8 @@ class Predictor:
         self.class_names = list(class_names)
         self.info = info or {}
         self.resize, self.crop = resize, crop
+        # Temperature scaling (core.calibration): every probability shown is softmax(logits / T); 1 when none was fitted.
+        self.temperature = float(self.info.get("temperature") or 1.0)
         self._lock = threading.Lock()  # one forward at a time per model: torch threads are already busy
 
     @classmethod
@@ -80,7 +83,8 @@ class Predictor:
             info = {"format": "checkpoint dict", "path": str(path), "epoch": c.get("epoch"),
                     "best_epoch": c.get("best_epoch"), "best_val_acc": c.get("best_val_acc"),
                     "arch": c["arch"], "weights": c.get("weights"), "class_names_recorded": c["class_names_recorded"],
-                    "val_confusion": clean_confusion(c.get("val_confusion"), len(c["class_names"]))}
+                    "val_confusion": clean_confusion(c.get("val_confusion"), len(c["class_names"])),
+                    "temperature": c.get("temperature", 1.0)}
             pre = c["preprocess"]
             return cls(ck.model_from_checkpoint(c, path), c["class_names"], device, info, pre["resize"], pre["crop"])
         if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
@@ -118,7 +122,7 @@ class Predictor:
             if not torch.is_tensor(out) or tuple(out.shape) != (len(x), len(self.class_names)):
                 raise CheckpointError(f"{self.info.get('path')}: the model gives {shown(out)} for {len(x)} "
                                       f"image(s); expected one score per class ({len(self.class_names)})")
-            probs = torch.softmax(out.float(), dim=1).cpu()
+            probs = torch.softmax(out.float() / self.temperature, dim=1).cpu()
         if not torch.isfinite(probs).all():  # finite weights can still overflow float32 on the way
             raise CheckpointError(f"{self.info.get('path', 'the model')} gives non-finite outputs (NaN or infinity): "
                                   f"its weights are out of range, so it cannot classify anything; use another checkpoint")
@@ -160,10 +164,11 @@ class Predictor:
                 errors[p] = e.reason
         return good, crops, errors
 
-    def predict_paths(self, paths, k: int = 5, batch_size: int | None = None):
+    def predict_paths(self, paths, k: int = 5, batch_size: int | None = None, keep_probs: bool = False):
         """Yield a Prediction per path, batching the forward pass (default batch:
         default_batch_size()) while a worker thread decodes the next batch.
-        Unreadable files give a Prediction with `error` instead of stopping the loop."""
+        Unreadable files give a Prediction with `error` instead of stopping the loop.
+        keep_probs: each Prediction also holds all classes' probabilities."""
         paths = [str(p) for p in paths]
         bs = batch_size or self.default_batch_size()
         chunks = [paths[i:i + bs] for i in range(0, len(paths), bs)]
@@ -176,9 +181,11 @@ class Predictor:
                 if n + 1 < len(chunks):
                     pending = pool.submit(self._load_chunk, chunks[n + 1])
                 probs = self._forward(torch.stack(crops)) if crops else None
-                row = {p: self.topk(probs[i], k) for i, p in enumerate(good)}
+                row = {p: i for i, p in enumerate(good)}
                 for p in chunk:
-                    yield Prediction(p, row.get(p, []), errors.get(p))
+                    i = row.get(p)
+                    yield Prediction(p, self.topk(probs[i], k) if i is not None else [], errors.get(p),
+                                     probs[i] if keep_probs and i is not None else None)
 
 
 def _inference_copy(model):

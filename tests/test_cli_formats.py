@@ -75,6 +75,8 @@ def test_reference_command_prints_every_line_in_its_format(reference_run):
         r"BEST:",
         rf"  best_acc=({A4}) \(epoch (\d)\) -> ({run_dir})/best_acc\.pt",
         rf"  best_loss=({F4}) \(epoch (\d)\) -> ({run_dir})/best_loss\.pt",
+        rf"CALIBRATION: temperature=({F4}) fitted on the best_acc epoch's \((\d)\) val logits: "
+        rf"val NLL ({F4}) -> ({F4}), ECE ({A4}) -> ({A4})",
         r"PER_CLASS: val accuracy by class at the best_acc epoch \((\d)\)",
         r"  cat: (\d+)/16 = (" + A4 + r")( \((\d+) taken for fish\))?",
         r"  fish: (\d+)/16 = (" + A4 + r")( \((\d+) taken for cat\))?",
@@ -102,11 +104,16 @@ def test_reference_command_prints_every_line_in_its_format(reference_run):
     assert (m[11].group(1), int(m[11].group(2))) == (f"{float(best_loss_row['val_loss']):.4f}", loss["epoch"])
     assert int(best_loss_row["epoch"]) == loss["epoch"]
 
+    # CALIBRATION: best_acc.pt holds the temperature fitted on its epoch; it never makes val NLL worse
+    cal = m[12]
+    assert int(cal.group(2)) == acc["epoch"] and cal.group(1) == f"{acc['temperature']:.4f}"
+    assert float(cal.group(4)) <= float(cal.group(3))
+
     # PER_CLASS: the best_acc epoch's counts, which add up to its val_acc
-    assert int(m[12].group(1)) == acc["epoch"]
-    right = int(m[13].group(1)) + int(m[14].group(1))
+    assert int(m[13].group(1)) == acc["epoch"]
+    right = int(m[14].group(1)) + int(m[15].group(1))
     assert f"{right / 32:.4f}" == m[10].group(1)
-    for row, other in ((m[13], m[14]), (m[14], m[13])):
+    for row, other in ((m[14], m[15]), (m[15], m[14])):
         assert row.group(2) == f"{int(row.group(1)) / 16:.4f}"
         assert (row.group(4) is None) == (int(row.group(1)) == 16)  # "(k taken for ...)" only with misses
         if row.group(4):
