@@ -3,7 +3,8 @@
     python predict.py --image FILE_OR_DIR --checkpoint PATH --device cpu --topk 2
     python predict.py --image DIR --checkpoint PATH --random 1 --n 5
     python predict.py --image DIR --checkpoint PATH --all 1 --csv predictions.csv
-    python predict.py --image FILE_OR_DIR --checkpoint PATH --cam cams/ [--cam-class NAME]"""
+    python predict.py --image FILE_OR_DIR --checkpoint PATH --cam cams/ [--cam-class NAME]
+    python predict.py --image FILE --checkpoint PATH --min-confidence 0.9   (below it: "unsure")"""
 from __future__ import annotations
 
 import argparse
@@ -29,6 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--cam", default=None, metavar="DIR", help="write Grad-CAM heatmaps here: <stem>_cam.png (blend) and "
       "<stem>_cam.npy (float32 map, the image's height x width, 0..1) per image")
     a("--cam-class", default=None, metavar="NAME", help="class the CAM is for (default: each image's top-1)")
+    a("--min-confidence", type=float, default=None,
+      help="answers whose top probability is below this are 'unsure' (the best guess is still shown)")
     return p
 
 
@@ -50,6 +53,8 @@ def _predict(args) -> int:
     classes = model_file_classes(args)
     if args.all and args.random:
         raise UserError("--all 1 and --random 1 exclude each other: every image, or --n random ones")
+    from core.evaluate import check_min_confidence, is_unsure
+    min_conf = check_min_confidence(args.min_confidence)
     csv_path = check_csv_path(args.csv) if args.csv else None
     cam = CamSettings(args.cam, args.cam_class).validate()
     images = choose_images(args.image, bool(args.random), args.n, bool(args.all), args.seed)
@@ -76,8 +81,13 @@ def _predict(args) -> int:
         print("TOPK:")
         for i, (label, p) in enumerate(r.topk, 1):
             print(f"  {i}) {label}  p={p:.4f}")
-        rows.append({"file": r.path, "label": r.label, "p": f"{r.p:.4f}",
-                     "topk": ";".join(f"{lab}:{p:.4f}" for lab, p in r.topk)})
+        row = {"file": r.path, "label": r.label, "p": f"{r.p:.4f}", "topk": ";".join(f"{lab}:{p:.4f}" for lab, p in r.topk)}
+        if min_conf is not None:
+            unsure = is_unsure(r.p, min_conf)
+            print(f"ANSWER: unsure (best guess {r.label}, p={r.p:.4f} is below --min-confidence {min_conf:g})"
+                  if unsure else f"ANSWER: {r.label}")
+            row["unsure"] = int(unsure)
+        rows.append(row)
     if csv_path:
         from core.fileio import atomic_write_csv
         try:

@@ -16,7 +16,7 @@ FLAG_NAMES = {name: "--" + name.replace("_", "-") for name in (
     "unfreeze_all", "policy", "seed", "num_workers", "amp", "dropout", "run_name", "print_model", "arch", "weights",
     "augment", "val_split", "output_dir", "resume", "export_state_dict", "export_full_model", "cache",
     "cache_budget_mb", "image_size", "image", "checkpoint", "topk", "random", "n", "all", "csv", "classes",
-    "trust_pickle", "format", "out", "quantize", "cam", "cam_class")}
+    "trust_pickle", "format", "out", "quantize", "cam", "cam_class", "data", "min_confidence")}
 # A setting with a value, where the CLI words it other than "<flag> <value>".
 CLI_CHOICES: dict[tuple[str, str], str] = {
     ("trust_pickle", "1"): "predict.py --trust-pickle 1 (in the app: tick 'trust pickle')",  # said by load_file

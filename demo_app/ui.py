@@ -12,6 +12,7 @@ from core.access import AccessPolicy
 
 from .context import AppContext
 from .session import TrainingService
+from .tab_evaluate import EvaluateTab
 from .tab_model import ModelTab
 from .tab_predict import PredictTab
 from .tab_train import TrainTab
@@ -55,6 +56,7 @@ class AppHandlers:
     train: TrainTab
     predict: PredictTab
     model: ModelTab
+    evaluate: EvaluateTab | None = None
 
     @property
     def service(self) -> TrainingService:
@@ -67,12 +69,13 @@ def build_app(checkpoints_dir, data_dir, uploads_dir=None, policy: AccessPolicy 
     ctx = AppContext(checkpoints_dir, data_dir, uploads_dir or ROOT / "uploads", policy=policy or AccessPolicy())
     predict, model = PredictTab(ctx), ModelTab()
     train = TrainTab(ctx, predict, model)  # its runs end in the Predict tab, its settings show in the Model tab
+    evaluate = EvaluateTab(ctx, predict)
     with gr.Blocks(title="Transfer learning with ResNet-18", analytics_enabled=False) as demo:
         gr.Markdown(HEADER, elem_id="header")
         with gr.Tabs(elem_id="tabs"):
-            for tab in (train, predict, model):
+            for tab in (train, predict, evaluate, model):
                 tab.layout()
-        for tab in (train, predict, model):
+        for tab in (train, predict, evaluate, model):
             tab.wire(demo)
-    demo.handlers = AppHandlers(ctx, train, predict, model)
+    demo.handlers = AppHandlers(ctx, train, predict, model, evaluate)
     return demo
