@@ -24,10 +24,11 @@ def nll(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0) ->
 
 def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
     """The T > 0 minimising val NLL: LBFGS on log T (so T stays positive and the
-    problem is smooth; NLL is convex in 1/T). 1.0 when there is nothing to fit
-    (no images, or every logit row constant)."""
+    problem is smooth; NLL is convex in 1/T). 1.0 when there is nothing to fit:
+    no images, or no mistakes (every val image right: the NLL then falls as T
+    goes to 0, which would make the model certain of everything it sees next)."""
     logits, labels = logits.detach().double().cpu(), labels.detach().cpu()
-    if not len(labels) or not torch.isfinite(logits).all():
+    if not len(labels) or not torch.isfinite(logits).all() or no_mistakes(logits, labels):
         return 1.0
     log_t = torch.zeros(1, dtype=torch.float64, requires_grad=True)
     opt = torch.optim.LBFGS([log_t], lr=0.5, max_iter=100, line_search_fn="strong_wolfe")
@@ -45,6 +46,10 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
     t = min(max(t, T_MIN), T_MAX)
     # LBFGS can stop on a flat stretch; never keep a T that is worse than none.
     return t if nll(logits, labels, t) <= nll(logits, labels, 1.0) else 1.0
+
+
+def no_mistakes(logits: torch.Tensor, labels: torch.Tensor) -> bool:
+    return bool((logits.argmax(1) == labels).all())
 
 
 def bins(confidence, correct, n_bins: int = ECE_BINS) -> list[dict]:
@@ -108,8 +113,12 @@ class Calibration:
     ece_before: float
     ece_after: float
 
+    fitted: bool = True  # False: every val image was right, nothing to calibrate against (T = 1)
+
     def line(self, where: str) -> str:
-        return (f"CALIBRATION: temperature={self.temperature:.4f} fitted on {where}: "
+        how = f"fitted on {where}" if self.fitted else \
+            f"not fitted ({where} hold no mistake to calibrate against; T stays 1)"
+        return (f"CALIBRATION: temperature={self.temperature:.4f} {how}: "
                 f"val NLL {self.nll_before:.4f} -> {self.nll_after:.4f}, "
                 f"ECE {self.ece_before:.4f} -> {self.ece_after:.4f}")
 
@@ -125,4 +134,5 @@ def calibrate(logits: torch.Tensor, labels: torch.Tensor) -> Calibration:
         p, pred = torch.softmax(logits / temp, 1).max(1)
         return ece(p, pred == labels)
 
-    return Calibration(t, nll(logits, labels), nll(logits, labels, t), ece_at(1.0), ece_at(t))
+    return Calibration(t, nll(logits, labels), nll(logits, labels, t), ece_at(1.0), ece_at(t),
+                       fitted=not no_mistakes(logits, labels))

@@ -12,6 +12,7 @@ import gradio as gr
 import pandas as pd
 
 from core.errors import CheckpointError, UserError, first_line
+from core.evaluate import is_unsure
 from core.images import load_rgb
 from core.metrics import folder_check, folder_labels
 from core.predict import Predictor, cached_predictor
@@ -70,6 +71,8 @@ class PredictTab:
                 self.ckpt_info = gr.Markdown("", elem_id="checkpoint-info", padding=True)
                 self.export.layout()
                 self.k = gr.Slider(1, 10, value=3, step=1, label="Top-k", elem_id="top-k")
+                self.min_conf = gr.Slider(0, 1, value=0, step=0.01, elem_id="min-confidence",
+                                          label="Min confidence: below it the answer is 'unsure' (0: always answer)")
                 gr.Markdown("### Examples from the dataset (val/ when it has one; click one)",
                             elem_classes="section-title")
                 self.examples = gr.Gallery(label="Examples", show_label=False, columns=4, height=260,
@@ -112,6 +115,11 @@ class PredictTab:
         return [self.image, self.k, *self.checkpoint_inputs]
 
     @property
+    def page_predict_inputs(self) -> list:
+        """predict_inputs and the min-confidence slider (the page's events; the API keeps predict_inputs)."""
+        return [*self.predict_inputs, self.min_conf]
+
+    @property
     def batch_outputs(self) -> list:
         return [self.batch_table, self.batch_gallery, self.batch_csv, self.batch_summary, self.cam.gallery_paths]
 
@@ -124,9 +132,10 @@ class PredictTab:
         self.ckpt_refresh.click(self.refresh_checkpoints, self.ckpt, self.ckpt, api_name="refresh_checkpoints")
         gr.on(ckpt_changed, self.checkpoint_info, self.checkpoint_inputs, self.ckpt_info, show_progress="minimal",
               **PRIVATE)
-        self.predict_btn.click(self.predict_shown, self.predict_inputs, [self.label, self.pred_time], **PRIVATE)
+        self.predict_btn.click(self.predict_shown, self.page_predict_inputs, [self.label, self.pred_time], **PRIVATE)
         # A new checkpoint re-labels the image shown (else an old result, or an old error, stays on screen).
-        gr.on([self.image.change, self.k.change, *ckpt_changed], self.predict_shown, self.predict_inputs,
+        gr.on([self.image.change, self.k.change, self.min_conf.change, *ckpt_changed], self.predict_shown,
+              self.page_predict_inputs,
               [self.label, self.pred_time], show_progress="minimal", **PRIVATE)
         self.examples.select(self.example_selected, self.example_paths, self.image, **PRIVATE)
         batch_inputs = [self.files, self.folder, self.k, *self.checkpoint_inputs]
@@ -215,14 +224,21 @@ class PredictTab:
                 self.pred_time: f"Prediction took **{ms:.0f} ms** on {pred.device.type} · top-{len(topk)} of "
                                 f"{len(pred.class_names)} classes"}
 
-    def predict_shown(self, image, k, selected, uploaded, trust) -> dict:
+    def predict_shown(self, image, k, selected, uploaded, trust, min_conf=None) -> dict:
         """predict() for the page: a problem clears the old label and is said
         beside it (raised, it would leave the last answer on screen under an
-        error badge)."""
+        error badge). Below `min_conf` the answer is 'unsure' (core.evaluate.is_unsure)."""
         try:
-            return self.predict(image, k, selected, uploaded, trust)
+            out = self.predict(image, k, selected, uploaded, trust)
         except gr.Error as e:
             return {self.label: None, self.pred_time: shown_error(e)}
+        scores = out[self.label]
+        if scores and min_conf:
+            best, p = max(scores.items(), key=lambda kv: kv[1])
+            if is_unsure(p, float(min_conf)):
+                out[self.pred_time] = (f"**Unsure**: the best guess {md_code(best)} has p = {p:.3f}, below the "
+                                       f"minimum confidence {float(min_conf):.2f}<br>{out[self.pred_time]}")
+        return out
 
     # ------------------------------------------------------------ many images
 

@@ -16,7 +16,7 @@ from core.events import BatchProgress, EpochEnded, Notice, RunEnded, RunStarted
 from core.errors import UserError
 from core.metrics import per_class_summary
 
-from . import plots, runs
+from . import eval_plots, plots, runs
 from .context import PRIVATE, AppContext
 from .messages import error_markdown, os_error_text, say, user_error
 from .session import Failed, RunHandle
@@ -59,6 +59,9 @@ class RunPanel:
                 self.loss_plot = gr.Plot(plots.loss_figure([]), label="Loss", show_label=False, elem_id="loss-plot")
                 self.acc_plot = gr.Plot(plots.accuracy_figure([]), label="Accuracy", show_label=False,
                                         elem_id="acc-plot")
+            # The best epoch's confusion matrix, shown when a run ends (Evaluate tab: the full report).
+            self.cm_plot = gr.Plot(label="Best epoch's confusion matrix", show_label=False, visible=False,
+                                   elem_id="train-confusion")
             with gr.Row(equal_height=True):
                 self.compare = gr.Dropdown([], value=[], multiselect=True, scale=6, elem_id="compare",
                                            label="Compare policies: overlay earlier runs' val accuracy")
@@ -79,7 +82,7 @@ class RunPanel:
         # concurrency_limit=None: a second Start (another tab) reaches the handler and is refused
         # there with a message, instead of waiting silently in Gradio's queue.
         started = self.start_btn.click(**button(True)).then(
-            self.start, inputs_kwargs={**form, "compare": self.compare}, outputs=[*frame, self.compare, p.ckpt],
+            self.start, inputs_kwargs={**form, "compare": self.compare}, outputs=[*frame, self.compare, p.ckpt, self.cm_plot],
             api_name="train", concurrency_limit=None, show_progress="minimal", show_progress_on=[self.progress_strip])
         # .then() does not run after an error (a refused or failed run raises): .failure() does.
         started.failure(**button(False))
@@ -87,7 +90,7 @@ class RunPanel:
         # preselected best_acc.pt may be the same path as before, with newer weights in it.
         started.then(**button(False)).then(
             p.checkpoint_info, p.checkpoint_inputs, p.ckpt_info, show_progress="hidden", **PRIVATE).then(
-            p.predict_shown, p.predict_inputs, [p.label, p.pred_time], show_progress="hidden", **PRIVATE)
+            p.predict_shown, p.page_predict_inputs, [p.label, p.pred_time], show_progress="hidden", **PRIVATE)
         self.stop_btn.click(self.stop_shown, None, [self.status, p.ckpt, p.ckpt_info], concurrency_limit=None,
                             show_progress="hidden", **PRIVATE)
         gr.Button(visible=False).click(self.stop, None, self.status, api_name="stop", concurrency_limit=None)
@@ -142,8 +145,8 @@ class RunPanel:
             raise user_error(message, "Training not started") from None
         overlays = self._overlays(compare)
         state = {"history": [], "epochs": cfg.epochs, "run": None}
-        yield self._frame("▶ Setting up: scanning the dataset, loading weights, building the model…",
-                          state, overlays, handle.log)
+        yield {**self._frame("▶ Setting up: scanning the dataset, loading weights, building the model…",
+                             state, overlays, handle.log), self.cm_plot: gr.update(value=None, visible=False)}
         ended, failed = None, None
         # pending: an epoch frame held back by MIN_FRAME_S. -inf, not 0: monotonic()
         # counts from boot, so a machine up for less than MIN_FRAME_S held the first back.
@@ -192,7 +195,15 @@ class RunPanel:
             yield self._frame(status, state, overlays, log_lines)
             raise user_error(failed.error, "Training failed")
         yield {**self._frame(end_status(ended), state, overlays, log_lines), self.compare: self.refresh_compare(compare),
-               self.predict.ckpt: self.predict.refresh_checkpoints(ended.best_acc_path)}
+               self.predict.ckpt: self.predict.refresh_checkpoints(ended.best_acc_path), **self.best_confusion(ended)}
+
+    def best_confusion(self, ended: RunEnded) -> dict:
+        """The best_acc epoch's confusion matrix as a heatmap, when the run recorded one."""
+        if not ended.best_confusion:
+            return {self.cm_plot: gr.update(value=None, visible=False)}
+        title = f"Best epoch ({ended.best['acc_epoch']}): confusion matrix on val"
+        return {self.cm_plot: gr.update(value=eval_plots.confusion_figure(ended.classes, ended.best_confusion, title),
+                                        visible=True)}
 
     @staticmethod
     def start_button(running: bool):

@@ -75,8 +75,8 @@ def test_reference_command_prints_every_line_in_its_format(reference_run):
         r"BEST:",
         rf"  best_acc=({A4}) \(epoch (\d)\) -> ({run_dir})/best_acc\.pt",
         rf"  best_loss=({F4}) \(epoch (\d)\) -> ({run_dir})/best_loss\.pt",
-        rf"CALIBRATION: temperature=({F4}) fitted on the best_acc epoch's \((\d)\) val logits: "
-        rf"val NLL ({F4}) -> ({F4}), ECE ({A4}) -> ({A4})",
+        rf"CALIBRATION: temperature=({F4}) (?:fitted on |not fitted \()the best_acc epoch's \((\d)\) val logits"
+        rf"(?: hold no mistake to calibrate against; T stays 1\))?: val NLL ({F4}) -> ({F4}), ECE ({A4}) -> ({A4})",
         r"PER_CLASS: val accuracy by class at the best_acc epoch \((\d)\)",
         r"  cat: (\d+)/16 = (" + A4 + r")( \((\d+) taken for fish\))?",
         r"  fish: (\d+)/16 = (" + A4 + r")( \((\d+) taken for cat\))?",
