@@ -27,7 +27,7 @@ def confusion_figure(classes: list[str], confusion, title: str = "Confusion matr
         z=share, x=list(classes), y=list(classes), text=m, texttemplate="%{text}", colorscale="Blues", zmin=0, zmax=1,
         customdata=m, hovertemplate="true %{y}, predicted %{x}: %{customdata} (%{z:.0%} of %{y})<extra></extra>",
         colorbar={"title": {"text": "share of row"}}, xgap=1, ygap=1))
-    side = min(620, 140 + 48 * n)
+    side = min(640, 240 + 60 * n)
     fig.update_layout(title={"text": title, "x": 0.02, "font": {"size": 15}}, template="plotly_white", height=side,
                       margin={"l": 90, "r": 20, "t": 40, "b": 70})
     fig.update_xaxes(title_text="predicted", type="category", side="bottom")

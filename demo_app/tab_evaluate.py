@@ -98,7 +98,7 @@ class EvaluateTab:
         gr.on([self.run_btn.click, self.folder.submit], self.evaluate_shown, inputs, self.outputs,
               show_progress="minimal", **PRIVATE)
         self.confusion.change(None, js=BIND_CLICKS, **PRIVATE)
-        self.cell_click.input(self.show_cell, [self.cell_click, self.result], [self.cell_title, self.cell_gallery],
+        self.cell_click.change(self.show_cell, [self.cell_click, self.result], [self.cell_title, self.cell_gallery],
                               show_progress="minimal", **PRIVATE)
         gr.Button(visible=False).click(self.evaluate, inputs, self.outputs, api_name="evaluate")
         demo.load(self.predict.refresh_checkpoints, self.ckpt, self.ckpt, **PRIVATE)

@@ -229,7 +229,7 @@ def test_report_is_self_contained_and_shows_the_heatmap_in_a_browser(run, tmp_pa
         assert svg.is_visible() and svg.bounding_box()["width"] > 100
         cells = page.locator("#confusion-svg g.cell")
         assert cells.count() == 4
-        texts = [cells.nth(i).locator("text").inner_text() for i in range(4)]
+        texts = [cells.nth(i).locator("text").text_content() for i in range(4)]
         assert texts == [str(matrix.get((t, q), 0)) for t in (0, 1) for q in (0, 1)]
         assert page.locator("#reliability-svg").is_visible() and page.locator("#risk-coverage-svg").is_visible()
         imgs = page.locator("figure img")
