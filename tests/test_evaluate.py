@@ -294,3 +294,22 @@ def test_evaluate_tab_clicking_a_cell_fills_the_gallery(run, tmp_path):
             browser.close()
     finally:
         demo.close()
+
+
+def test_evaluate_tab_reads_only_allowed_folders_when_exposed(run, tmp_path):
+    """When others can reach the app, a typed folder (and the checkpoint's own data
+    folder, used when the box is empty) must lie under --data-root."""
+    import gradio as gr
+    from core.access import AccessPolicy
+    from demo_app.ui import build_app
+    outside = make_image_dataset(tmp_path / "elsewhere")
+    demo = build_app(run["checkpoints"], run["data"], tmp_path / "up",
+                     policy=AccessPolicy.make(True, [run["checkpoints"]]))
+    tab = demo.handlers.evaluate
+    for folder in (str(outside / "val"), ""):  # "": the run's data folder, not under the allowed roots either
+        with pytest.raises(gr.Error, match="outside the folders this app may read"):
+            tab.evaluate(str(run["best"]), folder, 0)
+    allowed = build_app(run["checkpoints"], run["data"], tmp_path / "up2",
+                        policy=AccessPolicy.make(True, [run["checkpoints"], run["data"]])).handlers.evaluate
+    shown = allowed.evaluate(str(run["best"]), "", 0.6)
+    assert "Accuracy" in shown[allowed.summary] and "at min confidence 0.6" in shown[allowed.summary]

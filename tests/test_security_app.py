@@ -462,7 +462,7 @@ def test_user_strings_render_as_text(default_app, trained, tmp_path):
         junk.write_text("not an image")
         name = "<img src=x onerror=alert(1)>.png"
         predict_shown = next(d["id"] for d in raw.config()["dependencies"] if d.get("api_name") == "predict_shown")
-        reply = raw.call(predict_shown, [raw.upload(junk, name), 2, ckpt, None, False])
+        reply = raw.call(predict_shown, [raw.upload(junk, name), 2, ckpt, None, False, 0])  # 0: the min-confidence slider
         shown = reply["output"]["data"][1]
         assert "Not an image" in shown
         assert_shown_as_text(shown, [name])
