@@ -72,7 +72,7 @@ def _evaluate(args) -> int:
     try:
         out.mkdir(parents=True, exist_ok=True)
         csv_path = atomic_write_csv(out / "predictions.csv", res.csv_rows())
-        html_path = atomic_write_text(out / "report.html", report_html(res, cfg.checkpoint, cam_overlay(pred)))
+        html_path = atomic_write_text(out / "report.html", report_html(res, cfg.checkpoint, cam_overlay(pred, res)))
     except OSError as e:
         raise UserError(f"could not write to --out {out}: {e.strerror or e}") from None
     print(f"CSV: {csv_path} ({len(res.rows)} rows)")
@@ -80,13 +80,16 @@ def _evaluate(args) -> int:
     return 0
 
 
-def cam_overlay(pred):
-    """row -> a function blending that image's Grad-CAM (for its predicted class) over it; None without core.cam."""
-    try:
-        from core import cam  # noqa: F401  (issue 17 §1; wired in when present)
-    except ImportError:
+def cam_overlay(pred, res):
+    """For the top losses: row -> a function blending that image's Grad-CAM (of
+    its predicted class) over it; None when CAMs are not available."""
+    from core.evaluate import loss_cams
+    wrong, right = res.top_losses()
+    cams = loss_cams(pred, wrong + right)
+    if cams is None:
+        print("NOTE: the top losses are shown without Grad-CAM (core.cam is not available)", file=sys.stderr)
         return None
-    return None
+    return lambda row: cams.get(row["path"])
 
 
 def check_out_dir(out: str | None, checkpoint: str) -> Path:

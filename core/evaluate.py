@@ -241,6 +241,36 @@ def measure(res: EvalResult, probs: torch.Tensor, labels: torch.Tensor) -> EvalR
     return res
 
 
+CAM_ALPHA = 0.45  # heatmap opacity over a top-loss thumbnail
+CAM_BATCH = 8  # images per Grad-CAM pass (it keeps activations for the backward pass)
+
+
+def loss_cams(pred: Predictor, rows: list[dict], alpha: float = CAM_ALPHA) -> dict | None:
+    """path -> overlay(image): Grad-CAM of the class the model answered,
+    blended over the image at its own size (core.cam). Where the model looked
+    when it was wrong is the point of a top-losses sheet. None when core.cam
+    is not available."""
+    try:
+        from .cam import blend_cam, cam_for_image
+    except ImportError:
+        return None
+    out = {}
+    for start in range(0, len(rows), CAM_BATCH):
+        crops, keep = [], []
+        for r in rows[start:start + CAM_BATCH]:
+            try:
+                crops.append(pred.preprocess(r["path"]))
+                keep.append(r)
+            except UserError:  # unreadable now: its thumbnail says so
+                continue
+        if not crops:
+            continue
+        maps = pred.cam(torch.stack(crops), [pred.class_names.index(r["predicted"]) for r in keep])
+        for r, m in zip(keep, maps):
+            out[r["path"]] = lambda img, m=m: blend_cam(img, cam_for_image(m, img, pred.resize, pred.crop), alpha)
+    return out
+
+
 def matrix_lines(res: EvalResult) -> list[str]:
     """The confusion matrix as text (rows: true class, columns: predicted); past
     DENSE_MAX classes, the most frequent confusions instead."""

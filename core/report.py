@@ -187,6 +187,9 @@ def report_html(res: EvalResult, checkpoint: str, overlay_for=None) -> str:
         kv.append((f"at min confidence {res.min_confidence:g}",
                    f"{a['kept']}/{a['total']} answered (coverage {a['coverage']:.4f}), accuracy {acc}; "
                    f"{a['total'] - a['kept']} unsure"))
+    with_cams = overlay_for is not None and any(overlay_for(r) for r in wrong + unsure_right)
+    cam_note = ("<p>Heatmaps: Grad-CAM of the class the model answered, where it found its evidence "
+                "(red: most).</p>" if with_cams else "")
     summary = "<table class='kv'>" + "".join(f"<tr><td>{k}</td><td>{v}</td></tr>" for k, v in kv) + "</table>"
     notes = "".join(f"<p>Note: {Esc(x)}</p>" for x in res.notes)
     if len(res.classes) <= DENSE_MAX:
@@ -212,7 +215,7 @@ Right: keep only answers with p &ge; P and call the rest "unsure": the fewer kep
 Choose P here and pass it as --min-confidence.</p>
 <div class="charts">{reliability_svg(res)}{risk_coverage_svg(res)}</div>
 <h2>Top losses: most confidently wrong</h2>
-{loss_sheet(wrong, overlay_for)}
+{cam_note}{loss_sheet(wrong, overlay_for)}
 <h2>Least confident right</h2>
 {loss_sheet(unsure_right, overlay_for)}
 </body></html>

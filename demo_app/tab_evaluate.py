@@ -13,7 +13,8 @@ import pandas as pd
 
 from core.checkpoint import atomic_write_csv, atomic_write_text
 from core.errors import UserError
-from core.evaluate import default_data, evaluate, labelled_images
+from core.images import load_rgb
+from core.evaluate import default_data, evaluate, labelled_images, loss_cams
 from core.report import report_html
 
 from . import eval_plots, inference
@@ -120,13 +121,13 @@ class EvaluateTab:
                            progress=lambda i, n: progress((i, n), desc="classifying", unit="img"))
         except UserError as e:
             raise user_error(e, "Cannot evaluate") from None
-        out = Path(tempfile.mkdtemp(prefix="tl_evaluate_"))  # Gradio serves files from the temp dir
-        html = atomic_write_text(out / "report.html", report_html(res, str(selected)))
-        csv = atomic_write_csv(out / "predictions.csv", res.csv_rows())
         wrong, right = res.top_losses()
-        losses = [(inference.thumbnail(r["path"], 200), f"✗ {r['true']} → {r['predicted']} p={r['p']:.2f}")
-                  for r in wrong] + \
-                 [(inference.thumbnail(r["path"], 200), f"✓ {r['true']} p={r['p']:.2f}") for r in right]
+        cams = loss_cams(pred, wrong + right) or {}  # Grad-CAM of the answered class, when core.cam is there
+        out = Path(tempfile.mkdtemp(prefix="tl_evaluate_"))  # Gradio serves files from the temp dir
+        html = atomic_write_text(out / "report.html", report_html(res, str(selected), lambda r: cams.get(r["path"])))
+        csv = atomic_write_csv(out / "predictions.csv", res.csv_rows())
+        losses = [(with_cam(r["path"], cams), f"✗ {r['true']} → {r['predicted']} p={r['p']:.2f}") for r in wrong] + \
+                 [(with_cam(r["path"], cams), f"✓ {r['true']} p={r['p']:.2f}") for r in right]
         table = pd.DataFrame([[r[c] for c in CLASS_COLUMNS] for r in res.per_class] +
                              [[name, a["precision"], a["recall"], a["f1"], a["support"]]
                               for name, a in (("macro avg", res.macro), ("weighted avg", res.weighted))],
@@ -166,6 +167,19 @@ class EvaluateTab:
         verdict = "right" if true == predicted else "wrong"
         title = f"**{len(rows)}** image(s) of {md_code(true)} predicted {md_code(predicted)} ({verdict}){more}"
         return title, [(im, c) for im, c in shown if im is not None]
+
+
+def with_cam(path: str, cams: dict, size: int = 200):
+    """A thumbnail of the image, its Grad-CAM blended over it when there is one."""
+    overlay = cams.get(path)
+    if overlay is None:
+        return inference.thumbnail(path, size)
+    try:
+        img = overlay(load_rgb(path))
+    except UserError:
+        return None
+    img.thumbnail((size, size))
+    return img
 
 
 def summary_markdown(res) -> str:
