@@ -250,12 +250,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_train_tab_heatmap_is_the_best_epochs_confusion(run):
-    from demo_app.eval_plots import confusion_figure
-    fig = confusion_figure(run["end"].classes, run["end"].best_confusion)
-    matrix = {(t, p): c for t, p, c in run["ckpt"]["best_val_confusion"]}
-    assert fig.data[0].type == "heatmap" and [list(r) for r in fig.data[0].text] == \
-        [[matrix.get((t, p), 0) for p in (0, 1)] for t in (0, 1)]
+def test_train_tab_heatmap_and_predict_tab_unsure(run, tmp_path):
+    """The Train tab's end-of-run heatmap is the best epoch's counts; the Predict
+    tab's min-confidence slider says 'unsure' exactly below it."""
+    from demo_app.ui import build_app
+    h = build_app(run["checkpoints"], run["data"], tmp_path / "up").handlers
+    shown = h.train.run.best_confusion(run["end"])[h.train.run.cm_plot]
+    fig, matrix = shown["value"], {(t, p): c for t, p, c in run["ckpt"]["best_val_confusion"]}
+    assert shown["visible"] and fig.data[0].type == "heatmap"
+    assert [list(r) for r in fig.data[0].text] == [[matrix.get((t, p), 0) for p in (0, 1)] for t in (0, 1)]
+    image = str(run["data"] / "val" / "cat" / "cat_0.jpg")
+    p = max(h.predict.predict(image, 2, str(run["best"]), None, False)[h.predict.label].values())
+    for cut, unsure in ((p + 1e-3, True), (p, False), (0, False)):
+        said = h.predict.predict_shown(image, 2, str(run["best"]), None, False, cut)[h.predict.pred_time]
+        assert said.startswith("**Unsure**: the best guess") == unsure, (cut, said)
 
 
 def test_evaluate_tab_clicking_a_cell_fills_the_gallery(run, tmp_path):
