@@ -114,6 +114,10 @@ def labelled_images(data, classes: list[str], info: dict | None = None, checkpoi
     split = read_split_folder(folder)
     unknown = [c for c in split.classes if c not in classes]
     if unknown:
+        if (info or {}).get("class_names_recorded") is False:  # numbered: the names were never given
+            raise DatasetError(f"the model file records no class names (they are numbered {list(classes)}), so the "
+                               f"folders of {folder} cannot be matched; pass {{setting:classes}} in the order "
+                               f"the model was trained with, e.g. {','.join(split.classes)}", field="data")
         raise DatasetError(f"{folder} has class folder(s) the model does not know: {unknown}; it knows {list(classes)}. "
                            f"Move those folders out (or point {{setting}} at a folder with only known classes)",
                            field="data", value=str(folder))

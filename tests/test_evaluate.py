@@ -110,6 +110,12 @@ def test_unknown_class_folders_are_refused_and_missing_ones_noted(run, tmp_path)
                           f"it knows ['cat', 'fish']. Move those folders out (or point --data at"), err
     code, _, err = cli("evaluate", ["--checkpoint", run["best"], "--min-confidence", "1.5"])
     assert code == 2 and err.startswith("error: --min-confidence must be a probability from 0 to 1 (got 1.5)")
+    torch.save(run["ckpt"]["model_state"], tmp_path / "sd.pt")  # a bare state_dict: classes numbered until named
+    code, _, err = cli("evaluate", ["--checkpoint", tmp_path / "sd.pt", "--data", run["data"], "--out", tmp_path / "c"])
+    assert code == 2 and "records no class names" in err and "pass --classes in the order" in err, err
+    code, out, err = cli("evaluate", ["--checkpoint", tmp_path / "sd.pt", "--classes", "cat,fish", "--data", run["data"],
+                                      "--out", tmp_path / "c"])
+    assert code == 0 and "format: state_dict" in out and "temperature: 1.0000 (none fitted" in out, err
     (tmp_path / "file").write_text("x")
     code, _, err = cli("evaluate", ["--checkpoint", run["best"], "--out", tmp_path / "file"])
     assert code == 2 and "--out" in err and "is a file" in err
