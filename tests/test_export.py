@@ -159,7 +159,7 @@ def test_export_cli_writes_every_format_with_its_sidecar(runs, exports):
     assert meta["source"] == {"file": "best_acc.pt", "sha256": sha256(ckpt), "format": "checkpoint dict"}
     assert meta["best_epoch"] == saved["best_epoch"] and meta["best_val_acc"] == saved["best_val_acc"]
     assert meta["val_acc"] == epoch_row["val_acc"] and meta["val_loss"] == epoch_row["val_loss"]
-    assert "temperature" not in meta  # this checkpoint has none
+    assert meta.get("temperature") == saved["temperature"]  # fitted on that epoch's val logits (issue 17)
     assert meta["files"] == {f: sha256(out / f) for f in
                              ("model.int8.onnx", "model.onnx", "model.pt2", "model.safetensors")}
     assert not list(out.glob(".*.tmp"))  # atomic writes leave no temp files
