@@ -24,6 +24,7 @@ FIELD_LABELS = {
     "val_split": "'Validation fraction (Advanced)'", "run_name": "'Run name'",
     "output_dir": "the checkpoints folder (app.py --checkpoints-dir)", "checkpoint": "'Checkpoint'",
     "trust_pickle": "'Trust pickle'", "classes": "'Classes'", "image": "the image", "resume": "resuming",
+    "data": "'Labelled folder'", "min_confidence": "'Min confidence'",
 }
 # A choice whose widget shows it under its own label; any other reads "'Label' = value".
 CHOICE_LABELS = {("weights", "none"): "None (random init)", ("weights", "imagenet"): "ImageNet (torchvision)",
