@@ -127,7 +127,7 @@ def risk_coverage_svg(res: EvalResult, w: int = 420, h: int = 340, pad: int = 48
     if res.at_p and res.at_p["kept"]:
         x, y = sx(res.at_p["coverage"]), sy(res.at_p["accuracy"])
         out.append(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="6" fill="none" stroke="#e45756" stroke-width="2"/>'
-                   f'<text x="{x - 8:.1f}" y="{y + 18:.1f}" text-anchor="end" fill="#e45756">'
+                   f'<text x="{x + 8:.1f}" y="{y - 10:.1f}" fill="#e45756">'
                    f'P = {res.min_confidence:g}</text>')
     out.append("</svg>")
     return "".join(out)

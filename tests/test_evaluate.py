@@ -224,6 +224,11 @@ def test_report_is_self_contained_and_shows_the_heatmap_in_a_browser(run, tmp_pa
     html = (tmp_path / "report.html").read_text()
     assert not re.search(r"https?://", html) and "<script" not in html and "<link" not in html
     assert len(html) < 2_000_000
+    # the top losses carry the Grad-CAM of the answered class (core.cam), blended over each image
+    from core.report import thumbnail_uri
+    assert "Heatmaps: Grad-CAM of the class the model answered" in html
+    first = re.search(r"<figure><img src='(data:image/jpeg;base64,[^']+)' alt='([^']+)'>", html)
+    assert first and first.group(1) != thumbnail_uri(first.group(2))
     matrix = {(t, p): c for t, p, c in run["ckpt"]["best_val_confusion"]}
     with sync_api.sync_playwright() as p:
         browser = launch_chromium(p)
@@ -327,3 +332,25 @@ def test_evaluate_tab_reads_only_allowed_folders_when_exposed(run, tmp_path):
                         policy=AccessPolicy.make(True, [run["checkpoints"], run["data"]])).handlers.evaluate
     shown = allowed.evaluate(str(run["best"]), "", 0.6)
     assert "Accuracy" in shown[allowed.summary] and "at min confidence 0.6" in shown[allowed.summary]
+
+
+def test_top_losses_carry_the_grad_cam_of_the_answered_class(run):
+    """Each top-loss image gets its own CAM (core.cam through Predictor.cam), blended at the image's size."""
+    import numpy as np
+    from core.cam import cam_for_image
+    from core.evaluate import evaluate, labelled_images, loss_cams
+    from core.images import load_rgb
+    from core.predict import Predictor
+    pred = Predictor.load(run["best"], "cpu")
+    res = evaluate(pred, labelled_images(None, pred.class_names, pred.info, run["best"]))
+    wrong, right = res.top_losses()
+    cams = loss_cams(pred, wrong + right)
+    assert set(cams) == {r["path"] for r in wrong + right}
+    r = (wrong + right)[0]
+    img = load_rgb(r["path"])
+    blended = np.asarray(cams[r["path"]](img), np.float32)
+    assert blended.shape == (img.height, img.width, 3)
+    crop = pred.preprocess(r["path"])[None]
+    m = cam_for_image(pred.cam(crop, [pred.class_names.index(r["predicted"])])[0], img, pred.resize, pred.crop)
+    plain = np.asarray(img, np.float32)
+    assert m.max() == 0 or np.abs(blended - plain).mean() > 1  # the heatmap is there, not the plain image
