@@ -45,7 +45,7 @@ def config_from_args(args):
 
 
 def _evaluate(args) -> int:
-    from core.checkpoint import atomic_write_csv, atomic_write_text
+    from core.fileio import atomic_write_csv, atomic_write_text
     from core.config import ARCHS
     from core.device import configure_threads
     from core.errors import UserError

@@ -11,7 +11,7 @@ from pathlib import Path
 import gradio as gr
 import pandas as pd
 
-from core.checkpoint import atomic_write_csv, atomic_write_text
+from core.fileio import atomic_write_csv, atomic_write_text
 from core.errors import UserError
 from core.images import load_rgb
 from core.evaluate import default_data, evaluate, labelled_images, loss_cams
