@@ -25,6 +25,8 @@ FIELD_LABELS = {
     "output_dir": "the checkpoints folder (app.py --checkpoints-dir)", "checkpoint": "'Checkpoint'",
     "trust_pickle": "'Trust pickle'", "classes": "'Classes'", "image": "the image", "resume": "resuming",
     "data": "'Labelled folder'", "min_confidence": "'Min confidence'",
+    "cam": "Grad-CAM", "cam_class": "'CAM for class'", "dataset": "the dataset", "dataset_name": "the dataset name",
+    "class_name": "the class name", "split": "the split (train or val)",
 }
 # A choice whose widget shows it under its own label; any other reads "'Label' = value".
 CHOICE_LABELS = {("weights", "none"): "None (random init)", ("weights", "imagenet"): "ImageNet (torchvision)",
