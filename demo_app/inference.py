@@ -10,6 +10,7 @@ from pathlib import Path
 from PIL import Image
 
 from core.errors import CheckpointError, ImageLoadError, UserError
+from core.evaluate import is_unsure
 from core.images import load_rgb
 from core.metrics import per_class, per_class_summary
 from core.predict import Prediction, Predictor, list_images
@@ -74,7 +75,13 @@ def display_name(path: str, folder: str | None, uploads: dict[str, str]) -> str:
     return Path(path).name
 
 
-def table_rows(preds: list[Prediction], names: list[str], labels: list[str | None]) -> list[list]:
+def answer(p: Prediction, min_conf: float | None) -> str:
+    """The top-1 label, or 'unsure (best guess: X)' below the minimum confidence (core.evaluate.is_unsure)."""
+    return f"unsure (best guess: {p.label})" if is_unsure(p.p, min_conf) else p.label
+
+
+def table_rows(preds: list[Prediction], names: list[str], labels: list[str | None],
+               min_conf: float | None = None) -> list[list]:
     """One row per image; `check` compares the prediction with the class its
     folder is named after (core.metrics.folder_labels), blank without one."""
     rows = []
@@ -83,7 +90,8 @@ def table_rows(preds: list[Prediction], names: list[str], labels: list[str | Non
             rows.append([name, "—", None, "", p.error, ""])
         else:
             check = "" if y is None else "✓" if p.label == y else f"✗ folder: {y}"
-            rows.append([name, p.label, p.p, ", ".join(f"{lab} {pr:.3f}" for lab, pr in p.topk), "", check])
+            rows.append([name, answer(p, min_conf), p.p, ", ".join(f"{lab} {pr:.3f}" for lab, pr in p.topk), "",
+                         check])
     return rows
 
 
@@ -101,16 +109,19 @@ def folder_check_summary(check: tuple[int, int, list[int]], preds: list[Predicti
     return text
 
 
-def write_csv(preds: list[Prediction], names: list[str], labels: list[str | None]) -> str:
+def write_csv(preds: list[Prediction], names: list[str], labels: list[str | None],
+              min_conf: float | None = None) -> str:
     """CSV in a fresh temp folder (Gradio serves files from the temp dir);
-    folder_class: the class the image's folder is named after, if any."""
+    folder_class: the class the image's folder is named after, if any; with a
+    minimum confidence an `unsure` column (1 below it), as predict.py writes."""
     out = Path(tempfile.mkdtemp(prefix="tl_predictions_")) / "predictions.csv"
     with open(out, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
-        w.writerow(["file", "path", "top1", "p", "topk", "error", "folder_class"])
+        w.writerow(["file", "path", "top1", "p", "topk", "error", "folder_class"] + (["unsure"] if min_conf else []))
         for p, name, y in zip(preds, names, labels):
+            unsure = [int(is_unsure(p.p, min_conf)) if not p.error else ""] if min_conf else []
             w.writerow([name, p.path, p.label or "", f"{p.p:.6f}" if p.p is not None else "",
-                        "; ".join(f"{lab}:{pr:.6f}" for lab, pr in p.topk), p.error or "", y or ""])
+                        "; ".join(f"{lab}:{pr:.6f}" for lab, pr in p.topk), p.error or "", y or ""] + unsure)
     return str(out)
 
 
@@ -124,7 +135,7 @@ def thumbnail(path: str, size: int = 256) -> Image.Image | None:
 
 
 def gallery_entries(preds: list[Prediction], names: list[str], labels: list[str | None],
-                    wrong: list[int]) -> tuple[list[tuple[Image.Image, str]], list[str]]:
+                    wrong: list[int], min_conf: float | None = None) -> tuple[list[tuple[Image.Image, str]], list[str]]:
     """(thumbnail, caption) for readable images; thumbnails, so any folder works.
     The `wrong` ones (core.metrics.folder_check) come first, marked ✗. Also the
     images' paths in the gallery's order (a click on the gallery names an index)."""
@@ -138,6 +149,6 @@ def gallery_entries(preds: list[Prediction], names: list[str], labels: list[str 
         thumb = thumbnail(p.path)
         if thumb is not None:
             mark = f"✗ (folder: {labels[i]}) " if i in first else ""
-            out.append((thumb, f"{mark}{p.label} {p.p:.0%} · {name}"))
+            out.append((thumb, f"{mark}{answer(p, min_conf)} {p.p:.0%} · {name}"))
             paths.append(p.path)
     return out, paths

@@ -139,7 +139,7 @@ class PredictTab:
               [self.label, self.pred_time], show_progress="minimal", **PRIVATE)
         self.examples.select(self.example_selected, self.example_paths, self.image, **PRIVATE)
         batch_inputs = [self.files, self.folder, self.k, *self.checkpoint_inputs]
-        gr.on([self.batch_btn.click, self.folder.submit], self.predict_batch_shown, batch_inputs,
+        gr.on([self.batch_btn.click, self.folder.submit], self.predict_batch_shown, [*batch_inputs, self.min_conf],
               self.batch_page_outputs, **PRIVATE)
         gr.on(ckpt_changed, self.batch_stale, self.batch_summary, self.batch_page_outputs, show_progress="hidden",
               **PRIVATE)
@@ -242,8 +242,10 @@ class PredictTab:
 
     # ------------------------------------------------------------ many images
 
-    def predict_batch(self, files, folder, k, selected, uploaded, trust) -> dict:
-        """-> {table, gallery, CSV path, summary markdown}."""
+    def predict_batch(self, files, folder, k, selected, uploaded, trust, min_conf=None) -> dict:
+        """-> {table, gallery, CSV path, summary markdown}. Below `min_conf` an
+        answer is 'unsure' (best guess still shown; the CSV gets an unsure column)."""
+        min_conf = float(min_conf) if min_conf else None
         folder = (folder or "").strip()
         try:  # the folder first: a refused one is said whatever the checkpoint
             if folder:
@@ -268,22 +270,26 @@ class PredictTab:
             (", ".join(f"{md_text(c)} × {n}" for c, n in sorted(counts.items())) or "none")
         if bad:
             summary += f" · ⚠ {bad} file(s) could not be read (see the error column)"
+        if min_conf:
+            n_unsure = sum(is_unsure(p.p, min_conf) for p in preds if not p.error)
+            summary += f" · **{n_unsure}** unsure (p below {min_conf:.2f}; best guess shown)"
         check = folder_check([p.label for p in preds], labels)  # label is None for an unreadable file
         summary += inference.folder_check_summary(check, preds, names)
         if counts.total() > inference.GALLERY_LIMIT:
             summary += f" · gallery shows the first {inference.GALLERY_LIMIT}" + (" (wrong ones first)" if check[2] else "")
         used = Path(inference.choose_checkpoint(selected, uploaded))
         summary += f" · by {md_code(used.name if uploaded else used.parent.name + '/' + used.name)}"
-        table = pd.DataFrame(inference.table_rows(preds, names, labels), columns=PRED_COLUMNS).style.format(
+        table = pd.DataFrame(inference.table_rows(preds, names, labels, min_conf), columns=PRED_COLUMNS).style.format(
             {"p": "{:.4f}"}, na_rep="")  # fixed decimals: 0.777 beside 0.8609 read as less precise
-        gallery, shown = inference.gallery_entries(preds, names, labels, check[2])
+        gallery, shown = inference.gallery_entries(preds, names, labels, check[2], min_conf)
         return {self.batch_table: table, self.batch_gallery: gallery, self.cam.gallery_paths: shown,
-                self.batch_csv: inference.write_csv(preds, names, labels), self.batch_summary: summary}
+                self.batch_csv: inference.write_csv(preds, names, labels, min_conf), self.batch_summary: summary}
 
-    def predict_batch_shown(self, files, folder, k, selected, uploaded, trust) -> dict:
+    def predict_batch_shown(self, files, folder, k, selected, uploaded, trust, min_conf=None) -> dict:
         """predict_batch() for the page: a problem replaces the old results."""
         try:
-            return {**self.predict_batch(files, folder, k, selected, uploaded, trust), **self.cam.view_cleared()}
+            return {**self.predict_batch(files, folder, k, selected, uploaded, trust, min_conf),
+                    **self.cam.view_cleared()}
         except gr.Error as e:
             return {**self._cleared(), self.batch_summary: shown_error(e)}
 

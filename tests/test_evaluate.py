@@ -275,6 +275,21 @@ def test_train_tab_heatmap_and_predict_tab_unsure(run, tmp_path):
     for cut, unsure in ((p + 1e-3, True), (p, False), (0, False)):
         said = h.predict.predict_shown(image, 2, str(run["best"]), None, False, cut)[h.predict.pred_time]
         assert said.startswith("**Unsure**: the best guess") == unsure, (cut, said)
+    # Classify all: exactly the answers below P are unsure, in the table, the gallery, the CSV and the summary
+    import csv
+    val = str(run["data"] / "val")
+    ps = {Path(r[0]).name: r[2] for r in h.predict.predict_batch(None, val, 2, str(run["best"]), None, False)[
+        h.predict.batch_table].data.values.tolist()}
+    cut = sorted(ps.values())[len(ps) // 2]  # one answer exactly at P: answered
+    below = {n for n, q in ps.items() if q < cut}
+    assert below and len(below) < len(ps)
+    out = h.predict.predict_batch(None, val, 2, str(run["best"]), None, False, cut)
+    rows = out[h.predict.batch_table].data.values.tolist()
+    assert {Path(r[0]).name for r in rows if r[1].startswith("unsure (best guess: ")} == below
+    assert sum("unsure (best guess: " in c for _, c in out[h.predict.batch_gallery]) == len(below)
+    with open(out[h.predict.batch_csv], newline="") as f:
+        assert {r["file"].split("/")[-1] for r in csv.DictReader(f) if r["unsure"] == "1"} == below
+    assert f"**{len(below)}** unsure (p below {cut:.2f}" in out[h.predict.batch_summary]
 
 
 def test_evaluate_tab_clicking_a_cell_fills_the_gallery(run, tmp_path):
