@@ -18,7 +18,8 @@ from cli.common import ArgumentParser, bool01, exit_fast, run_cli
 def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(description="Evaluate a checkpoint on a labelled folder and write report.html.")
     a = p.add_argument
-    a("--checkpoint", required=True, help="checkpoint dict (.pt), bare state_dict, or full model (with --trust-pickle 1)")
+    a("--checkpoint", required=True, help="checkpoint dict (.pt), bare state_dict, full model (with --trust-pickle 1), "
+                                          "or an exported model.safetensors (with its model.json)")
     a("--data", default=None, help="a folder of <class>/ sub-folders, or a dataset root whose val/ is used "
                                    "(default: the checkpoint's own validation split)")
     a("--out", default=None, help="folder for predictions.csv and report.html (default: evaluation/<run>_<checkpoint>)")

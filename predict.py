@@ -17,7 +17,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(description="Classify an image, a random sample of a folder, or a whole folder.")
     a = p.add_argument
     a("--image", required=True, help="an image file, or a folder (first image; see --random/--all)")
-    a("--checkpoint", required=True, help="checkpoint dict (.pt), bare state_dict, or full model (with --trust-pickle 1)")
+    a("--checkpoint", required=True, help="checkpoint dict (.pt), bare state_dict, full model (with --trust-pickle 1), "
+                                          "or an exported model.safetensors (with its model.json)")
     a("--device", default="auto", type=str.lower, help="auto | cpu | cuda | mps")
     a("--topk", type=int, default=2)
     a("--random", type=bool01, default=0, help="1: pick --n random images from the folder")
