@@ -10,6 +10,7 @@ Batches come back as uint8 (4x less to copy between processes and to the GPU,
 pinned on CUDA); normalising happens on the device."""
 from __future__ import annotations
 
+import multiprocessing
 import os
 import signal
 
@@ -112,6 +113,9 @@ class Stream:
     def __init__(self, paths: list[str], resize_size: int, image_size: int, mode: str, workers: int,
                  device: torch.device, prefetch: int = 4):
         self.sampler = KeyBatches()
+        if workers and multiprocessing.current_process().daemon:
+            workers = 0  # a daemonic process (someone's multiprocessing.Pool/Process) may not start workers;
+            # decoding in-process gives the same batches (each sample is a function of its key), only slower
         self.workers = workers
         self.loader = DataLoader(
             ImageFiles(paths, resize_size, image_size, mode), batch_sampler=self.sampler, num_workers=workers,

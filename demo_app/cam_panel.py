@@ -66,13 +66,16 @@ class CamPanel:
         ckpt = t.checkpoint_inputs
         ckpt_changed = [c.change for c in ckpt]
         single = [self.image, self.caption, self.kept, self.cls]
+        # One queue, in order, for everything that draws a CAM: a map still being computed
+        # (at the opacity of its moment) must not land after a newer re-blend and undo it.
+        one = {"concurrency_id": "cam-view", "concurrency_limit": 1, **PRIVATE}
         gr.on([t.predict_btn.click, t.image.change, self.cls.input, *ckpt_changed], self.single_shown,
-              [t.image, self.cls, self.opacity, *ckpt], single, show_progress="minimal", **PRIVATE)
-        self.opacity.change(self.reblend, [self.kept, self.opacity], self.image, show_progress="hidden", **PRIVATE)
+              [t.image, self.cls, self.opacity, *ckpt], single, show_progress="minimal", **one)
+        self.opacity.change(self.reblend, [self.kept, self.opacity], self.image, show_progress="hidden", **one)
         self.opacity.change(self.reblend, [self.batch_kept, self.opacity], self.batch_image, show_progress="hidden",
-                            **PRIVATE)
+                            **one)
         t.batch_gallery.select(self.gallery_shown, [self.gallery_paths, self.cls, self.opacity, *ckpt],
-                               [self.batch_image, self.batch_caption, self.batch_kept], **PRIVATE)
+                               [self.batch_image, self.batch_caption, self.batch_kept], **one)
 
     # ------------------------------------------------------------ work
 

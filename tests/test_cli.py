@@ -84,6 +84,13 @@ def test_exports_and_every_load_path(tiny_dataset, tmp_path):
         return p, re.findall(r"^  1\) (\w+)  p=(\d\.\d{4})$", p.stdout, re.M)
 
     _, ref = top(["--checkpoint", str(run_dir / "best_acc.pt")])
+    # A bare state_dict or pickled model carries no fitted temperature: the same
+    # logits, read at T=1 (the checkpoint's own answer with its temperature set aside).
+    from core.predict import Predictor
+    uncalibrated = Predictor.load(run_dir / "best_acc.pt")
+    assert ref[0][1] == f"{uncalibrated.predict_image(img, 1)[0][1]:.4f}"  # the CLI shows the calibrated p
+    uncalibrated.temperature = 1.0
+    ref = [(label, f"{p:.4f}") for label, p in uncalibrated.predict_image(img, 1)]
     p, sd = top(["--checkpoint", str(run_dir / "state_dict.pt"), "--arch", "resnet18", "--classes", "cat,fish"])
     assert p.returncode == 0 and sd == ref, p.stderr
     p, refused = top(["--checkpoint", str(run_dir / "full_model.pt")])
