@@ -3,6 +3,7 @@ dir and TL_OFFLINE=1 makes a missing ImageNet file fail at once."""
 from __future__ import annotations
 
 import os
+import socket
 import random
 import sys
 import time
@@ -57,6 +58,13 @@ def need_shared(rel: str) -> Path:
         absent(f"{p} is absent (real photos and weights live outside the repo, in ../shared)",
                "put them at ../shared beside the checkout or point TL_SHARED_DIR at a copy")
     return p
+
+
+def free_port() -> int:
+    """A port nothing listens on now, for an app a test starts."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def need_chromium():

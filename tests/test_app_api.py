@@ -16,7 +16,7 @@ from pathlib import Path
 import gradio as gr
 import pytest
 
-from conftest import make_image_dataset, wait_until
+from conftest import free_port, make_image_dataset, wait_until
 
 gradio_client = pytest.importorskip("gradio_client")
 from gradio_client import Client, handle_file  # noqa: E402
@@ -24,12 +24,6 @@ from gradio_client.exceptions import AppError  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "data"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

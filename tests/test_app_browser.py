@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 import tempfile
 from pathlib import Path
 
 import pytest
 
-from conftest import launch_chromium, need_chromium
+from conftest import free_port, launch_chromium, need_chromium
 
 ROOT = Path(__file__).resolve().parent.parent
 ASSETS = (ROOT / "assets" if os.environ.get("UPDATE_SCREENSHOTS") == "1"
@@ -29,12 +28,6 @@ pytestmark = pytest.mark.browser
 def sync_api():
     """Skipped without Chromium or playwright; under CI (CI=true) a failure (conftest.absent)."""
     return need_chromium()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

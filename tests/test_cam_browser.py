@@ -7,7 +7,6 @@ whatever the model learned)."""
 from __future__ import annotations
 
 import io
-import socket
 import tempfile
 import urllib.request
 from pathlib import Path
@@ -16,18 +15,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import ROOT, launch_chromium, need_chromium, train_config, train_run
+from conftest import free_port, ROOT, launch_chromium, need_chromium, train_config, train_run
 
 DATA = ROOT / "data"
 SHOTS = Path(tempfile.gettempdir()) / "tl-resnet18-screenshots"
 SHOTS.mkdir(parents=True, exist_ok=True)
 pytestmark = pytest.mark.browser
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

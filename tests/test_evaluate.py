@@ -9,7 +9,6 @@ import io
 import os
 import re
 import shutil
-import socket
 import tempfile
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
@@ -18,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import ROOT, launch_chromium, make_image_dataset, need_chromium, train_config, train_run
+from conftest import free_port, ROOT, launch_chromium, make_image_dataset, need_chromium, train_config, train_run
 
 SHOTS = (ROOT / "assets" if os.environ.get("UPDATE_SCREENSHOTS") == "1"
          else Path(tempfile.gettempdir()) / "tl-resnet18-screenshots")
@@ -254,12 +253,6 @@ def test_report_is_self_contained_and_shows_the_heatmap_in_a_browser(run, tmp_pa
 
 
 # ---------------------------------------------------------------- the app
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def test_train_tab_heatmap_and_predict_tab_unsure(run, tmp_path):
     """The Train tab's end-of-run heatmap is the best epoch's counts; the Predict

@@ -10,7 +10,6 @@ import json
 import os
 import pickle
 import re
-import socket
 import subprocess
 import sys
 import uuid
@@ -19,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import make_image_dataset, wait_until
+from conftest import free_port, make_image_dataset, wait_until
 
 gradio_client = pytest.importorskip("gradio_client")
 httpx = pytest.importorskip("httpx")
@@ -32,12 +31,6 @@ DATA = ROOT / "data"
 # cell break, emphasis and a bare URL, which a renderer would turn into a link.
 HOSTILE = ("<b>bold", "[x](javascript:alert(1))", "www.evil.example | *em* _u_")
 FILE_INPUTS = ("file", "uploadbutton", "image")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launch(demo, ckpt, data, uploads, **extra) -> str:
