@@ -4,7 +4,8 @@ For ResNet-18 and MobileNetV2 (2 classes, random weights: the speed does not
 depend on their values), one webcam frame is handled exactly as
 demo_app/live_preview.py does: the browser's JPEG data URL is base64-decoded
 (WebcamStream.preprocess) and Predictor.predict_image decodes, resizes, crops
-and classifies it. Frames are 640x480 JPEGs (quality 0.92, as the browser's
+and classifies it. Frames are 320x240 JPEGs (the size the live preview asks
+the camera for) (quality 0.92, as the browser's
 canvas.toDataURL('image/jpeg') makes them) of real photos from data/.
 
 Prints wall time and process CPU time per frame and the frames per second
@@ -31,7 +32,7 @@ from PIL import Image  # noqa: E402
 from core.device import configure_threads  # noqa: E402
 from core.models import build_model  # noqa: E402
 from core.predict import Predictor  # noqa: E402
-from demo_app.live_preview import WebcamStream  # noqa: E402
+from demo_app.live_preview import LIVE_THREADS, WebcamStream  # noqa: E402
 
 
 class Payload:  # what Gradio hands WebcamStream.preprocess for a streamed frame
@@ -43,7 +44,7 @@ def frames(n: int) -> list[str]:
     photos = sorted((ROOT / "data" / "val").rglob("*.jpg"))
     out = []
     for p in (photos * (n // max(1, len(photos)) + 1))[:n]:
-        img = Image.open(p).convert("RGB").resize((640, 480))
+        img = Image.open(p).convert("RGB").resize((320, 240))
         buf = io.BytesIO()
         img.save(buf, "JPEG", quality=92)
         out.append("data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode())
@@ -69,14 +70,15 @@ def measure(arch: str, urls: list[str]) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--frames", type=int, default=60)
-    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: as the app sets them)")
+    ap.add_argument("--threads", type=int, default=LIVE_THREADS,
+                    help=f"torch threads (default {LIVE_THREADS}, as the live preview runs; 0: as the rest of the app)")
     args = ap.parse_args()
-    threads = configure_threads() if args.threads is None else args.threads
+    threads = configure_threads() if args.threads == 0 else args.threads
     torch.set_num_threads(threads)
     urls = frames(args.frames)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"{os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads, load average {load:.1f}, "
-          f"{len(urls)} frames of 640x480")
+          f"{len(urls)} frames of 320x240")
     print("| model | wall ms/frame | frames/s (wall) | CPU ms/frame | frames/s (CPU-bound) |")
     print("|---|---:|---:|---:|---:|")
     for arch in ("resnet18", "mobilenet_v2"):

@@ -1,6 +1,7 @@
 """Device selection with clear errors for devices this machine does not have."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
@@ -123,6 +124,22 @@ def configure_threads() -> int:
     if torch.get_num_threads() > n:
         torch.set_num_threads(n)
     return torch.get_num_threads()
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """Run a block with `n` intra-op threads, then put the count back. For many
+    small calls beside other work (a webcam stream next to the browser drawing
+    it): one thread never waits for a busy second core. torch's count is
+    process-wide, so work running meanwhile may also get `n` (slower, never wrong)."""
+    before = torch.get_num_threads()
+    if n != before:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        if n != before:
+            torch.set_num_threads(before)
 
 
 @functools.cache

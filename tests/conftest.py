@@ -78,11 +78,14 @@ def need_chromium():
     return sync_api
 
 
-def launch_chromium(playwright):
+FAKE_CAMERA = ("--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream")  # launch_chromium's extra args
+
+
+def launch_chromium(playwright, *extra_args: str):
     """Headless Chromium as the browser tests run it (no sandbox: CI runs as root)."""
     return playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True,
                                       args=["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                                            "--disable-background-networking"])
+                                            "--disable-background-networking", *extra_args])
 
 
 # ---------------------------------------------------------------- waiting for events

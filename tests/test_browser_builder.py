@@ -11,11 +11,10 @@ import time
 
 import pytest
 
-from conftest import CHROMIUM, ROOT, need_chromium, wait_until
+from conftest import FAKE_CAMERA, ROOT, launch_chromium, need_chromium, wait_until
 from test_app_browser import ASSETS, choose, configure, free_port, start, wait_js, wait_start_enabled, wait_status
 
 pytestmark = pytest.mark.browser
-FAKE_CAMERA = ["--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream"]
 
 
 @pytest.fixture(scope="module")
@@ -37,9 +36,7 @@ def app(tmp_path_factory):
 def page(app):
     sync_api = need_chromium()
     with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True,
-                                    args=["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                                          "--disable-background-networking", *FAKE_CAMERA])
+        browser = launch_chromium(p, *FAKE_CAMERA)
         pg = browser.new_page(viewport={"width": 1440, "height": 1000})
         pg.set_default_timeout(60_000)
         pg.errors = []
@@ -152,6 +149,9 @@ def test_build_a_dataset_train_it_and_watch_it_live(page, app):
     webcam_on(page, "live-cam")
     wait_text(page, "live-label", r"(cat|my mug)", timeout=90)
     wait_text(page, "live-rate", r"frames answered per second", timeout=90)
+    # the preview asks the camera for 320x240 (cheaper to capture and send than the builder's full frames)
+    assert page.evaluate("[document.querySelector('#live-cam video').videoWidth,"
+                         " document.querySelector('#live-cam video').videoHeight]") == [320, 240]
     n0, t0 = live.answered, time.monotonic()
     wait_until(lambda: live.answered >= n0 + 3, 60, "three more answered frames")
     rate = (live.answered - n0) / (time.monotonic() - t0)

@@ -107,8 +107,9 @@ def _png(path: Path, color=(250, 0, 0)) -> Path:
     return path
 
 
-def test_live_preview_answers_a_streamed_frame_with_the_checkpoints_classes(app, tmp_path):
-    from demo_app.live_preview import WebcamStream
+def test_live_preview_answers_a_streamed_frame_with_the_checkpoints_classes(app, tmp_path, monkeypatch):
+    from core.predict import Predictor
+    from demo_app.live_preview import LIVE_THREADS, WebcamStream
     run = tmp_path / "checkpoints" / "mobilenet_v2-head_1"
     run.mkdir(parents=True)
     (run / "metrics.csv").write_text("epoch,train_loss,train_acc,val_loss,val_acc\n")  # a run the app lists
@@ -123,7 +124,15 @@ def test_live_preview_answers_a_streamed_frame_with_the_checkpoints_classes(app,
         url, path = "data:image/jpeg;base64," + base64.b64encode(frame).decode(), None
     data = WebcamStream(sources=["webcam"], streaming=True).preprocess(Payload())
     assert data == frame  # the browser's bytes, not re-encoded
+    threads_used, predict_image = [], Predictor.predict_image
+
+    def spy(self, *a, **k):
+        threads_used.append(torch.get_num_threads())
+        return predict_image(self, *a, **k)
+    before = torch.get_num_threads()
+    monkeypatch.setattr(Predictor, "predict_image", spy)
     out = [live.frame(data, ckpt) for _ in range(4)][-1]
+    assert threads_used == [LIVE_THREADS] * 4 and torch.get_num_threads() == before  # one thread per frame, then back
     assert set(out[live.label]) == {"cat", "my mug"} and abs(sum(out[live.label].values()) - 1) < 1e-5
     assert "frames answered per second" in out[live.rate] and live.answered == 4
     assert live.overlay not in out  # no CAM unless asked for

@@ -148,3 +148,14 @@ def test_cgroup_quota_caps_threads(tmp_path, monkeypatch):
         assert 1 <= device.usable_cpus() <= (os.cpu_count() or 1)
     finally:
         torch.set_num_threads(before)
+
+
+def test_torch_threads_runs_a_block_on_n_threads_and_restores_the_count():
+    from core.device import torch_threads
+    before = torch.get_num_threads()
+    with torch_threads(1):
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
+    with pytest.raises(ZeroDivisionError), torch_threads(1):
+        1 / 0
+    assert torch.get_num_threads() == before  # restored when the block fails too
