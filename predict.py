@@ -188,6 +188,9 @@ def prediction_notes(args, pred, classes, n_images: int) -> list[str]:
         notes.append("a bare state_dict has no class names; pass --classes, e.g. --classes cat,fish")
     elif not classes and pred.info.get("class_names_recorded") is False:
         notes.append(f"the {fmt} records no class names, so they are numbered; pass --classes, e.g. --classes cat,fish")
+    if fmt in ("state_dict", "full model (pickle)"):
+        notes.append(f"a {fmt} keeps no fitted temperature, so p is the model's raw softmax (uncalibrated); "
+                     f"the run's checkpoint dict (best_acc.pt) gives calibrated p")
     if args.random and n_images < args.n:
         notes.append(f"the folder has {n_images} image(s), fewer than --n {args.n}: predicting all of them")
     return notes

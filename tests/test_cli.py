@@ -93,10 +93,12 @@ def test_exports_and_every_load_path(tiny_dataset, tmp_path):
     ref = [(label, f"{p:.4f}") for label, p in uncalibrated.predict_image(img, 1)]
     p, sd = top(["--checkpoint", str(run_dir / "state_dict.pt"), "--arch", "resnet18", "--classes", "cat,fish"])
     assert p.returncode == 0 and sd == ref, p.stderr
+    assert "NOTE: a state_dict keeps no fitted temperature" in p.stderr  # the user is told p is uncalibrated
+    assert "temperature" not in top(["--checkpoint", str(run_dir / "best_acc.pt")])[0].stderr
     p, refused = top(["--checkpoint", str(run_dir / "full_model.pt")])
     assert p.returncode == 2 and "--trust-pickle 1" in p.stderr and "Traceback" not in p.stderr
     p, full = top(["--checkpoint", str(run_dir / "full_model.pt"), "--trust-pickle", "1"])
-    assert p.returncode == 0 and full == ref, p.stderr
+    assert p.returncode == 0 and full == ref and "NOTE: a full model (pickle) keeps no fitted temperature" in p.stderr
     # --classes must fit the model's outputs for a full model too, as for a state_dict
     for f in ("state_dict.pt", "full_model.pt"):
         p, _ = top(["--checkpoint", str(run_dir / f), "--trust-pickle", "1", "--arch", "resnet18", "--classes", "a,b,c"])
