@@ -138,3 +138,29 @@ def test_export_problems_are_said(app, tmp_path):
                       ("/export", (None, handle_file(tmp_path / "weights.safetensors"), False, ["onnx"]))):
         with pytest.raises(AppError, match=r"^weights.safetensors holds weights only.*from weights.json beside it, which is missing"):
             client.predict(*args, api_name=api)
+
+
+def test_int8_export_from_the_app_calibrates_on_the_runs_images(app, tmp_path):
+    from core.export import onnx_session
+
+    client, ckpt = app["client"], app["ckpt"]
+    files, status = client.predict(str(ckpt), None, False, ["int8"], api_name="/export")
+    got = {Path(f).name: Path(f) for f in files}
+    assert list(got) == ["model.onnx", "model.int8.onnx", "model.json"], files  # int8 quantizes model.onnx
+    server = ckpt.parent / "export"
+    assert got["model.int8.onnx"].read_bytes() == (server / "model.int8.onnx").read_bytes()
+    # 6+6 training drawings calibrate, the 4+4 val drawings score it
+    assert re.search(r"`model.int8.onnx` \([\d.]+ MB; calibrated on 12 training image\(s\); val accuracy on 8 "
+                     r"image\(s\): float32 [\d.]+, int8 [\d.]+, top-1 agreement [\d.]+\)", status), status
+    assert str(server) not in status  # no server path shown
+    _, x = logits_and_input(ckpt, sorted((app["data"] / "val" / "cat").glob("*.jpg"))[0])
+    assert onnx_session(got["model.int8.onnx"]).run(["logits"], {"image": x.numpy()})[0].shape == (1, 2)
+
+    # a checkpoint that names no dataset, or one whose dataset is gone: said, nothing quantized
+    c = torch.load(ckpt, weights_only=True)
+    for args, said in (({}, "names no dataset folder; export.py --quantize int8 --data-dir DIR"),
+                       ({"data_dir": str(tmp_path / "gone")}, "is not there (moved?)")):
+        odd = tmp_path / "odd.pt"
+        torch.save({**c, "args": args}, odd)
+        with pytest.raises(AppError, match=re.escape(said)):
+            client.predict(None, handle_file(odd), False, ["int8"], api_name="/export")
