@@ -11,19 +11,25 @@ pinned on CUDA); normalising happens on the device."""
 from __future__ import annotations
 
 import multiprocessing
+import multiprocessing.queues
 import os
 import signal
+import sys
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .data import center_crop, decode_resized, random_resized_crop
-from .errors import ImageLoadError
+from .errors import ImageLoadError, UserError
 
 # Modes: what an item is. "check": decode (the full verification), return
 # nothing; "crop": the model's input (center crop, or a seeded random-resized
 # crop), maybe flipped.
 MODES = ("check", "crop")
+# No batch from the workers in this long means a stuck worker, not a slow one (a
+# batch takes seconds): an error beats waiting forever. TL_LOADER_TIMEOUT_S overrides.
+BATCH_TIMEOUT_S = float(os.environ.get("TL_LOADER_TIMEOUT_S", "300"))
+WORKER_FAILED = "exited unexpectedly", "DataLoader timed out"  # torch's words for the two
 
 
 def default_num_workers(cpus: int | None = None) -> int:
@@ -120,11 +126,20 @@ class Stream:
         self.loader = DataLoader(
             ImageFiles(paths, resize_size, image_size, mode), batch_sampler=self.sampler, num_workers=workers,
             collate_fn=Collate(mode, image_size), pin_memory=device.type == "cuda", persistent_workers=workers > 0,
-            prefetch_factor=prefetch if workers > 0 else None, worker_init_fn=_worker_init if workers > 0 else None)
+            prefetch_factor=prefetch if workers > 0 else None, worker_init_fn=_worker_init if workers > 0 else None,
+            timeout=BATCH_TIMEOUT_S if workers > 0 else 0)
 
     def run(self, batches: list[list]):
         self.sampler.batches = batches
-        yield from self.loader
+        try:
+            yield from self.loader
+        except RuntimeError as e:
+            if not any(w in str(e) for w in WORKER_FAILED):
+                raise
+            raise UserError(f"the image-decoding worker process(es) stopped delivering batches ({str(e).strip()}): "
+                            f"a worker could not hand its batch over (often a full shared-memory folder, /dev/shm), "
+                            f"ran out of memory or is stuck; rerun with {{setting}} 0 to decode in the main process",
+                            field="num_workers", value=str(self.workers)) from None
 
     def close(self) -> None:
         """Stop the worker processes now (not when the garbage collector gets to it)."""
@@ -142,6 +157,16 @@ def _worker_init(_worker_id: int) -> None:
     still exits when its main process dies: DataLoader's watchdog.)"""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    multiprocessing.queues.Queue._on_queue_feeder_error = staticmethod(_hand_over_failed)
+
+
+def _hand_over_failed(e: BaseException, _obj) -> None:
+    """A batch this worker could not send (torch's shared memory full, ...). The
+    queue's feeder thread would print a traceback and go on, and the main process
+    would wait for that batch forever; exiting lets it fail within seconds."""
+    print(f"ERROR: an image-decoding worker could not hand its batch over: {type(e).__name__}: "
+          f"{(str(e).strip().splitlines() or [''])[0]}", file=sys.stderr, flush=True)
+    os._exit(3)
 
 
 def raise_unreadable(errors) -> None:

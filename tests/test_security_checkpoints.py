@@ -417,6 +417,25 @@ def test_train_with_a_full_disk_says_so(tmp_path):
     assert "could not write checkpoints" in r.stderr and "File too large" in r.stderr, r.stderr
 
 
+def test_a_worker_that_cannot_hand_over_its_batch_stops_the_run_with_advice(tmp_path):
+    # The same file-size limit makes a DataLoader worker's shared-memory batch file
+    # fail to grow; torch's queue feeder would drop that error and the run would wait
+    # forever. A hang shows here as TimeoutExpired. (A batch of 8 crops is 1.2 MB.)
+    data = make_image_dataset(tmp_path / "ds", n_train=8, size=(480, 400))
+    code = SIZE_LIMITED.format(root=str(ROOT)) + textwrap.dedent(f"""
+        import train
+        sys.exit(train.main(["--data-dir", {str(data)!r}, "--weights", "none", "--epochs", "1", "--batch-size", "8",
+                             "--policy", "full", "--cache-budget-mb", "1", "--num-workers", "1",
+                             "--device", "cpu", "--output-dir", {str(tmp_path / "out")!r}]))
+    """)
+    r = subprocess.run([PY, "-c", code], capture_output=True, text=True, timeout=240,
+                       env=dict(os.environ, TL_OFFLINE="1"))
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: the image-decoding worker process(es) stopped delivering batches"), r.stderr
+    assert "rerun with --num-workers 0" in last and "Traceback" not in r.stderr, r.stderr
+
+
 def test_a_device_file_is_not_called_missing(tmp_path):
     with pytest.raises(CheckpointError, match="/dev/zero is not a regular file"):
         fileio.check_model_file("/dev/zero", "weights file")
