@@ -56,7 +56,7 @@ class AppHandlers:
     train: TrainTab
     predict: PredictTab
     model: ModelTab
-    evaluate: EvaluateTab | None = None
+    evaluate: EvaluateTab
 
     @property
     def service(self) -> TrainingService:
