@@ -13,6 +13,7 @@ predicted, 2 bad input (or no image readable), 1 a missing package."""
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import sys
@@ -215,12 +216,33 @@ def open_model(model_path: Path, threads: int | None = None):
         raise Refused(f"{model_path} is not a loadable ONNX model (truncated or damaged?): {reason}") from None
 
 
+def check_listed(model_path: Path, meta: dict) -> None:
+    """export.py's model.json lists the SHA-256 of each file it describes. A model
+    file matching none of them (left from an export of another checkpoint into the
+    same folder) would run with another model's classes, preprocessing and
+    temperature: refused. A renamed file still matches; a JSON without the list
+    (written by hand) is taken as it is."""
+    files = meta.get("files")
+    listed = {v for v in files.values() if isinstance(v, str)} if isinstance(files, dict) else set()
+    if not listed or not model_path.is_file():
+        return
+    digest = hashlib.sha256()
+    with open(model_path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    if digest.hexdigest() not in listed:
+        raise Refused(f"the model.json beside {model_path} describes another export (no file it lists has "
+                      f"{model_path.name}'s SHA-256): {model_path.name} is left from an export of another "
+                      f"checkpoint; export that checkpoint again into this folder")
+
+
 class OnnxClassifier:
     """model.onnx + model.json: images in, (label, probability) lists out."""
 
     def __init__(self, model_path, threads: int | None = None):
         self.path = Path(model_path).expanduser()
         self.meta = read_meta(self.path)
+        check_listed(self.path, self.meta)
         self.session = open_model(self.path, threads)
         self.class_names = list(self.meta["class_names"])
         self.input_name = self.meta.get("input_name", self.session.get_inputs()[0].name)

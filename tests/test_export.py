@@ -354,6 +354,17 @@ def test_corrupt_or_incomplete_exports_give_clear_errors(runs, exports, tmp_path
     (alone / "model.json").unlink()
     r = cli("deploy/predict_onnx.py", "--model", alone / "model.onnx", "--image", real_images()[0])
     assert r.returncode == 2 and "model.json is missing" in r.stderr and "Traceback" not in r.stderr
+    # a model.onnx left beside another checkpoint's model.json (two exports into one folder): refused, not run
+    # with the other model's classes, preprocessing and temperature; a renamed file of the JSON's export runs
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    shutil.copy(src / "model.onnx", mixed / "model.onnx")
+    shutil.copy(exports["resnet18-last"] / "model.json", mixed / "model.json")
+    r = cli("deploy/predict_onnx.py", "--model", mixed / "model.onnx", "--image", real_images()[0])
+    assert r.returncode == 2 and "describes another export" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    shutil.copy(exports["resnet18-last"] / "model.onnx", mixed / "renamed.onnx")
+    r = cli("deploy/predict_onnx.py", "--model", mixed / "renamed.onnx", "--image", real_images()[0])
+    assert r.returncode == 0 and "TOPK:" in r.stdout, r.stderr
     r = main_of("export.py", "--checkpoint", bad / "model.safetensors", "--format", "onnx", "--out", tmp_path / "o")
     assert r.returncode == 2 and "not a readable safetensors file" in r.stderr and "Traceback" not in r.stderr
     r = main_of("export.py", "--checkpoint", runs["resnet18-head"], "--format", "onnx,tflite")
@@ -402,6 +413,9 @@ def test_temperature_is_carried_into_model_json_and_applied(runs, exports, tmp_p
     files = {f.format: f.path for f in export_formats(source, tmp_path / "export", ["safetensors"])}
     assert json.loads(files["json"].read_text())["temperature"] == 0.05
     shutil.copy(exports["resnet18-head"] / "model.onnx", tmp_path / "export" / "model.onnx")  # the same weights
+    meta = json.loads(files["json"].read_text())
+    del meta["files"]  # (their ONNX copied, not exported again: the JSON's SHA-256 list would refuse it)
+    files["json"].write_text(json.dumps(meta))
 
     image = real_images()[0]
     r = cli("deploy/predict_onnx.py", "--model", tmp_path / "export" / "model.onnx", "--image", image)
