@@ -75,6 +75,11 @@ class DatasetEntry:
         return f"{self.name} — {len(self.classes())} classes: {per or 'none yet'}"
 
 
+def check_split(split: str) -> None:
+    if split not in SPLITS:
+        raise UserError(f"split {split!r} is not one of {', '.join(SPLITS)}", field="split", value=split)
+
+
 def count_split(split_dir: Path) -> dict[str, int]:
     """Images per class folder of one split, as the training scan finds them."""
     if not split_dir.is_dir():
@@ -134,8 +139,7 @@ class DatasetStore:
             return []
 
     def _class_dir(self, ds: Path, split: str, cls: str, create: bool = False) -> Path:
-        if split not in SPLITS:
-            raise UserError(f"split {split!r} is not one of {', '.join(SPLITS)}", field="split", value=split)
+        check_split(split)
         split_dir = ds / split
         if create:
             split_dir.mkdir(exist_ok=True)
@@ -282,6 +286,7 @@ class DatasetStore:
     # ------------------------------------------------------------ images
 
     def images(self, dataset, cls, split="train") -> list[Path]:
+        check_split(split)
         ds = self.dataset_path(dataset)
         name = self._find_class(ds, cls)
         folder = ds / split / name if name else None

@@ -36,6 +36,7 @@ RATE_WINDOW_S = 5.0
 # the model did (measured: ResNet-18 4-7 -> 16 frames/s end to end, bench/live_app_bench.py).
 LIVE_CAMERA = gr.WebcamOptions(constraints={"video": {"width": 320, "height": 240}})
 TOP_K = 5
+MAX_FRAME_BYTES = 8 * 2**20  # a 4K camera's JPEG frame is ~2-3 MB; anything larger is not a webcam frame
 # One torch thread per frame: a frame is 41 ms of one core for ResNet-18 (24 frames/s
 # alone), while two threads beside the browser decoding and drawing the camera wait
 # for each other: measured in the app, 7-16 frames/s with 2 threads, 16-17 with 1.
@@ -52,17 +53,23 @@ class WebcamStream(gr.Image):
     # sources=["webcam"], streaming=True)
 
     def preprocess(self, payload) -> bytes | None:
+        """The frame's bytes; None for no frame, an undecodable one, or one larger
+        than any camera frame (a client can send anything: nothing that size is kept)."""
         if payload is None:
             return None
         url = getattr(payload, "url", None) or ""
         if url.startswith("data:") and "," in url:
+            data = url.split(",", 1)[1]
+            if len(data) > MAX_FRAME_BYTES * 4 // 3 + 4:  # not even decoded
+                return None
             try:
-                return base64.b64decode(url.split(",", 1)[1], validate=False)
+                frame = base64.b64decode(data, validate=False)
             except (binascii.Error, ValueError):
                 return None
+            return frame if len(frame) <= MAX_FRAME_BYTES else None
         path = getattr(payload, "path", None)
         try:
-            return Path(path).read_bytes() if path else None
+            return Path(path).read_bytes() if path and Path(path).stat().st_size <= MAX_FRAME_BYTES else None
         except OSError:
             return None
 
@@ -88,16 +95,17 @@ class LivePreview:
                     self.rate = gr.Markdown("", elem_id="live-rate")
                     self.with_cam = gr.Checkbox(False, label="Grad-CAM overlay (where it looks; about half as many frames a second)",
                                                 elem_id="live-cam-toggle")
-                self.overlay = gr.Image(type="pil", label="Grad-CAM of the frame (top-1 class)", interactive=False,
-                                        height=260, format="jpeg", visible=False, buttons=["download"],
-                                        elem_id="live-cam-overlay")
+                # an <img> with the JPEG inline: a gr.Image output would write every frame's
+                # overlay into Gradio's file cache (a few a second, never cleaned)
+                self.overlay = gr.HTML("", label="Grad-CAM of the frame (top-1 class)", show_label=True, container=True,
+                                       visible=False, elem_id="live-cam-overlay")
 
     def wire(self, demo: gr.Blocks, run_ended: list) -> None:
         """`run_ended`: events after which the newest checkpoint is chosen (a run's end)."""
         self.refresh_btn.click(self.refresh, self.ckpt, self.ckpt, show_progress="hidden", **PRIVATE)
         demo.load(self.refresh, self.ckpt, self.ckpt, show_progress="hidden", **PRIVATE)
         gr.on(run_ended, self.newest, None, self.ckpt, show_progress="hidden", **PRIVATE)
-        self.with_cam.change(lambda on: gr.update(visible=on, value=None), self.with_cam, self.overlay,
+        self.with_cam.change(lambda on: gr.update(visible=on, value=""), self.with_cam, self.overlay,
                              show_progress="hidden", **PRIVATE)
         self.cam.stream(self.frame, [self.cam, self.ckpt, self.with_cam], [self.label, self.rate, self.overlay],
                         stream_every=STREAM_EVERY_S,
@@ -132,10 +140,15 @@ class LivePreview:
         return {**out, self.overlay: overlay} if with_cam else out
 
     @staticmethod
-    def _overlay(pred, rgb, top1: str):
-        """core.cam's map of the top-1 class placed on the frame and blended, as the Predict tab shows it."""
+    def _overlay(pred, rgb, top1: str) -> str:
+        """core.cam's map of the top-1 class placed on the frame and blended, as the
+        Predict tab shows it; as an <img> whose JPEG is inline (a data URL)."""
         maps = pred.cam(pred.preprocess(rgb)[None], [pred.class_names.index(top1)])
-        return blend_cam(rgb, cam_for_image(maps[0], rgb, pred.resize, pred.crop), 0.5)
+        blended = blend_cam(rgb, cam_for_image(maps[0], rgb, pred.resize, pred.crop), 0.5)
+        buf = BytesIO()
+        blended.save(buf, "JPEG", quality=85)
+        return (f'<img alt="Grad-CAM of the frame" style="max-width:100%;max-height:260px" '
+                f'src="data:image/jpeg;base64,{base64.b64encode(buf.getvalue()).decode()}">')
 
     def _rate(self, page: str) -> float:
         now = time.monotonic()

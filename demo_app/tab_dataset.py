@@ -18,6 +18,7 @@ from .messages import error_markdown
 from .text import md_text
 
 BURST_FRAMES = 10
+MAX_WEBCAM_PAGES = 64  # pages whose newest webcam frame is kept for Capture
 THUMBNAILS = 60  # the newest images of a class shown (decoding hundreds on every change would be slow)
 BURST_EVERY_S = 0.3  # the webcam stream's pace: a burst adds one frame this often
 SPLITS = [("train: to learn from", "train"), ("val: to check the model with", "val")]
@@ -31,6 +32,7 @@ class DatasetBuilder:
         self.ctx = ctx
         self.store = DatasetStore(root or ctx.datasets_dir)
         self._webcam: dict[str, dict] = {}  # page -> {"frame": newest frame's bytes, "burst": frames left}
+        # (at most MAX_WEBCAM_PAGES pages, oldest first out: frames are <= 8 MB, so this stays bounded)
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------ layout
@@ -203,9 +205,11 @@ class DatasetBuilder:
     def _page(self, request: gr.Request | None) -> dict:
         key = getattr(request, "session_hash", None) or "-"
         with self._lock:
-            while len(self._webcam) > 1000:
+            page = self._webcam.pop(key, None) or {"frame": None, "burst": 0}
+            self._webcam[key] = page  # the most recently used last
+            while len(self._webcam) > MAX_WEBCAM_PAGES:
                 self._webcam.pop(next(iter(self._webcam)))
-            return self._webcam.setdefault(key, {"frame": None, "burst": 0})
+            return page
 
     def frame(self, image: bytes | None, choice, cls, split, request: gr.Request = None):
         """A webcam frame (its JPEG bytes): kept as the page's newest; saved while a burst has frames left."""

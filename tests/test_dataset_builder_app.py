@@ -109,7 +109,7 @@ def _png(path: Path, color=(250, 0, 0)) -> Path:
 
 def test_live_preview_answers_a_streamed_frame_with_the_checkpoints_classes(app, tmp_path, monkeypatch):
     from core.predict import Predictor
-    from demo_app.live_preview import LIVE_THREADS, WebcamStream
+    from demo_app.live_preview import LIVE_THREADS, MAX_FRAME_BYTES, WebcamStream
     run = tmp_path / "checkpoints" / "mobilenet_v2-head_1"
     run.mkdir(parents=True)
     (run / "metrics.csv").write_text("epoch,train_loss,train_acc,val_loss,val_acc\n")  # a run the app lists
@@ -137,5 +137,29 @@ def test_live_preview_answers_a_streamed_frame_with_the_checkpoints_classes(app,
     assert "frames answered per second" in out[live.rate] and live.answered == 4
     assert live.overlay not in out  # no CAM unless asked for
     with_cam = live.frame(data, ckpt, True)
-    assert with_cam[live.overlay].size == (640, 480) and set(with_cam[live.label]) == {"cat", "my mug"}
+    # the overlay comes inline (no file in Gradio's cache per frame): a JPEG of the frame's size
+    inline = re.fullmatch(r'<img [^>]*src="data:image/jpeg;base64,([^"]+)">', with_cam[live.overlay])
+    assert inline and Image.open(io.BytesIO(base64.b64decode(inline.group(1)))).size == (640, 480)
+    assert set(with_cam[live.label]) == {"cat", "my mug"}
     assert "⚠" in live.frame(data, str(tmp_path / "missing.pt"))[live.rate]
+
+    # a client can send anything as a frame: one larger than any camera's is dropped, not decoded or kept
+    huge = "data:image/jpeg;base64," + base64.b64encode(b"\xff" * (MAX_FRAME_BYTES + 1)).decode()
+
+    class Huge:
+        url, path = huge, None
+    assert WebcamStream(sources=["webcam"], streaming=True).preprocess(Huge()) is None
+
+
+def test_the_builder_keeps_the_newest_frame_of_a_bounded_number_of_pages(app):
+    from demo_app.tab_dataset import MAX_WEBCAM_PAGES
+    builder = app.train.builder
+
+    class Request:
+        def __init__(self, page):
+            self.session_hash = page
+    builder.frame(b"first page's frame", None, None, "train", Request("first"))
+    for i in range(MAX_WEBCAM_PAGES + 20):  # many pages (or made-up session ids)
+        builder.frame(b"x", None, None, "train", Request(f"page{i}"))
+        builder.frame(b"newest", None, None, "train", Request("first"))  # an active page stays
+    assert len(builder._webcam) == MAX_WEBCAM_PAGES and builder._webcam["first"]["frame"] == b"newest"
