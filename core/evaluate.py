@@ -66,6 +66,7 @@ class Labelled:
     source: str  # the folder, as shown
     samples: list[tuple[str, int]]
     note: str = ""
+    warning: str = ""
 
 
 def default_data(info: dict, checkpoint) -> tuple[Path, float | None, int]:
@@ -93,6 +94,27 @@ def default_data(info: dict, checkpoint) -> tuple[Path, float | None, int]:
                     f"with a labelled folder", field="data", value=data_dir)
 
 
+def held_out_changed(info: dict, ds) -> str:
+    """A warning when the val images held out of train/ now are not the ones
+    training held out: their count per class differs from the one the
+    checkpoint's val confusion records (train/ gained or lost images since)."""
+    recorded = info.get("val_confusion")
+    if not recorded:
+        return ""
+    then = [0] * len(ds.classes)
+    for t, _, n in recorded:
+        then[t] += n
+    now = [0] * len(ds.classes)
+    for _, y in ds.val.samples:
+        now[y] += 1
+    if then == now:
+        return ""
+    counts = "; ".join(f"{c} {a} -> {b}" for c, a, b in zip(ds.classes, then, now) if a != b)
+    return (f"train/ has changed since this model was trained (held-out val images per class then -> now: {counts}), "
+            f"so the val images held out now are not the ones training held out, and some of them were trained on: "
+            f"these numbers can be too good. For an honest score, evaluate a folder of images the model never saw")
+
+
 def labelled_images(data, classes: list[str], info: dict | None = None, checkpoint=None) -> Labelled:
     """The images of `data` (a folder of <class>/ sub-folders, or a dataset
     root with val/) labelled by folder name; data None: the checkpoint's own
@@ -105,7 +127,8 @@ def labelled_images(data, classes: list[str], info: dict | None = None, checkpoi
             raise DatasetError(f"{root} now has classes {ds.classes}, the model {list(classes)}; pass {{setting}}",
                                field="data")
         where = f"{root}/val" if ds.val_from_split is None else f"{root} ({ds.val_from_split:g} of train/ held out, seed {seed})"
-        return Labelled(where, list(ds.val.samples))
+        warning = held_out_changed(info or {}, ds) if ds.val_from_split is not None else ""
+        return Labelled(where, list(ds.val.samples), warning=warning)
     p = Path(str(data).strip()).expanduser()
     if not p.is_dir():
         raise DatasetError(f"{{setting}} {p} is not a folder; give a folder of <class>/ sub-folders (or a dataset "
@@ -143,6 +166,7 @@ class EvalResult:
     temperature: float
     min_confidence: float | None
     notes: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
     # filled by measure():
     accuracy: float = math.nan
     per_class: list[dict] = field(default_factory=list)
@@ -203,7 +227,7 @@ def evaluate(pred: Predictor, labelled: Labelled, min_confidence: float | None =
     if not rows:
         raise DatasetError(f"none of the {len(paths)} image(s) in {labelled.source} could be read")
     result = EvalResult(list(classes), labelled.source, rows, unreadable, pred.temperature, min_confidence,
-                        [labelled.note] if labelled.note else [])
+                        [labelled.note] if labelled.note else [], [labelled.warning] if labelled.warning else [])
     return measure(result, torch.stack(probs), torch.tensor(labels))
 
 
@@ -296,7 +320,7 @@ def report_lines(res: EvalResult) -> list[str]:
     right = sum(r["correct"] for r in res.rows)
     w = max(12, max(len(c) for c in res.classes) + 2)
     lines = [f"DATA: {res.source} ({n} images" + (f", {len(res.unreadable)} unreadable" if res.unreadable else "") + ")"]
-    lines += [f"NOTE: {note}" for note in res.notes]
+    lines += [f"WARNING: {w}" for w in res.warnings] + [f"NOTE: {note}" for note in res.notes]
     lines += [f"ACCURACY: {res.accuracy:.4f} ({right}/{n})",
               f"PER_CLASS: {'class':<{w}}{'precision':>10}{'recall':>10}{'f1':>10}{'support':>9}"]
     for r in res.per_class:

@@ -191,7 +191,8 @@ def report_html(res: EvalResult, checkpoint: str, overlay_for=None) -> str:
     cam_note = ("<p>Heatmaps: Grad-CAM of the class the model answered, where it found its evidence "
                 "(red: most).</p>" if with_cams else "")
     summary = "<table class='kv'>" + "".join(f"<tr><td>{k}</td><td>{v}</td></tr>" for k, v in kv) + "</table>"
-    notes = "".join(f"<p>Note: {Esc(x)}</p>" for x in res.notes)
+    notes = "".join(f"<p><b>Warning:</b> {Esc(x)}</p>" for x in res.warnings) + \
+        "".join(f"<p>Note: {Esc(x)}</p>" for x in res.notes)
     if len(res.classes) <= DENSE_MAX:
         matrix = confusion_svg(res)
     else:

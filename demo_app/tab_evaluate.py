@@ -196,6 +196,8 @@ def summary_markdown(res) -> str:
                  f"(coverage {a['coverage']:.3f}), accuracy **{acc}**, {a['total'] - a['kept']} unsure")
     if res.unreadable:
         text += f" · ⚠ {len(res.unreadable)} image(s) could not be read"
+    for warning in res.warnings:
+        text += f"<br>⚠ {md_text(warning)}"
     for note in res.notes:
         text += f"<br>ⓘ {md_text(note)}"
     return text

@@ -91,7 +91,19 @@ def test_default_data_reproduces_a_held_out_split_and_a_relative_data_dir(tmp_pa
     pred = Predictor.load(best, "cpu")
     labelled = labelled_images(None, pred.class_names, pred.info, best)
     assert len(labelled.samples) == 4 and all("/train/" in p for p, _ in labelled.samples)
-    assert evaluate(pred, labelled).confusion == ckpt["best_val_confusion"]
+    result = evaluate(pred, labelled)
+    assert result.confusion == ckpt["best_val_confusion"] and not result.warnings
+
+    # train/ grows after training (the dataset builder invites it): the split rebuilt now holds out other
+    # images, some of them trained on, and the report says so instead of scoring them silently
+    from core.evaluate import report_lines
+    from PIL import Image
+    for i in range(4):
+        Image.new("RGB", (48, 40), (40 * i, 90, 200)).save(tmp_path / "ds" / "train" / "cat" / f"new_{i}.jpg")
+    grown = evaluate(pred, labelled_images(None, pred.class_names, pred.info, best))
+    assert len(grown.warnings) == 1 and "cat 2 -> 3" in grown.warnings[0] and "trained on" in grown.warnings[0]
+    assert any(line.startswith("WARNING: train/ has changed since this model was trained")
+               for line in report_lines(grown))
 
 
 def test_unknown_class_folders_are_refused_and_missing_ones_noted(run, tmp_path):
