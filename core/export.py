@@ -258,5 +258,8 @@ def write_sidecar(source: ExportSource, out_dir: Path, written: dict[str, str]) 
         else:
             notes.append(f"{out_dir / name} is left from an export of another checkpoint (not listed in "
                          f"{SIDECAR_NAME}); delete it or export that format again")
-    fileio.atomic_write_json(path, {**source.meta, "files": dict(sorted(files.items()))})
+    # an int8 file kept from an earlier export of this checkpoint keeps its scores too
+    kept_int8 = {"int8": earlier["int8"]} if same_source and INT8_NAME in files and INT8_NAME not in dict(written) \
+        and isinstance(earlier.get("int8"), dict) else {}
+    fileio.atomic_write_json(path, {**source.meta, **kept_int8, "files": dict(sorted(files.items()))})
     return path, notes

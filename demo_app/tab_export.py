@@ -89,9 +89,8 @@ class ExportPanel:
         lines = [f"✓ Exported to {md_code(str(shown) + '/')}:"]
         for f in files:
             check = f", max logit difference vs PyTorch {f.max_abs_diff:.1e}" if f.format in ("onnx", "pt2") else ""
-            size = f"{f.bytes / 1e6:.1f} MB" if f.bytes >= 100_000 else f"{f.bytes / 1e3:.1f} KB"
-            lines.append(f"- {md_code(f.path.name)} ({size}{check})")
-            lines += [f"- ⚠ {md_text(say(n))}" for n in f.notes]
+            lines.append(f"- {md_code(f.path.name)} ({size_text(f.bytes)}{check})")
+            lines += [f"- ⚠ {md_text(say(n).replace(str(out) + '/', ''))}" for n in f.notes]  # no server path
         written = [str(f.path) for f in files]
         if report:
             written.insert(-1, str(report.path))  # model.json stays last
@@ -121,11 +120,15 @@ class ExportPanel:
 
 def int8_line(report) -> str:
     """The int8 file, its size and what quantizing cost on val (no server path)."""
-    size = f"{report.bytes / 1e6:.1f} MB"
-    line = (f"- {md_code(report.path.name)} ({size}; calibrated on {report.calibration_images} training image(s); "
+    line = (f"- {md_code(report.path.name)} ({size_text(report.bytes)}; calibrated on {report.calibration_images} training image(s); "
             f"val accuracy on {report.val_images} image(s): float32 {report.float_val_acc:.4f}, int8 "
             f"{report.int8_val_acc:.4f}, top-1 agreement {report.agreement:.4f})")
     if not report.acceptable:
         line += ("\n- ⚠ int8 loses more than 1 val image in 100: it is not a faithful copy; deploy model.onnx "
                  "unless the speed is worth the loss")
     return line
+
+
+def size_text(n: int) -> str:
+    """In the units the download list beside it uses (1 MB = 2**20 bytes)."""
+    return f"{n / 2**20:.1f} MB" if n >= 100 * 2**10 else f"{n / 2**10:.1f} KB"

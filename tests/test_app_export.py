@@ -4,6 +4,7 @@ and compute what the checkpoint computes; an exported model.safetensors is a
 checkpoint the tab takes (picked from the list or uploaded alone)."""
 from __future__ import annotations
 
+import json
 import re
 import shutil
 from pathlib import Path
@@ -155,6 +156,10 @@ def test_int8_export_from_the_app_calibrates_on_the_runs_images(app, tmp_path):
     assert str(server) not in status  # no server path shown
     _, x = logits_and_input(ckpt, sorted((app["data"] / "val" / "cat").glob("*.jpg"))[0])
     assert onnx_session(got["model.int8.onnx"]).run(["logits"], {"image": x.numpy()})[0].shape == (1, 2)
+    int8_scores = json.loads((server / "model.json").read_text())["int8"]
+    client.predict(str(ckpt), None, False, ["safetensors"], api_name="/export")  # another format, same checkpoint
+    meta = json.loads((server / "model.json").read_text())
+    assert meta["int8"] == int8_scores and "model.int8.onnx" in meta["files"]  # the int8 file keeps its scores
 
     # a checkpoint that names no dataset, or one whose dataset is gone: said, nothing quantized
     c = torch.load(ckpt, weights_only=True)
