@@ -122,6 +122,10 @@ def labelled_images(data, classes: list[str], info: dict | None = None, checkpoi
     does not know is an error (its images could never be right)."""
     if data is None:
         root, val_split, seed = default_data(info or {}, checkpoint)
+        now = read_split_folder(root / "train").classes if (root / "train").is_dir() else None
+        if now is not None and now != list(classes):  # before the scan, whose complaints would be about the split
+            raise DatasetError(f"{root} now has classes {now}, the model {list(classes)}; pass {{setting}}",
+                               field="data")
         ds = scan_dataset(root, val_split, seed)
         if ds.classes != list(classes):
             raise DatasetError(f"{root} now has classes {ds.classes}, the model {list(classes)}; pass {{setting}}",

@@ -104,6 +104,12 @@ def test_default_data_reproduces_a_held_out_split_and_a_relative_data_dir(tmp_pa
     assert len(grown.warnings) == 1 and "cat 2 -> 3" in grown.warnings[0] and "trained on" in grown.warnings[0]
     assert any(line.startswith("WARNING: train/ has changed since this model was trained")
                for line in report_lines(grown))
+    # a class added since, with one image (too few to split): the class mismatch is what is said
+    (tmp_path / "ds" / "train" / "bird").mkdir()
+    Image.new("RGB", (48, 40)).save(tmp_path / "ds" / "train" / "bird" / "b.jpg")
+    from core.errors import UserError
+    with pytest.raises(UserError, match=r"now has classes \['bird', 'cat', 'fish'\], the model \['cat', 'fish'\]"):
+        labelled_images(None, pred.class_names, pred.info, best)
 
 
 def test_unknown_class_folders_are_refused_and_missing_ones_noted(run, tmp_path):
