@@ -4,8 +4,9 @@ preprocessing as every other prediction).
 
 No backlog by construction: Gradio's webcam takes a frame every `stream_every`
 seconds only while no earlier frame of that page is still being answered
-(frames in between are never sent), and concurrency_limit=1 keeps pages from
-running the model side by side; a slow model is simply asked less often."""
+(frames in between are never sent); a slow model is simply asked less often.
+A page's stream holds one of LIVE_PAGES slots while its webcam is on, so several
+pages can watch at once; their frames take turns on the model (one at a time)."""
 from __future__ import annotations
 
 import base64
@@ -41,6 +42,9 @@ MAX_FRAME_BYTES = 8 * 2**20  # a 4K camera's JPEG frame is ~2-3 MB; anything lar
 # alone), while two threads beside the browser decoding and drawing the camera wait
 # for each other: measured in the app, 7-16 frames/s with 2 threads, 16-17 with 1.
 LIVE_THREADS = 1
+# Pages streaming at once. A stream is one long job that holds its slot while the webcam is on
+# (and up to 30 s after a client vanishes): with 1 slot a second page would wait for the first.
+LIVE_PAGES = 8
 
 
 class WebcamStream(gr.Image):
@@ -80,6 +84,7 @@ class LivePreview:
         self._answers: dict[str, deque] = {}  # page -> times of its recent answers
         self.answered = 0  # frames answered since start (all pages)
         self._lock = threading.Lock()
+        self._model_lock = threading.Lock()
 
     def layout(self) -> None:
         with gr.Accordion("Try it live: the webcam through a trained model", open=True, elem_id="live-preview"):
@@ -109,7 +114,8 @@ class LivePreview:
                              show_progress="hidden", **PRIVATE)
         self.cam.stream(self.frame, [self.cam, self.ckpt, self.with_cam], [self.label, self.rate, self.overlay],
                         stream_every=STREAM_EVERY_S,
-                        concurrency_limit=1, concurrency_id="live-preview", show_progress="hidden", **PRIVATE)
+                        concurrency_limit=LIVE_PAGES, concurrency_id="live-preview", show_progress="hidden",
+                        **PRIVATE)
 
     def refresh(self, current=None):
         choices = runs.checkpoint_choices(self.ctx.checkpoints_dir)
@@ -128,7 +134,7 @@ class LivePreview:
         try:
             pred = self.predict.load(ckpt, None, False)
             rgb = load_rgb(BytesIO(image), min_side=pred.resize)  # decoded once, for the CAM's blend too
-            with torch_threads(LIVE_THREADS):
+            with self._model_lock, torch_threads(LIVE_THREADS):  # pages take turns (and restore threads in order)
                 topk = pred.predict_image(rgb, TOP_K)
                 overlay = self._overlay(pred, rgb, topk[0][0]) if with_cam else None
         except UserError as e:
