@@ -55,6 +55,7 @@ class RunState:
     improved_loss: bool = False
     calibration: Calibration | None = None  # temperature fitted on the latest epoch's val logits
     best_calibration: Calibration | None = None  # ... on the best-accuracy epoch's (None: before a resume)
+    data_files: dict | None = None  # DatasetInfo.fingerprint() of the images this run trains and validates on
 
     def record(self, epoch: int, val_loss: float, val_acc: float, confusion: list,
                calibration: Calibration | None = None) -> tuple[bool, bool]:

@@ -34,8 +34,9 @@ def make_checkpoint(state: RunState, epoch: int, model: nn.Module, optimizer, sc
     """A plain-type dict: the reference's keys plus what is needed to rebuild the
     model, the loss scale of a float16 (CUDA --amp 1) run so a resume keeps it,
     per-class validation counts ([[true, predicted, count], ...], core.metrics)
-    of this epoch and of the best-accuracy epoch, and `temperature`: fitted on
-    this epoch's val logits (core.calibration; absent: 1)."""
+    of this epoch and of the best-accuracy epoch, `temperature`: fitted on
+    this epoch's val logits (core.calibration; absent: 1), and `data_files`: which
+    images the run used (DatasetInfo.fingerprint; absent in older checkpoints)."""
     best, class_names = state.best, state.classes
     ckpt = {
         "format_version": FORMAT_VERSION,
@@ -61,6 +62,8 @@ def make_checkpoint(state: RunState, epoch: int, model: nn.Module, optimizer, sc
     }
     if state.calibration is not None:
         ckpt["temperature"] = float(state.calibration.temperature)
+    if state.data_files is not None:
+        ckpt["data_files"] = dict(state.data_files)
     return ckpt
 
 

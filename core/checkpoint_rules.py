@@ -143,6 +143,12 @@ def check_fields(ckpt: dict, path) -> None:
         check_preprocess(r, ckpt["preprocess"])
     if "temperature" in ckpt:
         r.real("temperature", ckpt["temperature"], 1e-3, MAX_TEMPERATURE, f"a number above 0, at most {MAX_TEMPERATURE:g}")
+    if ckpt.get("data_files") is not None:
+        files = r.dict_("data_files", ckpt["data_files"])
+        r.int_("data_files.images", files.get("images"), 0, MAX_INT)
+        sha = r.str_("data_files.sha256", files.get("sha256"))
+        if len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha):
+            r.fail("data_files.sha256", sha, "64 lowercase hex digits")
     for key in ("optimizer_state", "scaler_state"):
         if ckpt.get(key) is not None:
             r.dict_(key, ckpt[key])

@@ -7,6 +7,7 @@ JPEGs again and a corrupt file is found before training starts, not mid-epoch.""
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import random
 from collections import Counter
@@ -54,6 +55,13 @@ class DatasetInfo:
     @property
     def skipped(self) -> list[tuple[str, str]]:
         return self.train.skipped + self.val.skipped
+
+    def fingerprint(self) -> dict:
+        """Which image files train/ and val/ hold: how many, and a SHA-256 of their
+        sorted paths relative to the root. Checkpoints record it, so a split rebuilt
+        later from the same folder can be told apart from the one training used."""
+        rel = sorted(Path(os.path.relpath(p, self.root)).as_posix() for p, _ in [*self.train.samples, *self.val.samples])
+        return {"images": len(rel), "sha256": hashlib.sha256("\n".join(rel).encode()).hexdigest()}
 
 
 @dataclass

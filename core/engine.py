@@ -134,6 +134,7 @@ def start_run(cfg: TrainConfig, stop: threading.Event, resume_checkpoint: dict |
     else:
         run_dir, new_folder = choose_on_main(lambda: (new_run_dir(cfg.output_dir, cfg.run_name), True), group)
         state = RunState(run_dir, list(info.classes), [], empty_best())
+    state.data_files = info.fingerprint()
     if new_folder and distributed.is_main():
         atomic_write_json(run_dir / "args.json", cfg.to_dict())
     trainable, total = param_counts(model)

@@ -96,8 +96,18 @@ def default_data(info: dict, checkpoint) -> tuple[Path, float | None, int]:
 
 def held_out_changed(info: dict, ds) -> str:
     """A warning when the val images held out of train/ now are not the ones
-    training held out: their count per class differs from the one the
-    checkpoint's val confusion records (train/ gained or lost images since)."""
+    training held out (train/ gained, lost or renamed images since): the
+    checkpoint's record of its files differs, or (older checkpoints) the count per
+    class its val confusion records."""
+    files = info.get("data_files")
+    if isinstance(files, dict) and isinstance(files.get("sha256"), str):
+        now_files = ds.fingerprint()
+        if now_files["sha256"] == files["sha256"]:
+            return ""
+        return (f"train/ has changed since this model was trained ({files.get('images')} images then, "
+                f"{now_files['images']} now), so the val images held out now are not the ones training held out, "
+                f"and some of them were trained on: these numbers can be too good. For an honest score, evaluate a "
+                f"folder of images the model never saw")
     recorded = info.get("val_confusion")
     if not recorded:
         return ""

@@ -84,7 +84,8 @@ class Predictor:
                     "best_epoch": c.get("best_epoch"), "best_val_acc": c.get("best_val_acc"),
                     "arch": c["arch"], "weights": c.get("weights"), "class_names_recorded": c["class_names_recorded"],
                     "val_confusion": clean_confusion(c.get("val_confusion"), len(c["class_names"])),
-                    "args": c.get("args") or {}, **({"temperature": c["temperature"]} if "temperature" in c else {})}
+                    "args": c.get("args") or {}, "data_files": c.get("data_files"),
+                    **({"temperature": c["temperature"]} if "temperature" in c else {})}
             pre = c["preprocess"]
             return cls(ck.model_from_checkpoint(c, path), c["class_names"], device, info, pre["resize"], pre["crop"])
         if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):

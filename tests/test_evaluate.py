@@ -98,12 +98,20 @@ def test_default_data_reproduces_a_held_out_split_and_a_relative_data_dir(tmp_pa
     # images, some of them trained on, and the report says so instead of scoring them silently
     from core.evaluate import report_lines
     from PIL import Image
+    assert ckpt["data_files"]["images"] == 16  # the run records which files it used
+    first = sorted((tmp_path / "ds" / "train" / "cat").iterdir())[0]
+    first.rename(first.with_name("renamed.jpg"))  # same counts, other files: only the record can tell
+    renamed = labelled_images(None, pred.class_names, pred.info, best)
+    assert renamed.warning.startswith("train/ has changed since this model was trained (16 images then, 16 now)")
     for i in range(4):
         Image.new("RGB", (48, 40), (40 * i, 90, 200)).save(tmp_path / "ds" / "train" / "cat" / f"new_{i}.jpg")
     grown = evaluate(pred, labelled_images(None, pred.class_names, pred.info, best))
-    assert len(grown.warnings) == 1 and "cat 2 -> 3" in grown.warnings[0] and "trained on" in grown.warnings[0]
+    assert len(grown.warnings) == 1 and "(16 images then, 20 now)" in grown.warnings[0]
+    assert "trained on" in grown.warnings[0]
     assert any(line.startswith("WARNING: train/ has changed since this model was trained")
                for line in report_lines(grown))
+    older = {k: v for k, v in pred.info.items() if k != "data_files"}  # a checkpoint from before the record
+    assert "cat 2 -> 3" in labelled_images(None, pred.class_names, older, best).warning  # per-class counts
     # a class added since, with one image (too few to split): the class mismatch is what is said
     (tmp_path / "ds" / "train" / "bird").mkdir()
     Image.new("RGB", (48, 40)).save(tmp_path / "ds" / "train" / "bird" / "b.jpg")
