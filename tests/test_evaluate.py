@@ -197,6 +197,12 @@ def test_older_checkpoints_have_temperature_1_and_bad_ones_are_refused(run, tmp_
         torch.save({**old, "temperature": bad}, tmp_path / "bad.pt")
         with pytest.raises(CheckpointError, match="temperature is .*; allowed: a number above 0, at most 100"):
             Predictor.load(tmp_path / "bad.pt", "cpu")
+    assert Predictor.load(tmp_path / "old.pt", "cpu").info["data_files"] == run["ckpt"]["data_files"]  # passed on
+    for bad, field in (("x", "data_files"), ({"images": -1, "sha256": "0" * 64}, "data_files.images"),
+                       ({"images": 3, "sha256": "zz"}, "data_files.sha256")):
+        torch.save({**old, "data_files": bad}, tmp_path / "bad.pt")
+        with pytest.raises(CheckpointError, match=re.escape(field)):
+            Predictor.load(tmp_path / "bad.pt", "cpu")
 
 
 # ---------------------------------------------------------------- abstain
