@@ -102,27 +102,28 @@ def held_out_changed(info: dict, ds) -> str:
     files = info.get("data_files")
     if isinstance(files, dict) and isinstance(files.get("sha256"), str):
         now_files = ds.fingerprint()
-        if now_files["sha256"] == files["sha256"]:
+        changed = now_files["sha256"] != files["sha256"]
+        what = f"{files.get('images')} images then, {now_files['images']} now"
+    else:
+        recorded = info.get("val_confusion")
+        if not recorded:
             return ""
-        return (f"train/ has changed since this model was trained ({files.get('images')} images then, "
-                f"{now_files['images']} now), so the val images held out now are not the ones training held out, "
-                f"and some of them were trained on: these numbers can be too good. For an honest score, evaluate a "
-                f"folder of images the model never saw")
-    recorded = info.get("val_confusion")
-    if not recorded:
-        return ""
-    then = [0] * len(ds.classes)
-    for t, _, n in recorded:
-        then[t] += n
-    now = [0] * len(ds.classes)
-    for _, y in ds.val.samples:
-        now[y] += 1
-    if then == now:
-        return ""
-    counts = "; ".join(f"{c} {a} -> {b}" for c, a, b in zip(ds.classes, then, now) if a != b)
-    return (f"train/ has changed since this model was trained (held-out val images per class then -> now: {counts}), "
-            f"so the val images held out now are not the ones training held out, and some of them were trained on: "
-            f"these numbers can be too good. For an honest score, evaluate a folder of images the model never saw")
+        then = [0] * len(ds.classes)
+        for t, _, n in recorded:
+            then[t] += n
+        now = [0] * len(ds.classes)
+        for _, y in ds.val.samples:
+            now[y] += 1
+        changed = then != now
+        what = "held-out val images per class then -> now: " + "; ".join(
+            f"{c} {a} -> {b}" for c, a, b in zip(ds.classes, then, now) if a != b)
+    return (f"train/ has changed since this model was trained ({what}), so the val images held out now are not "
+            f"the ones training held out, and some of them were trained on: these numbers can be too good. For an "
+            f"honest score, evaluate a folder of images the model never saw") if changed else ""
+
+
+def classes_changed(root, now: list[str], classes: list[str]) -> DatasetError:
+    return DatasetError(f"{root} now has classes {now}, the model {list(classes)}; pass {{setting}}", field="data")
 
 
 def labelled_images(data, classes: list[str], info: dict | None = None, checkpoint=None) -> Labelled:
@@ -134,12 +135,10 @@ def labelled_images(data, classes: list[str], info: dict | None = None, checkpoi
         root, val_split, seed = default_data(info or {}, checkpoint)
         now = read_split_folder(root / "train").classes if (root / "train").is_dir() else None
         if now is not None and now != list(classes):  # before the scan, whose complaints would be about the split
-            raise DatasetError(f"{root} now has classes {now}, the model {list(classes)}; pass {{setting}}",
-                               field="data")
+            raise classes_changed(root, now, classes)
         ds = scan_dataset(root, val_split, seed)
         if ds.classes != list(classes):
-            raise DatasetError(f"{root} now has classes {ds.classes}, the model {list(classes)}; pass {{setting}}",
-                               field="data")
+            raise classes_changed(root, ds.classes, classes)
         where = f"{root}/val" if ds.val_from_split is None else f"{root} ({ds.val_from_split:g} of train/ held out, seed {seed})"
         warning = held_out_changed(info or {}, ds) if ds.val_from_split is not None else ""
         return Labelled(where, list(ds.val.samples), warning=warning)
