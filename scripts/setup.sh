@@ -16,6 +16,14 @@ if [ ! -x .venv/bin/python ]; then
 fi
 REQ=requirements.txt
 [ "${1:-}" = "--dev" ] && REQ=requirements-dev.txt
+# torch 2.14.1 with its CUDA libraries is ~6.5 GB installed: warn before pip fails midway on a small disk
+if ! .venv/bin/python -c 'import importlib.metadata as m; m.version("torch")' 2>/dev/null; then
+  free_gb=$(df -Pk .venv | awk 'NR==2 {print int($4 / 1048576)}')
+  if [ "${free_gb:-99}" -lt 7 ]; then
+    echo "setup: WARNING: ${free_gb} GB free where .venv is; the packages need about 7 GB" \
+         "(torch's CUDA libraries are most of it). If pip stops with 'No space left on device', free space and rerun." >&2
+  fi
+fi
 .venv/bin/python -m pip install --disable-pip-version-check -q -r "$REQ"
 if [ "${1:-}" = "--dev" ]; then
   # The browser tests need Chromium; under CI (CI=true) they fail without it, so

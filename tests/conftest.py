@@ -2,8 +2,11 @@
 dir and TL_OFFLINE=1 makes a missing ImageNet file fail at once."""
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import socket
+import tempfile
 import random
 import sys
 import time
@@ -25,6 +28,11 @@ if TEST_DEVICE.startswith("cuda"):  # the tests compare results at float32 toler
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+# Gradio's upload and cache folder (default /tmp/gradio, never cleaned; GBs over a run) in one removed
+# after the run; set before any test imports gradio, and inherited by the app processes tests start.
+if "GRADIO_TEMP_DIR" not in os.environ:
+    os.environ["GRADIO_TEMP_DIR"] = tempfile.mkdtemp(prefix="tl-tests-gradio-")
+    atexit.register(shutil.rmtree, os.environ["GRADIO_TEMP_DIR"], True)
 os.environ["NO_PROXY"] = "127.0.0.1,localhost"
 
 
