@@ -3,10 +3,12 @@ upload) written as model.onnx / model.pt2 / model.safetensors (/ model.int8.onnx
 core.export.export_checkpoint (what export.py runs), each checked against the
 PyTorch model; the files come back as download links. The server picks the
 folder: a run's export/ for a checkpoint under the checkpoints folder, else
-<uploads>/exports/<first 16 hex of the file's SHA-256>/. A client names none."""
+<uploads>/exports/<first 16 hex of the file's SHA-256>/, of which the newest
+KEEP_UPLOAD_EXPORTS stay (the page got copies). A client names none."""
 from __future__ import annotations
 
 import logging
+import shutil
 import traceback
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -26,6 +28,10 @@ if TYPE_CHECKING:
     from .tab_predict import PredictTab
 
 log = logging.getLogger("demo_app")
+
+# Folders under <uploads>/exports/ kept (each up to ~150 MB for ResNet-18). Gradio copies the files it
+# hands out into its own cache, so an older folder is not needed by any page.
+KEEP_UPLOAD_EXPORTS = 8
 
 FORMAT_CHOICES = [("ONNX (model.onnx: ONNX Runtime, servers, phones)", "onnx"),
                   ("torch.export (model.pt2: PyTorch without this code)", "pt2"),
@@ -77,6 +83,8 @@ class ExportPanel:
             out = self.out_dir(path, uploaded)
             files, report = export_checkpoint(path, out, formats, quantize="int8" if int8 else None,
                                               data_dir=data_dir, trust_pickle=trusted)
+            if out.parent == self.ctx.uploads_dir / "exports":
+                prune_exports(out.parent)
         except UserError as e:
             raise user_error(upload_named(e, path) if uploaded else e, "Export failed") from None
         except OSError as e:
@@ -116,6 +124,14 @@ class ExportPanel:
             return self.export(selected, uploaded, trust, formats)
         except gr.Error as e:
             return {self.files: None, self.status: shown_error(e)}
+
+
+def prune_exports(root: Path) -> None:
+    """Remove all but the KEEP_UPLOAD_EXPORTS most recently written export folders under `root`."""
+    folders = sorted((d for d in root.iterdir() if d.is_dir() and not d.is_symlink()),
+                     key=lambda d: d.stat().st_mtime, reverse=True)
+    for d in folders[KEEP_UPLOAD_EXPORTS:]:
+        shutil.rmtree(d, ignore_errors=True)
 
 
 def int8_line(report) -> str:

@@ -63,6 +63,9 @@ class AppHandlers:
         return self.ctx.service
 
 
+CACHE_CLEANUP = (3600, 86400)  # (every N s, remove files older than M s)
+
+
 def build_app(checkpoints_dir, data_dir, uploads_dir=None, policy: AccessPolicy | None = None) -> gr.Blocks:
     """`policy`: which folders a user may name and whether pickles load (app.py
     makes it from its flags); default: this machine only, no pickles."""
@@ -70,7 +73,10 @@ def build_app(checkpoints_dir, data_dir, uploads_dir=None, policy: AccessPolicy 
     predict, model = PredictTab(ctx), ModelTab()
     train = TrainTab(ctx, predict, model)  # its runs end in the Predict tab, its settings show in the Model tab
     evaluate = EvaluateTab(ctx, predict)
-    with gr.Blocks(title="Transfer learning with ResNet-18", analytics_enabled=False) as demo:
+    # Gradio copies every upload and every file the app hands out into its cache, never emptied by default:
+    # hourly, drop copies older than a day (a download link stays good that long; all go when the app stops).
+    with gr.Blocks(title="Transfer learning with ResNet-18", analytics_enabled=False,
+                   delete_cache=CACHE_CLEANUP) as demo:
         gr.Markdown(HEADER, elem_id="header")
         with gr.Tabs(elem_id="tabs"):
             for tab in (train, predict, evaluate, model):

@@ -169,3 +169,20 @@ def test_int8_export_from_the_app_calibrates_on_the_runs_images(app, tmp_path):
         torch.save({**c, "args": args}, odd)
         with pytest.raises(AppError, match=re.escape(said)):
             client.predict(None, handle_file(odd), False, ["int8"], api_name="/export")
+
+
+def test_exports_of_uploads_keep_only_the_newest_folders(app, tmp_path, monkeypatch):
+    """Each uploaded checkpoint's export gets its own folder; older ones are removed (the page got copies)."""
+    import demo_app.tab_export as tab_export
+    from core.zipimport import file_sha256
+
+    monkeypatch.setattr(tab_export, "KEEP_UPLOAD_EXPORTS", 1)
+    client, exports = app["client"], app["uploads"] / "exports"
+    first = tmp_path / "first.pt"
+    shutil.copy(app["ckpt"], first)
+    files, _ = client.predict(None, handle_file(first), False, ["safetensors"], api_name="/export")
+    assert [d.name for d in exports.iterdir()] == [file_sha256(first)[:16]]
+    second = Path(next(f for f in files if f.endswith(".safetensors")))  # another upload: another folder
+    again, _ = client.predict(None, handle_file(second), False, ["safetensors"], api_name="/export")
+    assert [d.name for d in exports.iterdir()] == [file_sha256(second)[:16]]
+    assert sorted(Path(f).name for f in again) == sorted(f.name for f in (exports / file_sha256(second)[:16]).iterdir())

@@ -543,6 +543,29 @@ except gr.Error as e:
     assert re.search(r"too large|no space|could not be (written|saved)|cannot write", said[-1], re.I), said[-1]
 
 
+def test_the_apps_file_copies_are_removed_when_old_and_when_it_stops(tmp_path, monkeypatch):
+    """Gradio copies each upload (and each file handed out) into its cache and never empties it by itself: a
+    long-running server would fill its disk. The app removes copies older than CACHE_CLEANUP's age on its
+    schedule, and all of them when it stops."""
+    import demo_app.ui as ui
+    monkeypatch.setattr(ui, "CACHE_CLEANUP", (1, 2))  # check every second, remove after 2 s
+    ckpt, uploads = tmp_path / "checkpoints", tmp_path / "uploads"
+    demo = ui.build_app(ckpt, DATA, uploads)
+    raw = Raw(launch(demo, ckpt, DATA, uploads))
+    try:
+        image = next((DATA / "val" / "cat").glob("*.jpg"))
+        old = Path(raw.upload(image)["path"])
+        assert old.is_file()
+        wait_until(lambda: not old.exists(), 60, "the upload's copy to be removed after 2 s")
+        new = Path(raw.upload(image, "other.jpg")["path"])
+        assert new.is_file()
+    finally:
+        raw.close()
+        demo.close()
+    assert not new.exists()
+
+
+@pytest.mark.browser
 @pytest.mark.browser
 def test_names_render_as_text_in_the_browser(default_app, trained):
     """Gradio's own Markdown renderer (marked, GFM: tables, autolinks), in Chromium."""
