@@ -2,8 +2,11 @@
 the access policy (which folders a user may name, whether pickles load)."""
 from __future__ import annotations
 
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from gradio.utils import get_upload_folder
 
 from core.access import AccessPolicy
 from core.errors import UserError
@@ -15,6 +18,14 @@ PRIVATE = {"api_visibility": "private"}
 # Handlers of several outputs return {component: value} for those that change
 # (so adding an output cannot shift another); when none does, gr.skip(): Gradio
 # would take an empty dict for one value.
+
+
+def served_folder(prefix: str) -> Path:
+    """A new folder in Gradio's cache for files a handler writes and hands out (a CSV, a report): served
+    from there without a second copy, and removed with the other cache files (ui.CACHE_CLEANUP)."""
+    root = Path(get_upload_folder())
+    root.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=prefix, dir=root))
 
 
 @dataclass

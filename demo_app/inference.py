@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import math
-import tempfile
 from pathlib import Path
 
 from PIL import Image
@@ -15,6 +14,7 @@ from core.images import load_rgb
 from core.metrics import per_class, per_class_summary
 from core.predict import Prediction, Predictor, list_images
 
+from .context import served_folder
 from .text import md_text
 
 NO_CHECKPOINT = ("No checkpoint selected yet: train a model in the Train tab (its best_acc.pt then appears in the "
@@ -111,10 +111,10 @@ def folder_check_summary(check: tuple[int, int, list[int]], preds: list[Predicti
 
 def write_csv(preds: list[Prediction], names: list[str], labels: list[str | None],
               min_conf: float | None = None) -> str:
-    """CSV in a fresh temp folder (Gradio serves files from the temp dir);
+    """CSV in a new folder of Gradio's cache;
     folder_class: the class the image's folder is named after, if any; with a
     minimum confidence an `unsure` column (1 below it), as predict.py writes."""
-    out = Path(tempfile.mkdtemp(prefix="tl_predictions_")) / "predictions.csv"
+    out = served_folder("tl_predictions_") / "predictions.csv"
     with open(out, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
         w.writerow(["file", "path", "top1", "p", "topk", "error", "folder_class"] + (["unsure"] if min_conf else []))

@@ -5,7 +5,6 @@ the top losses, and the report.html / predictions.csv to download."""
 from __future__ import annotations
 
 import json
-import tempfile
 from pathlib import Path
 
 import gradio as gr
@@ -18,7 +17,7 @@ from core.evaluate import default_data, evaluate, labelled_images, loss_cams
 from core.report import report_html
 
 from . import eval_plots, inference
-from .context import PRIVATE, AppContext
+from .context import PRIVATE, AppContext, served_folder
 from .messages import shown_error, user_error
 from .tab_predict import PredictTab
 from .text import md_code, md_text
@@ -123,7 +122,7 @@ class EvaluateTab:
             raise user_error(e, "Cannot evaluate") from None
         wrong, right = res.top_losses()
         cams = loss_cams(pred, wrong + right) or {}  # Grad-CAM of the answered class, when core.cam is there
-        out = Path(tempfile.mkdtemp(prefix="tl_evaluate_"))  # Gradio serves files from the temp dir
+        out = served_folder("tl_evaluate_")
         html = atomic_write_text(out / "report.html", report_html(res, str(selected), lambda r: cams.get(r["path"])))
         csv = atomic_write_csv(out / "predictions.csv", res.csv_rows())
         losses = [(with_cam(r["path"], cams), f"✗ {r['true']} → {r['predicted']} p={r['p']:.2f}") for r in wrong] + \
