@@ -13,6 +13,7 @@ import argparse
 import errno
 import ipaddress
 import os
+import signal
 import socket
 import stat
 import sys
@@ -216,6 +217,9 @@ def main(argv=None) -> int:
         options.update(auth=settings.auth, auth_message="Log in with the user name and password you were given.")
     shown = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
     print(f"Transfer-learning app: http://{shown}:{args.port}  (Ctrl-C to quit)", flush=True)
+    # `kill`, `docker stop` and a closed terminal end the app as Ctrl-C does: Gradio then removes its cache copies
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.default_int_handler)
     try:
         demo.queue(default_concurrency_limit=1).launch(
             server_name=args.host, server_port=args.port, share=args.share, inbrowser=False, quiet=True, **options)

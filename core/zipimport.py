@@ -19,6 +19,7 @@ MAX_TOTAL_BYTES = 2 * 2**30   # uncompressed size limit
 MAX_FILES = 50_000
 MAX_RATIO = 200               # compression ratio limit; JPEGs barely compress
 MAX_TOTAL_RATIO_FLOOR = 64 * 2**20  # the overall ratio limit applies above this size
+DISK_RESERVE = 512 * 2**20   # free disk an extraction must leave: training still has to save its checkpoints
 SOURCE_SUFFIX = ".zip-sha256"  # beside each extraction <folder>: the zip's digest, for reuse_or_extract
 
 
@@ -87,6 +88,7 @@ def extract_dataset_zip(zip_path, dest_root, name: str | None = None) -> Path:
             if not any(not i.is_dir() for i in infos):
                 raise DatasetError(f"{zip_path.name} is an empty zip (no files in it)")
             root = dataset_root_in([member_name(i) for i in infos if not i.is_dir()])
+            check_disk_room(Path(dest_root), sum(i.file_size for i in infos))
             target = new_target_dir(Path(dest_root), name or zip_path.stem)
             try:
                 extract_members(zf, infos, target)
@@ -168,6 +170,15 @@ def file_crc32(path: Path) -> int:
     for chunk in _chunks(path):
         crc = zlib.crc32(chunk, crc)
     return crc
+
+
+def check_disk_room(base: Path, needed: int) -> None:
+    """Refuse an extraction that would leave less than DISK_RESERVE free where it lands."""
+    where = next(p for p in (base, *base.parents) if p.exists())
+    free = shutil.disk_usage(where).free
+    if needed > free - DISK_RESERVE:
+        raise DatasetError(f"the zip expands to {_size(needed)}, and the server's disk has {_size(free)} free, of "
+                           f"which {_size(DISK_RESERVE)} stays for saving checkpoints; free some space first")
 
 
 def new_target_dir(base: Path, name: str) -> Path:

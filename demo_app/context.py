@@ -2,6 +2,7 @@
 the access policy (which folders a user may name, whether pickles load)."""
 from __future__ import annotations
 
+import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +27,21 @@ def served_folder(prefix: str) -> Path:
     root = Path(get_upload_folder())
     root.mkdir(parents=True, exist_ok=True)
     return Path(tempfile.mkdtemp(prefix=prefix, dir=root))
+
+
+def keep_newest(root: Path, keep: int) -> None:
+    """Remove all but the `keep` most recently written folders under `root` (the app's caches of uploads'
+    exports and weights). Another process may remove one meanwhile."""
+    def written(d: Path) -> float:
+        try:
+            return d.stat().st_mtime
+        except OSError:
+            return 0.0
+    if not root.is_dir():
+        return
+    folders = sorted((d for d in root.iterdir() if d.is_dir() and not d.is_symlink()), key=written, reverse=True)
+    for d in folders[keep:]:
+        shutil.rmtree(d, ignore_errors=True)
 
 
 @dataclass

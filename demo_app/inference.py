@@ -23,10 +23,14 @@ GALLERY_LIMIT = 60
 
 
 def choose_checkpoint(selected: str | None, uploaded: str | None) -> str:
-    """An uploaded file wins over the dropdown. Raises CheckpointError when neither is set."""
+    """An uploaded file wins over the dropdown. Raises CheckpointError when neither is set,
+    or when the upload's copy is gone (the app removes them after a day: ui.CACHE_CLEANUP)."""
     path = uploaded or (selected or "").strip()
     if not path:
         raise CheckpointError(NO_CHECKPOINT)
+    if uploaded and not Path(uploaded).is_file():
+        raise CheckpointError(f"the uploaded checkpoint {Path(uploaded).name} is no longer on the server (uploads "
+                              f"are kept for a day): upload it again")
     return path
 
 

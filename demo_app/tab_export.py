@@ -20,7 +20,7 @@ from core.export import FORMATS, default_out_dir, export_checkpoint
 from core.zipimport import file_sha256
 
 from . import inference
-from .context import PRIVATE, AppContext
+from .context import PRIVATE, AppContext, keep_newest
 from .messages import os_error_text, say, shown_error, upload_named, user_error
 from .text import md_code, md_text
 
@@ -78,13 +78,14 @@ class ExportPanel:
         trusted = bool(trust) and self.ctx.policy.allow_pickle
         int8 = "int8" in formats
         formats = [f for f in formats if f != "int8"] or ["onnx"]  # int8 quantizes model.onnx
+        out, new_folder = None, False
         try:
             data_dir = self.int8_data_dir(pred) if int8 else None
             out = self.out_dir(path, uploaded)
+            new_folder = not out.exists()
             files, report = export_checkpoint(path, out, formats, quantize="int8" if int8 else None,
                                               data_dir=data_dir, trust_pickle=trusted)
-            if out.parent == self.ctx.uploads_dir / "exports":
-                prune_exports(out.parent)
+            new_folder = False  # written: kept
         except UserError as e:
             raise user_error(upload_named(e, path) if uploaded else e, "Export failed") from None
         except OSError as e:
@@ -92,6 +93,11 @@ class ExportPanel:
         except Exception as e:
             log.error("exporting %s failed:\n%s", path, traceback.format_exc())
             raise user_error(f"the export failed ({type(e).__name__}: {first_line(e)})", "Export failed") from None
+        finally:  # uploads' exports: a failed one leaves no new folder, and only the newest stay
+            if out is not None and out.parent == self.ctx.uploads_dir / "exports":
+                if new_folder:
+                    shutil.rmtree(out, ignore_errors=True)
+                keep_newest(out.parent, KEEP_UPLOAD_EXPORTS)
         shown = out.relative_to(self.ctx.checkpoints_dir.resolve()) if out.is_relative_to(
             self.ctx.checkpoints_dir.resolve()) else out.name
         lines = [f"✓ Exported to {md_code(str(shown) + '/')}:"]
@@ -124,14 +130,6 @@ class ExportPanel:
             return self.export(selected, uploaded, trust, formats)
         except gr.Error as e:
             return {self.files: None, self.status: shown_error(e)}
-
-
-def prune_exports(root: Path) -> None:
-    """Remove all but the KEEP_UPLOAD_EXPORTS most recently written export folders under `root`."""
-    folders = sorted((d for d in root.iterdir() if d.is_dir() and not d.is_symlink()),
-                     key=lambda d: d.stat().st_mtime, reverse=True)
-    for d in folders[KEEP_UPLOAD_EXPORTS:]:
-        shutil.rmtree(d, ignore_errors=True)
 
 
 def int8_line(report) -> str:

@@ -18,7 +18,7 @@ from core.errors import UserError
 from core.models import imagenet_cache_path
 from core.zipimport import reuse_or_extract
 
-from .context import PRIVATE, AppContext
+from .context import PRIVATE, AppContext, keep_newest
 from .datasets import summary_markdown
 from .messages import error_markdown, number, os_error_text, say, shown_error, user_error, whole_number
 from .live_preview import LivePreview
@@ -29,6 +29,8 @@ from .tab_predict import PredictTab
 from .tab_train_run import RunPanel
 from .text import md_code
 
+# Copies of uploaded weights files kept under <uploads>/weights/ (up to 200 MB each; see weights_uploaded).
+KEEP_UPLOADED_WEIGHTS = 8
 WEIGHT_SOURCES = [("ImageNet (torchvision)", "imagenet"), ("None (random init)", "none"), ("Local file", "local file")]
 
 
@@ -229,6 +231,9 @@ class TrainTab:
             part = dest.with_name(dest.name + f".{os.getpid()}.{threading.get_ident()}.part")
             shutil.copyfile(path, part)
             os.replace(part, dest)  # a reader never sees half a file
+        else:
+            os.utime(dest.parent)  # used again: newest
+        keep_newest(dest.parent.parent, KEEP_UPLOADED_WEIGHTS)  # a run reads its weights at its start
         return str(dest)
 
     def make_config(self, values: dict) -> TrainConfig:

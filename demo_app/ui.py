@@ -19,6 +19,9 @@ from .tab_train import TrainTab
 
 ROOT = Path(__file__).resolve().parent.parent
 MAX_FILE_SIZE = "200mb"
+# Sessions whose state Gradio keeps in memory (its default, 10,000, is ~4 GB here: a script opening a session
+# per call grows the server); the oldest go first, so this is far above the pages open at once.
+SESSIONS_KEPT = 500
 
 CSS = """
 #header h1 { margin-bottom: 0.1em; }
@@ -46,7 +49,7 @@ def launch_options(checkpoints_dir, data_dir, uploads_dir=None) -> dict:
     for f in folders:
         f.mkdir(parents=True, exist_ok=True)
     return {"allowed_paths": [str(f.resolve()) for f in folders], "max_file_size": MAX_FILE_SIZE,
-            "css": CSS, "theme": THEME, "show_error": False}
+            "css": CSS, "theme": THEME, "show_error": False, "state_session_capacity": SESSIONS_KEPT}
 
 
 @dataclass

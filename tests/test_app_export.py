@@ -132,6 +132,12 @@ def test_export_problems_are_said(app, tmp_path):
     panel = app["demo"].handlers.predict.export  # the page's handler: the problem in place of the links
     shown = panel.export_shown(None, None, False, ["onnx"])
     assert shown[panel.files] is None and "No checkpoint selected" in shown[panel.status]
+    gone = str(tmp_path / "removed_by_the_cache_cleanup.pt")  # an upload's copy, a day later
+    for said in (panel.export_shown(None, gone, False, ["onnx"])[panel.status],
+                 app["demo"].handlers.predict.checkpoint_info(None, gone, False)):
+        said = said.replace("\\", "")  # Markdown escapes
+        assert "removed_by_the_cache_cleanup.pt is no longer on the server" in said and "upload it again" in said
+        assert str(tmp_path) not in said
     save_file({k: v.contiguous() for k, v in torch.load(ckpt, weights_only=True)["model_state"].items()},
               tmp_path / "weights.safetensors")  # a foreign file: no model.json in it or beside it
     image = handle_file(sorted((app["data"] / "val" / "cat").glob("*.jpg"))[0])
@@ -186,3 +192,15 @@ def test_exports_of_uploads_keep_only_the_newest_folders(app, tmp_path, monkeypa
     again, _ = client.predict(None, handle_file(second), False, ["safetensors"], api_name="/export")
     assert [d.name for d in exports.iterdir()] == [file_sha256(second)[:16]]
     assert sorted(Path(f).name for f in again) == sorted(f.name for f in (exports / file_sha256(second)[:16]).iterdir())
+
+
+def test_a_failed_export_of_an_upload_leaves_no_folder(app, tmp_path):
+    """int8 fails after model.onnx is written (the recorded folder has no train/): nothing stays on disk."""
+    from core.zipimport import file_sha256
+
+    c = torch.load(app["ckpt"], weights_only=True)
+    odd = tmp_path / "no_train.pt"
+    torch.save({**c, "args": {**c.get("args", {}), "data_dir": str(app["uploads"])}}, odd)
+    with pytest.raises(AppError, match="Export failed|train"):
+        app["client"].predict(None, handle_file(odd), False, ["onnx", "int8"], api_name="/export")
+    assert not (app["uploads"] / "exports" / file_sha256(odd)[:16]).exists()

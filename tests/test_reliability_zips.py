@@ -134,6 +134,14 @@ def test_entry_count_limit(sandbox, monkeypatch):
     refuse(sandbox, z, "entries", "limit is 10")
 
 
+def test_a_zip_that_would_leave_too_little_disk_is_refused(sandbox, monkeypatch):
+    """Extractions are never removed (they are datasets), so one must not fill the disk training saves to."""
+    import shutil
+    z = make_zip(sandbox / "zips" / "good.zip", GOOD_ENTRIES)
+    monkeypatch.setattr(zipimport, "DISK_RESERVE", shutil.disk_usage(sandbox).free)
+    refuse(sandbox, z, "free some space first", "stays for saving checkpoints")
+
+
 def test_header_that_lies_about_its_size_is_refused_and_cleaned_up(sandbox):
     """The central directory says 10 bytes; the data is 50 kB. Extraction has
     started when this is found: the partial folder must be removed."""

@@ -390,6 +390,30 @@ def test_exposed_app_reads_only_its_own_and_data_root_folders(tmp_path, folders,
         demo.close()
 
 
+def test_uploaded_weights_copies_keep_only_the_newest(tmp_path, monkeypatch):
+    """An exposed app copies each uploaded weights file into uploads/weights/ (up to 200 MB each); only the
+    KEEP_UPLOADED_WEIGHTS most recently used copies stay."""
+    import demo_app.tab_train as tab_train
+    from core.access import AccessPolicy
+    from demo_app.ui import build_app
+    monkeypatch.setattr(tab_train, "KEEP_UPLOADED_WEIGHTS", 2)
+    ckpt, uploads = tmp_path / "checkpoints", tmp_path / "uploads"
+    h = build_app(ckpt, DATA, uploads, policy=AccessPolicy.make(True, [ckpt, DATA, uploads])).handlers
+    files = []
+    for i in range(3):  # as Gradio stores uploads: <cache>/<hash>/<name>
+        f = tmp_path / "cache" / f"hash{i}" / "w.pth"
+        f.parent.mkdir(parents=True)
+        f.write_bytes(bytes([i]) * 10)
+        files.append(f)
+    first = Path(h.train.weights_uploaded(str(files[0])))
+    h.train.weights_uploaded(str(files[1]))
+    os.utime(first.parent, (0, 0))  # the oldest, until used again
+    assert Path(h.train.weights_uploaded(str(files[0]))) == first and first.read_bytes() == files[0].read_bytes()
+    third = Path(h.train.weights_uploaded(str(files[2])))
+    assert sorted(d.name for d in (uploads / "weights").iterdir()) == ["hash0", "hash2"]
+    assert third.read_bytes() == files[2].read_bytes()
+
+
 def test_loopback_app_reads_any_folder(default_app, folders, trained):
     client = Client(default_app["url"], analytics_enabled=False, verbose=False)
     try:
@@ -563,6 +587,54 @@ def test_the_apps_file_copies_are_removed_when_old_and_when_it_stops(tmp_path, m
         raw.close()
         demo.close()
     assert not new.exists()
+
+
+def test_sessions_kept_in_memory_are_capped(tmp_path, monkeypatch):
+    """Every new session (a script's call, a page load) gets a state object in memory (~400 KB here); Gradio
+    keeps 10,000 by default. The app keeps SESSIONS_KEPT, dropping the oldest."""
+    import demo_app.ui as ui
+    monkeypatch.setattr(ui, "SESSIONS_KEPT", 3)
+    ckpt, uploads = tmp_path / "checkpoints", tmp_path / "uploads"
+    demo = ui.build_app(ckpt, DATA, uploads)
+    raw = Raw(launch(demo, ckpt, DATA, uploads))
+    try:
+        refresh = next(d["id"] for d in raw.config()["dependencies"] if d.get("api_name") == "refresh_checkpoints")
+        for _ in range(6):
+            assert raw.call(refresh, [None])["success"]
+        assert len(demo.state_holder.session_data) == 3
+    finally:
+        raw.close()
+        demo.close()
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGHUP"])
+def test_app_py_stopped_by_a_signal_removes_its_cache_copies(tmp_path, sig):
+    """`kill`, `docker stop` (SIGTERM) and a closed terminal (SIGHUP) stop app.py the way Ctrl-C does, so its
+    uploads' copies go too (Python's default would end the process on the spot and leave them)."""
+    import signal
+    port, cache = free_port(), tmp_path / "cache"
+    proc = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--port", str(port), "--checkpoints-dir",
+                             str(tmp_path / "ck")], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env={**os.environ, "GRADIO_TEMP_DIR": str(cache)})
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        def started():
+            assert proc.poll() is None, "app.py exited"
+            try:
+                return httpx.get(url + "gradio_api/startup-events", timeout=2).status_code == 200
+            except httpx.HTTPError:
+                return False
+        wait_until(started, 120, "app.py to answer")
+        raw = Raw(url)
+        copy = Path(raw.upload(next((DATA / "val" / "cat").glob("*.jpg")))["path"])
+        raw.close()
+        assert copy.is_file() and copy.is_relative_to(cache)
+        proc.send_signal(getattr(signal, sig))
+        assert proc.wait(60) == 0, proc.stdout.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert not copy.exists() and not [f for f in cache.rglob("*") if f.is_file() and f.stat().st_size]
 
 
 @pytest.mark.browser
