@@ -40,6 +40,28 @@ def launch(demo, ckpt, data, uploads, **extra) -> str:
     return url
 
 
+def start_app_py(tmp_path, *flags, env=None) -> tuple[subprocess.Popen, str]:
+    """app.py on a free loopback port with `flags`, once it answers: (process, url)."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--port", str(port), "--checkpoints-dir",
+                             str(tmp_path / "ck"), *flags], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env={**os.environ, **(env or {})})
+    url = f"http://127.0.0.1:{port}/"
+
+    def started():
+        assert proc.poll() is None, f"app.py exited: {proc.stdout.read()}"
+        try:
+            return httpx.get(url + "gradio_api/startup-events", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+    try:
+        wait_until(started, 120, "app.py to answer")
+    except BaseException:
+        proc.kill()
+        raise
+    return proc, url
+
+
 class Raw:
     """The app's HTTP interface as its own page uses it: every event handler,
     public or not, by its index in /config."""
@@ -260,19 +282,8 @@ def test_a_login_guards_every_route(tmp_path):
     logins = tmp_path / "logins.txt"
     logins.write_text("teacher:s3cret\n")
     logins.chmod(0o600)
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--port", str(port), "--auth-file", str(logins),
-                             "--checkpoints-dir", str(tmp_path / "ck")], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}/"
+    proc, url = start_app_py(tmp_path, "--auth-file", str(logins))
     try:
-        def started():
-            assert proc.poll() is None, "app.py exited"
-            try:
-                return httpx.get(url + "gradio_api/startup-events", timeout=2).status_code == 200
-            except httpx.HTTPError:
-                return False
-        wait_until(started, 120, "app.py to answer")
         outsider = httpx.Client(base_url=url, timeout=30)
         assert outsider.get("config").status_code == 401
         join = {"data": [str(DATA), 0, 1337], "fn_index": 0, "session_hash": "x", "event_data": None}
@@ -612,19 +623,9 @@ def test_app_py_stopped_by_a_signal_removes_its_cache_copies(tmp_path, sig):
     """`kill`, `docker stop` (SIGTERM) and a closed terminal (SIGHUP) stop app.py the way Ctrl-C does, so its
     uploads' copies go too (Python's default would end the process on the spot and leave them)."""
     import signal
-    port, cache = free_port(), tmp_path / "cache"
-    proc = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--port", str(port), "--checkpoints-dir",
-                             str(tmp_path / "ck")], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, env={**os.environ, "GRADIO_TEMP_DIR": str(cache)})
-    url = f"http://127.0.0.1:{port}/"
+    cache = tmp_path / "cache"
+    proc, url = start_app_py(tmp_path, env={"GRADIO_TEMP_DIR": str(cache)})
     try:
-        def started():
-            assert proc.poll() is None, "app.py exited"
-            try:
-                return httpx.get(url + "gradio_api/startup-events", timeout=2).status_code == 200
-            except httpx.HTTPError:
-                return False
-        wait_until(started, 120, "app.py to answer")
         raw = Raw(url)
         copy = Path(raw.upload(next((DATA / "val" / "cat").glob("*.jpg")))["path"])
         raw.close()
