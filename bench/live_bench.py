@@ -4,9 +4,9 @@ For ResNet-18 and MobileNetV2 (2 classes, random weights: the speed does not
 depend on their values), one webcam frame is handled exactly as
 demo_app/live_preview.py does: the browser's JPEG data URL is base64-decoded
 (WebcamStream.preprocess) and Predictor.predict_image decodes, resizes, crops
-and classifies it. Frames are 320x240 JPEGs (the size the live preview asks
-the camera for) (quality 0.92, as the browser's
-canvas.toDataURL('image/jpeg') makes them) of real photos from data/.
+and classifies it. Frames are 320x240 JPEGs of real photos from data/: the
+size the live preview asks the camera for, at quality 0.92, as the browser's
+canvas.toDataURL('image/jpeg') makes them.
 
 Prints wall time and process CPU time per frame and the frames per second
 they allow; the CPU-time figure is the one to trust on a machine that others

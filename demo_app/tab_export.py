@@ -61,13 +61,18 @@ class ExportPanel:
         gr.Button(visible=False).click(self.export, inputs, outputs, api_name="export", concurrency_id="export",
                                        concurrency_limit=1)
 
+    @property
+    def uploads_exports(self) -> Path:
+        """Where exports of checkpoints from outside the checkpoints folder go, one folder each."""
+        return self.ctx.uploads_dir / "exports"
+
     def out_dir(self, path: str, uploaded) -> Path:
         """A run's export/ for a file under the checkpoints folder; anything else
         (an upload, a typed path elsewhere) under the uploads folder, by content."""
         p = Path(path).expanduser().resolve()
         if not uploaded and p.is_relative_to(self.ctx.checkpoints_dir.resolve()):
             return default_out_dir(p)
-        return self.ctx.uploads_dir / "exports" / file_sha256(p)[:16]
+        return self.uploads_exports / file_sha256(p)[:16]
 
     def export(self, selected, uploaded, trust, formats) -> dict:
         """-> {files: the written paths (model.json last), status markdown}."""
@@ -94,12 +99,12 @@ class ExportPanel:
             log.error("exporting %s failed:\n%s", path, traceback.format_exc())
             raise user_error(f"the export failed ({type(e).__name__}: {first_line(e)})", "Export failed") from None
         finally:  # uploads' exports: a failed one leaves no new folder, and only the newest stay
-            if out is not None and out.parent == self.ctx.uploads_dir / "exports":
+            if out is not None and out.parent == self.uploads_exports:
                 if new_folder:
                     shutil.rmtree(out, ignore_errors=True)
                 keep_newest(out.parent, KEEP_UPLOAD_EXPORTS)
-        shown = out.relative_to(self.ctx.checkpoints_dir.resolve()) if out.is_relative_to(
-            self.ctx.checkpoints_dir.resolve()) else out.name
+        runs = self.ctx.checkpoints_dir.resolve()
+        shown = out.relative_to(runs) if out.is_relative_to(runs) else out.name
         lines = [f"✓ Exported to {md_code(str(shown) + '/')}:"]
         for f in files:
             check = f", max logit difference vs PyTorch {f.max_abs_diff:.1e}" if f.format in ("onnx", "pt2") else ""
